@@ -1,0 +1,32 @@
+"""Test environment: a private cache for backbones and kernels, Ray kept on loopback, no downloads."""
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("TTP_RAY_CACHE", os.environ.get("TTP_RAY_TEST_CACHE", str(ROOT / ".pytest_cache" / "ttp-ray-cache")))
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# torch hub and dataset roots point at empty places: a test that tried to download would fail loudly
+os.environ["TORCH_HOME"] = str(ROOT / ".pytest_cache" / "torch-home-empty")
+os.environ.setdefault("TTP_RAY_DATA", str(ROOT / ".pytest_cache" / "data-empty"))
+
+
+@pytest.fixture(scope="session")
+def digits_5to9():
+    from ttp_ray.data import load_dataset
+
+    return load_dataset("digits-5to9")
+
+
+def run_cli(args, capsys):
+    """Run ``ttp-ray ARGS`` in-process; returns (exit code, stdout, stderr)."""
+    from ttp_ray.cli import main
+
+    code = 0
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err

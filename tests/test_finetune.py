@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+import torch
+
+from ttp_ray.finetune import FinetuneConfig, finetune
+from ttp_ray.models import build_finetune_model
+from ttp_ray.objectives import error_rate, loss_value, output_gradient
+
+
+def test_mse_convention_by_hand():
+    out = torch.tensor([[0.5, -1.0, 2.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    y = torch.tensor([2, 1])
+    # sample 0: 1/2 (0.25 + 1 + 1) = 1.125; sample 1: 1/2 * 1 = 0.5; mean = 0.8125
+    assert float(loss_value(out, y, "mse")) == pytest.approx(0.8125)
+    assert torch.allclose(output_gradient(out, y, "mse"), torch.tensor([[0.5, -1.0, 1.0], [0.0, -1.0, 0.0]], dtype=torch.float64))
+    assert float(error_rate(out, y)) == 0.5
+    ce = torch.nn.functional.cross_entropy(out, y)
+    assert float(loss_value(out, y, "ce")) == pytest.approx(float(ce))
+
+
+def test_trainer_mse_step_matches_hand_computation(digits_5to9):
+    """One full-batch GD step on the head: W1 = W0 - eta (1/N) sum_i (f_i - y_i) phi_i^T (METHOD.md §1)."""
+    ds = digits_5to9.subset(60, seed=0)
+    model = build_finetune_model("digits-cnn", ds.num_classes, head_seed=1)
+    with torch.no_grad():
+        phi = model.features(ds.x).double()
+    w0, b0 = model.head.weight.detach().double().clone(), model.head.bias.detach().double().clone()
+    y = torch.nn.functional.one_hot(ds.targets, 5).double()
+    resid = phi @ w0.T + b0 - y
+    eta = 0.3
+    w1 = w0 - eta * resid.T @ phi / len(ds)
+    b1 = b0 - eta * resid.mean(0)
+    res = finetune(model, ds, FinetuneConfig(lr=eta, loss="mse", steps=1, trainable="head"))
+    assert torch.allclose(model.head.weight.double(), w1, atol=1e-5)
+    assert torch.allclose(model.head.bias.double(), b1, atol=1e-5)
+    assert res.loss[0] == pytest.approx(float(0.5 * (resid ** 2).sum(1).mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_finetuning_reduces_loss(digits_5to9, loss):
+    model = build_finetune_model("digits-cnn", 5)
+    res = finetune(model, digits_5to9, FinetuneConfig(lr=0.02, momentum=0.9, batch_size=64, loss=loss,
+                                                      steps=60, log_every=20))
+    assert not res.diverged
+    assert res.steps.tolist() == [0, 20, 40, 60]
+    assert res.loss[-1] < 0.5 * res.loss[0]
+    assert res.error[-1] < res.error[0]
+    assert res.step_time_s > 0
+
+
+def test_full_batch_gd_is_deterministic(digits_5to9):
+    ds = digits_5to9.subset(200, seed=0)
+    cfg = FinetuneConfig(lr=0.01, momentum=0.5, loss="ce", steps=15, trainable="all")
+    a = finetune(build_finetune_model("digits-resnet", 5, head_seed=2), ds, cfg)
+    b = finetune(build_finetune_model("digits-resnet", 5, head_seed=2), ds, cfg)
+    assert np.array_equal(a.loss, b.loss) and np.array_equal(a.error, b.error)
+
+
+def test_divergence_is_flagged_not_raised(digits_5to9):
+    res = finetune(build_finetune_model("digits-cnn", 5), digits_5to9.subset(100), FinetuneConfig(lr=1e4, loss="mse", steps=20))
+    assert res.diverged
+    assert np.all(np.isfinite(res.loss))
+
+
+@pytest.mark.parametrize("kw,field", [
+    ({"lr": 0.0}, "lr"), ({"lr": 0.1, "momentum": 1.0}, "momentum"), ({"lr": 0.1, "momentum": -0.1}, "momentum"),
+    ({"lr": 0.1, "batch_size": 0}, "batch_size"), ({"lr": 0.1, "steps": 0}, "steps"), ({"lr": 0.1, "loss": "l1"}, "loss"),
+])
+def test_config_validation(kw, field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        FinetuneConfig(**kw).validate(100)
+    with pytest.raises(ValueError, match="batch_size: must be in 1..100"):
+        FinetuneConfig(lr=0.1, batch_size=101).validate(100)

@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from ttp_ray.models import (ModelError, PRETRAIN_RECIPE, build_finetune_model, functional_model, load_backbone,
+                            load_pretrained_digits, pretrain_backbone, state_dict_hash)
+
+# Stated accuracy of the embedded backbones on held-out digits-0to4 images (recipe in models.py).
+MIN_HOLDOUT_ACCURACY = 0.95
+
+
+@pytest.mark.parametrize("name", ["digits-cnn", "digits-resnet"])
+def test_pretrained_backbone_accuracy_and_bit_identical_rebuild(name):
+    cached, report = load_pretrained_digits(name)
+    assert report["holdout_accuracy"] >= MIN_HOLDOUT_ACCURACY
+    assert report["train_accuracy"] >= MIN_HOLDOUT_ACCURACY
+    rebuilt, report2 = pretrain_backbone(name, PRETRAIN_RECIPE)
+    assert state_dict_hash(rebuilt.state_dict()) == state_dict_hash(cached.state_dict())
+    assert report2["holdout_accuracy"] == report["holdout_accuracy"]
+
+
+def test_digits_resnet_uses_torchvision_blocks():
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    net = load_backbone("digits-resnet")
+    assert isinstance(net, ResNet)
+    assert any(isinstance(m, BasicBlock) for m in net.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+
+
+def test_finetune_model_head_is_new_seeded_and_bn_frozen():
+    a = build_finetune_model("digits-resnet", 7, head_seed=3)
+    b = build_finetune_model("digits-resnet", 7, head_seed=3)
+    c = build_finetune_model("digits-resnet", 7, head_seed=4)
+    assert a.head.out_features == 7
+    assert torch.equal(a.head.weight, b.head.weight) and not torch.equal(a.head.weight, c.head.weight)
+    a.train()
+    assert not a.training and all(not m.training for m in a.modules())
+    bn = next(m for m in a.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    a(torch.randn(16, 1, 8, 8) * 5)
+    assert torch.equal(before, bn.running_mean)
+
+
+def test_functional_pair_matches_module_and_supports_torch_func():
+    model = build_finetune_model("digits-cnn", 5)
+    x = torch.randn(6, 1, 8, 8)
+    params, apply = functional_model(model, "all")
+    assert torch.allclose(apply(params, x), model(x))
+    head_params, head_apply = functional_model(model, "head")
+    assert set(head_params) == {"head.weight", "head.bias"}
+    jac = torch.func.jacrev(lambda p: head_apply(p, x[:1]))(head_params)
+    assert jac["head.weight"].shape == (1, 5, 5, 64)
+    per_sample = torch.func.vmap(lambda xi: head_apply(head_params, xi[None])[0])(x)
+    assert torch.allclose(per_sample, model(x), atol=1e-6)
+
+
+def test_checkpoint_and_user_factory(tmp_path):
+    net = load_backbone("digits-cnn")
+    torch.save(net.state_dict(), tmp_path / "ok.pt")
+    loaded = load_backbone(f"digits-cnn:{tmp_path / 'ok.pt'}")
+    assert state_dict_hash(loaded.state_dict()) == state_dict_hash(net.state_dict())
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(ModelError, match="not a state dict"):
+        load_backbone(f"digits-cnn:{tmp_path / 'list.pt'}")
+    (tmp_path / "junk.pt").write_bytes(b"garbage")
+    with pytest.raises(ModelError, match="not a loadable weights-only checkpoint"):
+        load_backbone(f"digits-cnn:{tmp_path / 'junk.pt'}")
+    with pytest.raises(ModelError, match="does not exist"):
+        load_backbone(f"digits-cnn:{tmp_path / 'missing.pt'}")
+    m = build_finetune_model("tests.helpers:tiny_factory", 4)
+    assert m(torch.randn(2, 1, 8, 8)).shape == (2, 4)
+    with pytest.raises(ModelError, match="not an nn.Module"):
+        load_backbone("tests.helpers:not_a_module")
+
+
+def test_imagenet_weights_absent_is_a_clear_error():
+    with pytest.raises(ModelError) as info:
+        load_backbone("resnet18")
+    msg = str(info.value)
+    assert "resnet18" in msg and "not found" in msg and "--download" in msg and "\n" not in msg
+
+
+def test_unknown_model():
+    with pytest.raises(ModelError, match="unknown name 'vgg'"):
+        load_backbone("vgg")

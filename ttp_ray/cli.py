@@ -1,0 +1,218 @@
+"""The ``ttp-ray`` command line: a thin click layer over the core.
+
+Bad input ends in one line ``error: <field>: <what is allowed>`` on stderr and exit code 2, never a
+traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Optional
+
+import click
+
+__all__ = ["main", "cli", "InputError"]
+
+
+class InputError(ValueError):
+    """Bad user input: reported as one line, exit code 2."""
+
+
+def _user_errors():
+    from .data import DatasetError
+    from .models import ModelError
+
+    errors = (InputError, DatasetError, ModelError, ValueError)
+    try:
+        from .sweep.spec import SpecError
+
+        errors = errors + (SpecError,)
+    except ImportError:  # pragma: no cover - sweep layer not installed
+        pass
+    return errors
+
+
+def _fail(msg: str) -> None:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(2)
+
+
+def main(argv=None) -> None:
+    """Entry point: runs the click group and turns user errors into one line, exit code 2."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    try:
+        cli.main(args=argv, prog_name="ttp-ray", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        _fail(exc.format_message().replace("\n", " "))
+    except _user_errors() as exc:
+        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except KeyboardInterrupt:
+        click.echo("interrupted: results written so far are kept", err=True)
+        sys.exit(130)
+
+
+class BatchSize(click.ParamType):
+    """An integer batch size or ``full`` (B = N)."""
+
+    name = "INT|full"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).lower() == "full":
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not an integer or 'full'", param, ctx)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ttp-ray")
+def cli() -> None:
+    """Predict how many SGD steps fine-tuning will take, without training (Zancato et al. 2020)."""
+
+
+@cli.command()
+def datasets() -> None:
+    """List the datasets ttp-ray can load."""
+    from .data import list_datasets
+
+    for name, desc in list_datasets().items():
+        click.echo(f"{name:52s} {desc}")
+
+
+@cli.command()
+def models() -> None:
+    """List the backbones ttp-ray can fine-tune."""
+    from .models import list_models
+
+    for name, desc in list_models().items():
+        click.echo(f"{name:26s} {desc}")
+
+
+@cli.command()
+@click.option("--model", "names", multiple=True, default=("digits-cnn", "digits-resnet"), show_default=True,
+              help="Embedded backbone(s) to (re)build.")
+def pretrain(names) -> None:
+    """Rebuild the embedded backbones on digits-0to4 (deterministic) and report their accuracy."""
+    from .models import load_pretrained_digits
+
+    for name in names:
+        if name not in ("digits-cnn", "digits-resnet"):
+            raise InputError(f"model: {name!r} is not pre-trained by ttp-ray; allowed: digits-cnn, digits-resnet")
+        _, rep = load_pretrained_digits(name, rebuild=True, verbose=True)
+        click.echo(f"{name}: train accuracy {rep['train_accuracy']:.4f}, held-out accuracy "
+                   f"{rep['holdout_accuracy']:.4f}, {rep['seconds']:.1f} s, recipe {rep['recipe']}")
+
+
+def common_run_options(f):
+    """Flags shared by ``finetune`` and ``predict`` so the two compare line by line."""
+    opts = [
+        click.option("--dataset", default="digits-5to9", show_default=True, help="Dataset name (ttp-ray datasets)."),
+        click.option("--subset", type=int, default=None, help="Class-balanced seeded subset of N0 samples."),
+        click.option("--model", default="digits-cnn", show_default=True, help="Backbone (ttp-ray models)."),
+        click.option("--lr", type=float, required=True, help="SGD learning rate eta (> 0)."),
+        click.option("--momentum", type=float, default=0.0, show_default=True, help="SGD momentum m in [0, 1)."),
+        click.option("--batch-size", type=BatchSize(), default="full", show_default=True,
+                     help="Batch size B, or 'full' for gradient descent."),
+        click.option("--loss", type=click.Choice(["mse", "ce"]), default="ce", show_default=True),
+        click.option("--steps", type=int, default=500, show_default=True, help="Step budget T."),
+        click.option("--eps", "eps_list", type=float, multiple=True, default=(0.01,), show_default=True,
+                     help="Threshold(s) epsilon for T_eps (repeatable)."),
+        click.option("--eps-mode", type=click.Choice(["absolute", "relative"]), default="absolute",
+                     show_default=True, help="relative: eps times the curve's drop L_0 - L_T."),
+        click.option("--log-every", type=int, default=1, show_default=True, help="Log the curve every k steps."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Minibatch-order seed."),
+        click.option("--head-seed", type=int, default=0, show_default=True, help="Seed of the new linear head."),
+        click.option("--trainable", type=click.Choice(["all", "head"]), default="all", show_default=True),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
+        click.option("--download", is_flag=True, help="Allow downloading missing datasets/weights."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _validate_common(kw, n: Optional[int] = None) -> None:
+    from .finetune import FinetuneConfig
+
+    if any(e <= 0 for e in kw["eps_list"]):
+        raise InputError(f"eps: every value must be > 0, got {', '.join(map(str, kw['eps_list']))}")
+    if kw["subset"] is not None and kw["subset"] <= 0:
+        raise InputError(f"subset: must be a positive integer, got {kw['subset']}")
+    FinetuneConfig(lr=kw["lr"], momentum=kw["momentum"], batch_size=kw["batch_size"], loss=kw["loss"],
+                   steps=kw["steps"], seed=kw["seed"], log_every=kw["log_every"],
+                   trainable=kw["trainable"]).validate(n)
+
+
+def _load_inputs(kw):
+    from .data import load_dataset
+    from .models import build_finetune_model
+
+    _validate_common(kw)
+    ds = load_dataset(kw["dataset"], subset=kw["subset"], download=kw["download"])
+    _validate_common(kw, len(ds))
+    model = build_finetune_model(kw["model"], ds.num_classes, kw["head_seed"], allow_download=kw["download"])
+    return ds, model
+
+
+def _curve_rows(steps, curves, kw, diverged):
+    from .training_time import curve_training_times
+
+    return curve_training_times(steps, curves, kw["eps_list"], budget=kw["steps"], eps_mode=kw["eps_mode"],
+                                diverged=diverged)
+
+
+@cli.command()
+@common_run_options
+def finetune(**kw) -> None:
+    """Fine-tune for real (ground truth): full-set loss/error curve, T_eps, step time."""
+    from .finetune import FinetuneConfig, finetune as run_finetune
+
+    ds, model = _load_inputs(kw)
+    cfg = FinetuneConfig(lr=kw["lr"], momentum=kw["momentum"], batch_size=kw["batch_size"], loss=kw["loss"],
+                         steps=kw["steps"], seed=kw["seed"], log_every=kw["log_every"], trainable=kw["trainable"])
+    res = run_finetune(model, ds, cfg, device=kw["device"])
+    times = _curve_rows(res.steps, res.curves(), kw, res.diverged)
+    out = {
+        "kind": "finetune",
+        "dataset": kw["dataset"], "model": kw["model"], "n": res.n, "num_classes": ds.num_classes,
+        "lr": cfg.lr, "momentum": cfg.momentum, "batch_size": res.batch_size, "loss": cfg.loss,
+        "steps": cfg.steps, "seed": cfg.seed, "head_seed": kw["head_seed"], "trainable": cfg.trainable,
+        "effective_lr": cfg.lr / (1 - cfg.momentum), "eps_mode": kw["eps_mode"],
+        "diverged": res.diverged,
+        "final_loss": None if res.diverged else float(res.loss[-1]),
+        "final_error": None if res.diverged else float(res.error[-1]),
+        "training_times": times,
+        "step_time_s": res.step_time_s, "train_seconds": res.train_seconds, "device": res.device,
+        "curve": {"steps": res.steps.tolist(), "loss": res.loss.tolist(), "error": res.error.tolist()},
+    }
+    if kw["as_json"]:
+        click.echo(json.dumps(out))
+        return
+    _print_run(out)
+
+
+def _print_run(out: dict) -> None:
+    click.echo(f"{out['kind']}: {out['model']} on {out['dataset']} (N={out['n']}, C={out['num_classes']}), "
+               f"loss {out['loss']}, lr {out['lr']}, momentum {out['momentum']}, B {out['batch_size']}, "
+               f"T {out['steps']}")
+    if out["diverged"]:
+        click.echo("  diverged")
+    else:
+        click.echo(f"  final loss {out['final_loss']:.5g}, final error {out['final_error']:.4f}")
+    for row in out["training_times"]:
+        t = "not reached" if row["steps"] is None else f"{row['steps']} steps ({row['fraction']:.3f} of budget)"
+        click.echo(f"  T_eps[{row['criterion']}, eps={row['eps']:g}] = {t}")
+    if "step_time_s" in out:
+        click.echo(f"  step time {out['step_time_s'] * 1e3:.2f} ms on {out['device']}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,193 @@
+"""Ground truth: real fine-tuning with ``torch.optim.SGD`` and the full training-set curves it yields.
+
+What is measured (METHOD.md §1, §5): at steps 0, log_every, 2*log_every, ..., T the loss and error of
+the model on the *whole* training set (batch norm frozen, no augmentation), the mean wall time of an
+optimiser step (forward + backward + update on one batch), and divergence (a non-finite loss, or one
+above ``DIVERGENCE_FACTOR`` times the initial loss) which stops the run instead of crashing it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .data import ImageDataset
+from .models import FinetuneModel, trainable_names
+from .objectives import check_loss, error_rate, loss_value
+from .sampling import batch_schedule
+
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "evaluate", "DIVERGENCE_FACTOR"]
+
+DIVERGENCE_FACTOR = 1e3  # a loss above this multiple of L_0 (or non-finite) counts as diverged
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """One fine-tuning run; every default stated."""
+
+    lr: float
+    momentum: float = 0.0
+    batch_size: Optional[int] = None  # None: full batch (B = N), i.e. gradient descent
+    loss: str = "ce"  # 'mse' (1/2 ||f - y||^2 summed over classes, mean over samples) or 'ce'
+    steps: int = 500  # budget T
+    seed: int = 0  # minibatch order
+    log_every: int = 1  # log the full-set loss and error every this many steps
+    trainable: str = "all"  # 'all' or 'head' (linear probing: the linearisation is then exact)
+
+    def validate(self, n: Optional[int] = None) -> "FinetuneConfig":
+        """Check every field; ``n`` (the dataset size) bounds the batch size when known."""
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr: must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum: must be in [0, 1), got {self.momentum}")
+        if self.batch_size is not None and self.batch_size <= 0:
+            raise ValueError(f"batch_size: must be a positive integer or 'full', got {self.batch_size}")
+        if self.batch_size is not None and n is not None and self.batch_size > n:
+            raise ValueError(f"batch_size: must be in 1..{n} (the dataset size) or 'full', got {self.batch_size}")
+        if self.steps <= 0:
+            raise ValueError(f"steps: must be a positive integer, got {self.steps}")
+        if self.log_every <= 0:
+            raise ValueError(f"log_every: must be a positive integer, got {self.log_every}")
+        check_loss(self.loss)
+        if self.trainable not in ("all", "head"):
+            raise ValueError(f"trainable: {self.trainable!r} is not one of all, head")
+        return self
+
+
+@dataclass
+class FinetuneResult:
+    config: FinetuneConfig
+    n: int
+    steps: np.ndarray  # logged step indices, 0 .. T (truncated at divergence)
+    loss: np.ndarray
+    error: np.ndarray
+    diverged: bool
+    step_time_s: float  # mean wall time of one optimiser step
+    train_seconds: float  # wall time of all steps, evaluations excluded
+    total_seconds: float
+    device: str
+    extra: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.batch_size or self.n
+
+    def curves(self) -> Dict[str, np.ndarray]:
+        return {"loss": self.loss, "error": self.error}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: ImageDataset, loss: str, *, device="cpu",
+             batch_size: int = 2048) -> tuple:
+    """(full-set loss, error) of ``model`` in eval mode, batched."""
+    model.eval()
+    outs = []
+    for s in range(0, len(dataset), batch_size):
+        outs.append(model(dataset.images(slice(s, s + batch_size)).to(device)).double())
+    out = torch.cat(outs)
+    y = dataset.targets.to(device)
+    return float(loss_value(out, y, loss)), float(error_rate(out, y))
+
+
+def finetune(model: FinetuneModel, dataset: ImageDataset, config: FinetuneConfig, *, device="cpu",
+             eval_batch_size: int = 2048) -> FinetuneResult:
+    """Fine-tune ``model`` in place with SGD(lr, momentum), batch norm frozen; log full-set curves."""
+    t_start = time.perf_counter()
+    n = len(dataset)
+    config.validate(n)
+    b = config.batch_size or n
+    model.to(device).eval()
+    names = set(trainable_names(model, config.trainable))
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in names)
+        if name in names:
+            params.append(p)
+    opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, dampening=0.0, nesterov=False,
+                          weight_decay=0.0)
+    y_all = dataset.targets.to(device)
+    full_batch = b == n
+    x_all = dataset.x.to(device) if full_batch else None
+
+    steps: List[int] = []
+    losses: List[float] = []
+    errors: List[float] = []
+    diverged = False
+    step_seconds = 0.0
+    l0 = None
+
+    def log(step: int, loss_v: float, err_v: float) -> bool:
+        nonlocal l0, diverged
+        if l0 is None:
+            l0 = loss_v
+        if not math.isfinite(loss_v) or loss_v > DIVERGENCE_FACTOR * max(l0, 1e-12):
+            diverged = True
+            return False
+        steps.append(step)
+        losses.append(loss_v)
+        errors.append(err_v)
+        return True
+
+    schedule = batch_schedule(n, b, config.steps, seed=config.seed)
+    for t in range(config.steps + 1):
+        logging_now = t % config.log_every == 0 or t == config.steps
+        if full_batch:
+            # B = N: the step's own forward pass is the full-set evaluation at w_t (eval mode, BN frozen)
+            t0 = time.perf_counter()
+            out = model(x_all)
+            loss = loss_value(out, y_all, config.loss)
+            if logging_now and not log(t, float(loss.detach()), float(error_rate(out.detach(), y_all))):
+                break
+            if t == config.steps:
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step_seconds += time.perf_counter() - t0
+        else:
+            if logging_now and not log(t, *evaluate(model, dataset, config.loss, device=device,
+                                                    batch_size=eval_batch_size)):
+                break
+            if t == config.steps:
+                break
+            idx = next(schedule)
+            t0 = time.perf_counter()
+            xb = dataset.images(idx).to(device)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_value(model(xb), y_all[idx.to(device)], config.loss)
+            if not torch.isfinite(loss):
+                diverged = True
+                break
+            loss.backward()
+            opt.step()
+            step_seconds += time.perf_counter() - t0
+    n_steps = max(1, steps[-1] if steps else 1)
+    if diverged:
+        n_steps = max(1, t)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return FinetuneResult(
+        config=config, n=n, steps=np.asarray(steps, dtype=np.int64), loss=np.asarray(losses),
+        error=np.asarray(errors), diverged=diverged, step_time_s=step_seconds / n_steps,
+        train_seconds=step_seconds, total_seconds=time.perf_counter() - t_start, device=str(device),
+    )
+
+
+def result_summary(result: FinetuneResult) -> Dict[str, object]:
+    """Settings and final figures as plain JSON-able values."""
+    d = asdict(result.config)
+    d["batch_size"] = result.batch_size
+    return {
+        **d,
+        "n": result.n,
+        "diverged": result.diverged,
+        "final_loss": None if result.diverged or not len(result.loss) else float(result.loss[-1]),
+        "final_error": None if result.diverged or not len(result.error) else float(result.error[-1]),
+        "step_time_s": result.step_time_s,
+        "train_seconds": result.train_seconds,
+        "device": result.device,
+    }

@@ -1,0 +1,390 @@
+"""Backbones, their deterministic pre-training and cache, and the fine-tuning model (METHOD.md §1).
+
+Backbone names understood by :func:`load_backbone`:
+
+* ``digits-cnn``: a small conv net; ``digits-resnet``: torchvision's own ``ResNet`` built from its
+  ``BasicBlock`` at reduced depth ([1, 1, 1, 1]) and width (8-16-32-64), with batch norm. Both are
+  **pre-trained by this project** on ``digits-0to4`` with the recipe in :data:`PRETRAIN_RECIPE`
+  (fixed seed, deterministic algorithms), cached under ``$TTP_RAY_CACHE/backbones`` and reused;
+* ``resnet18`` / ``resnet34`` / ``resnet50``: torchvision ResNets with ``IMAGENET1K_V1`` weights,
+  read from torch's hub cache; never downloaded unless asked (``allow_download=True``);
+* ``ARCH:PATH``: a local state-dict checkpoint for one of the architectures above
+  (``torch.load(weights_only=True)``);
+* ``package.module:function``: a user factory returning an ``nn.Module``.
+
+The fine-tuning model is the backbone's features followed by a **new** linear head for C classes,
+seeded; batch-norm statistics stay frozen (the model is always in eval mode).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import io
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
+
+__all__ = [
+    "ModelError",
+    "DigitsCNN",
+    "DigitsResNet",
+    "digits_cnn",
+    "digits_resnet",
+    "FinetuneModel",
+    "PretrainRecipe",
+    "PRETRAIN_RECIPE",
+    "cache_dir",
+    "list_models",
+    "load_backbone",
+    "pretrain_backbone",
+    "load_pretrained_digits",
+    "trainable_names",
+    "TRAINABLE",
+    "build_finetune_model",
+    "functional_model",
+    "state_dict_hash",
+]
+
+
+class ModelError(ValueError):
+    """A backbone cannot be built or loaded; the message is one line naming the model."""
+
+
+def cache_dir() -> Path:
+    """Root of ttp-ray's caches: ``$TTP_RAY_CACHE`` or the user cache dir (``~/.cache/ttp-ray``)."""
+    env = os.environ.get("TTP_RAY_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ttp-ray"
+
+
+# ----------------------------------------------------------------------------------- architectures
+
+class DigitsCNN(nn.Module):
+    """Three 3x3 conv layers (16, 32, 64 channels) and global average pooling: 64 features."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 5) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(inplace=False),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(inplace=False),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=False),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.fc = nn.Linear(64, num_classes)
+        self.feature_dim = 64
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+class DigitsResNet(ResNet):
+    """torchvision's ResNet with BasicBlocks at reduced depth and width, for 8x8 inputs.
+
+    Uses ``ResNet._make_layer`` and ``ResNet.forward`` unchanged; the stem is a 3x3 stride-1 conv
+    without max-pooling so an 8x8 image keeps spatial extent through the four stages.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 5, widths=(8, 16, 32, 64),
+                 layers=(1, 1, 1, 1)) -> None:
+        nn.Module.__init__(self)
+        self._norm_layer = nn.BatchNorm2d
+        self.inplanes, self.dilation, self.groups, self.base_width = widths[0], 1, 1, 64
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity()
+        self.layer1 = self._make_layer(BasicBlock, widths[0], layers[0])
+        self.layer2 = self._make_layer(BasicBlock, widths[1], layers[1], stride=2)
+        self.layer3 = self._make_layer(BasicBlock, widths[2], layers[2], stride=2)
+        self.layer4 = self._make_layer(BasicBlock, widths[3], layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(widths[3], num_classes)
+        self.feature_dim = widths[3]
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+
+def digits_cnn(num_classes: int = 5) -> DigitsCNN:
+    return DigitsCNN(1, num_classes)
+
+
+def digits_resnet(num_classes: int = 5) -> DigitsResNet:
+    return DigitsResNet(1, num_classes)
+
+
+_DIGITS_ARCHS: Dict[str, Callable[[int], nn.Module]] = {"digits-cnn": digits_cnn, "digits-resnet": digits_resnet}
+_TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50")
+
+
+# ------------------------------------------------------------------------------------- pre-training
+
+@dataclass(frozen=True)
+class PretrainRecipe:
+    """How the embedded backbones are pre-trained on ``digits-0to4`` (every default stated)."""
+
+    dataset: str = "digits-0to4"
+    holdout_fraction: float = 0.2  # held out to report accuracy on unseen images of the source task
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    version: int = 1  # bump to invalidate caches when the recipe's code changes
+
+    def key(self) -> str:
+        return hashlib.sha256(repr(sorted(asdict(self).items())).encode()).hexdigest()[:12]
+
+
+PRETRAIN_RECIPE = PretrainRecipe()
+
+
+def state_dict_hash(sd: Dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        h.update(k.encode())
+        h.update(sd[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def pretrain_backbone(name: str, recipe: PretrainRecipe = PRETRAIN_RECIPE) -> Tuple[nn.Module, Dict[str, float]]:
+    """Pre-train a digits backbone from scratch, deterministically; returns (model, report)."""
+    from .data import load_dataset
+
+    if name not in _DIGITS_ARCHS:
+        raise ModelError(f"model: only {', '.join(_DIGITS_ARCHS)} are pre-trained by ttp-ray, not {name!r}")
+    ds = load_dataset(recipe.dataset)
+    g = torch.Generator().manual_seed(recipe.seed)
+    perm = torch.randperm(len(ds), generator=g)
+    n_hold = int(round(recipe.holdout_fraction * len(ds)))
+    hold, train = perm[:n_hold], perm[n_hold:]
+    x, y = ds.x, ds.targets
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(recipe.seed)
+        model = _DIGITS_ARCHS[name](ds.num_classes)
+        opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                              weight_decay=recipe.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=recipe.epochs)
+        t0 = time.perf_counter()
+        for _ in range(recipe.epochs):
+            model.train()
+            order = train[torch.randperm(len(train), generator=g)]
+            for s in range(0, len(order), recipe.batch_size):
+                b = order[s:s + recipe.batch_size]
+                opt.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(model(x[b]), y[b]).backward()
+                opt.step()
+            sched.step()
+        seconds = time.perf_counter() - t0
+    finally:
+        torch.use_deterministic_algorithms(prev_det)
+    model.eval()
+    with torch.no_grad():
+        train_acc = (model(x[train]).argmax(1) == y[train]).float().mean().item()
+        hold_acc = (model(x[hold]).argmax(1) == y[hold]).float().mean().item()
+    return model, {"train_accuracy": train_acc, "holdout_accuracy": hold_acc, "seconds": seconds,
+                   "recipe": recipe.key()}
+
+
+def _digits_backbone_path(name: str, recipe: PretrainRecipe) -> Path:
+    return cache_dir() / "backbones" / f"{name}-{recipe.key()}.pt"
+
+
+def load_pretrained_digits(name: str, recipe: PretrainRecipe = PRETRAIN_RECIPE, *, rebuild: bool = False,
+                           verbose: bool = False) -> Tuple[nn.Module, Dict[str, float]]:
+    """The cached pre-trained digits backbone, pre-training it on first use (or when ``rebuild``)."""
+    path = _digits_backbone_path(name, recipe)
+    if path.exists() and not rebuild:
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            model = _DIGITS_ARCHS[name](int(blob["num_classes"]))
+            model.load_state_dict(blob["state_dict"])
+            if state_dict_hash(model.state_dict()) == blob["sha256"]:
+                model.eval()
+                return model, dict(blob["report"])
+        except Exception:
+            pass  # corrupt or stale cache: fall through and rebuild it
+    if verbose:
+        print(f"pre-training {name} on {recipe.dataset} (recipe {recipe.key()}) ...", flush=True)
+    model, report = pretrain_backbone(name, recipe)
+    sd = model.state_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save({"state_dict": sd, "num_classes": model.fc.out_features, "sha256": state_dict_hash(sd),
+                "report": report}, tmp)
+    os.replace(tmp, path)
+    return model, report
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+def list_models() -> Dict[str, str]:
+    return {
+        "digits-cnn": "small CNN (3 conv layers), pre-trained by ttp-ray on digits-0to4 (embedded)",
+        "digits-resnet": "torchvision ResNet/BasicBlock [1,1,1,1], widths 8-64, BN; pre-trained on digits-0to4 (embedded)",
+        "resnet18": "torchvision ResNet-18, IMAGENET1K_V1 weights from the torch hub cache",
+        "resnet34": "torchvision ResNet-34, IMAGENET1K_V1 weights from the torch hub cache",
+        "resnet50": "torchvision ResNet-50, IMAGENET1K_V1 weights from the torch hub cache",
+        "ARCH:PATH": "a state-dict checkpoint for one of the architectures above",
+        "package.module:function": "your factory returning an nn.Module (its fc/classifier/head is replaced)",
+    }
+
+
+def _torchvision_imagenet(arch: str, allow_download: bool) -> nn.Module:
+    from torchvision import models as tvm
+
+    weights = tvm.get_model_weights(arch).IMAGENET1K_V1
+    fname = os.path.basename(weights.url)
+    ckpt = Path(torch.hub.get_dir()) / "checkpoints" / fname
+    if not ckpt.exists() and not allow_download:
+        raise ModelError(f"model {arch}: ImageNet weights {fname} not found at {ckpt}; copy the file there "
+                         f"(from {weights.url}) or pass --download")
+    try:
+        return tvm.get_model(arch, weights=weights)
+    except Exception as exc:
+        raise ModelError(f"model {arch}: cannot load IMAGENET1K_V1 weights: {exc}".splitlines()[0]) from None
+
+
+def _arch(name: str, num_classes: int = 1000) -> nn.Module:
+    if name in _DIGITS_ARCHS:
+        return _DIGITS_ARCHS[name](num_classes)
+    from torchvision import models as tvm
+
+    return tvm.get_model(name, weights=None, num_classes=num_classes)
+
+
+def _load_checkpoint(arch: str, path: str) -> nn.Module:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ModelError(f"model {arch}:{path}: checkpoint file does not exist")
+    try:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"model {arch}:{path}: not a loadable weights-only checkpoint "
+                         f"({type(exc).__name__})") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ModelError(f"model {arch}:{path}: checkpoint is not a state dict (name -> tensor)")
+    fc_w = next((v for k, v in sd.items() if k.endswith("fc.weight")), None)
+    model = _arch(arch, int(fc_w.shape[0]) if fc_w is not None else 1000)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as exc:
+        raise ModelError(f"model {arch}:{path}: state dict does not fit {arch}: "
+                         f"{str(exc).splitlines()[0]}") from None
+    return model
+
+
+def load_backbone(name: str, *, allow_download: bool = False, verbose: bool = False) -> nn.Module:
+    """The pre-trained network named ``name`` (module docstring), in eval mode."""
+    if name in _DIGITS_ARCHS:
+        return load_pretrained_digits(name, verbose=verbose)[0]
+    if name in _TORCHVISION_ARCHS:
+        return _torchvision_imagenet(name, allow_download).eval()
+    if ":" in name:
+        left, right = name.split(":", 1)
+        if left in _DIGITS_ARCHS or left in _TORCHVISION_ARCHS:
+            return _load_checkpoint(left, right).eval()
+        try:
+            factory = getattr(importlib.import_module(left), right)
+        except (ImportError, AttributeError) as exc:
+            raise ModelError(f"model {name}: cannot import factory ({type(exc).__name__}: {exc})") from None
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"model {name}: factory returned {type(model).__name__}, not an nn.Module")
+        return model.eval()
+    allowed = ", ".join(list(_DIGITS_ARCHS) + list(_TORCHVISION_ARCHS) + ["ARCH:PATH", "package.module:function"])
+    raise ModelError(f"model: unknown name {name!r}; allowed: {allowed}")
+
+
+# ------------------------------------------------------------------------------- fine-tuning model
+
+def _split_classifier(backbone: nn.Module) -> Tuple[nn.Module, int]:
+    """Replace the backbone's classifier by Identity; return (feature extractor, feature dim)."""
+    body = copy.deepcopy(backbone)
+    for attr in ("fc", "classifier", "head"):
+        layer = getattr(body, attr, None)
+        if isinstance(layer, nn.Linear):
+            setattr(body, attr, nn.Identity())
+            return body, layer.in_features
+        if isinstance(layer, nn.Sequential) and len(layer) and isinstance(layer[-1], nn.Linear):
+            dim = layer[-1].in_features
+            layer[-1] = nn.Identity()
+            return body, dim
+    if isinstance(body, nn.Sequential) and len(body) and isinstance(body[-1], nn.Linear):
+        dim = body[-1].in_features
+        body[-1] = nn.Identity()
+        return body, dim
+    raise ModelError(f"model: cannot find a linear classifier (fc/classifier/head) in {type(backbone).__name__}")
+
+
+class FinetuneModel(nn.Module):
+    """Pre-trained feature extractor + new seeded linear head; always in eval mode (BN frozen)."""
+
+    def __init__(self, features: nn.Module, feature_dim: int, num_classes: int, head_seed: int = 0) -> None:
+        super().__init__()
+        self.features = features
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(head_seed)
+            self.head = nn.Linear(feature_dim, num_classes)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "FinetuneModel":
+        # batch-norm statistics frozen in fine-tuning and prediction alike (METHOD.md §1)
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def build_finetune_model(backbone: str, num_classes: int, head_seed: int = 0, *, allow_download: bool = False,
+                         verbose: bool = False) -> FinetuneModel:
+    net = load_backbone(backbone, allow_download=allow_download, verbose=verbose)
+    features, dim = _split_classifier(net)
+    return FinetuneModel(features, dim, num_classes, head_seed)
+
+
+TRAINABLE = ("all", "head")
+
+
+def trainable_names(model: nn.Module, trainable: str = "all") -> list:
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable: {trainable!r} is not one of {', '.join(TRAINABLE)}")
+    names = [n for n, _ in model.named_parameters()]
+    return names if trainable == "all" else [n for n in names if n.startswith("head.")]
+
+
+def functional_model(model: nn.Module, trainable: str = "all"
+                     ) -> Tuple[Dict[str, torch.Tensor], Callable[[Dict[str, torch.Tensor], torch.Tensor], torch.Tensor]]:
+    """(params, apply): detached trainable parameters and a pure ``apply(params, x) -> (B, C)``.
+
+    Buffers (BN running statistics) and frozen parameters are closed over, so ``apply`` works under
+    ``torch.func`` transforms (vmap, jacrev, vjp, jvp, grad).
+    """
+    model.eval()
+    names = set(trainable_names(model, trainable))
+    params = {n: p.detach() for n, p in model.named_parameters() if n in names}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in names}
+    frozen.update({n: b for n, b in model.named_buffers()})
+
+    def apply(p: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, {**frozen, **p}, (x,))
+
+    return params, apply
