@@ -20,7 +20,8 @@ from .models import FinetuneModel, trainable_names
 from .objectives import check_loss, error_rate, loss_value
 from .sampling import batch_schedule
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "evaluate", "DIVERGENCE_FACTOR"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "evaluate", "measure_step_time", "result_summary",
+           "DIVERGENCE_FACTOR"]
 
 DIVERGENCE_FACTOR = 1e3  # a loss above this multiple of L_0 (or non-finite) counts as diverged
 
@@ -191,3 +192,33 @@ def result_summary(result: FinetuneResult) -> Dict[str, object]:
         "train_seconds": result.train_seconds,
         "device": result.device,
     }
+
+
+def measure_step_time(model: FinetuneModel, dataset: ImageDataset, batch_size: Optional[int], loss: str = "ce", *,
+                      device="cpu", steps: int = 5, warmup: int = 1, trainable: str = "all") -> float:
+    """Median wall time of one SGD step (forward + backward + update) at batch size B on ``device``.
+
+    Runs on a copy of ``model``, so the caller's weights are untouched; used for ``predicted_cost_s``.
+    """
+    import copy
+
+    m = copy.deepcopy(model).to(device).eval()
+    b = batch_size or len(dataset)
+    names = set(trainable_names(m, trainable))
+    params = [p for n_, p in m.named_parameters() if n_ in names]
+    opt = torch.optim.SGD(params, lr=1e-6, momentum=0.9)
+    y = dataset.targets
+    times = []
+    for i, idx in enumerate(batch_schedule(len(dataset), b, steps + warmup, seed=0)):
+        xb, yb = dataset.images(idx).to(device), y[idx].to(device)
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss_value(m(xb), yb, loss).backward()
+        opt.step()
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times))
