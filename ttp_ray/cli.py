@@ -199,6 +199,120 @@ def finetune(**kw) -> None:
     _print_run(out)
 
 
+def prediction_options(f):
+    """Kernel and dynamics options of ``predict`` (defaults are those of KernelOptions / SimOptions)."""
+    from .dynamics import METHODS, MOMENTUM_MODES, NOISE_MODELS
+    from .kernel import KernelOptions
+
+    d = KernelOptions()
+    opts = [
+        click.option("--method", type=click.Choice(METHODS), default="auto", show_default=True,
+                     help="Dynamics: ode, discrete (GD), sde, minibatch (SGD); auto picks discrete / sde."),
+        click.option("--momentum-mode", type=click.Choice(MOMENTUM_MODES), default="auto", show_default=True,
+                     help="elr: lr/(1-m) (paper); heavy_ball: exact momentum."),
+        click.option("--noise", type=click.Choice(NOISE_MODELS), default="rescaled", show_default=True,
+                     help="SDE noise: rescaled by L_t/L_0 (paper) or constant (ablation)."),
+        click.option("--paths", type=int, default=8, show_default=True, help="SDE / minibatch sample paths."),
+        click.option("--kernel-method", type=click.Choice(["sketch", "exact"]), default=d.method, show_default=True),
+        click.option("--projection", default=d.projection, show_default=True, help="Sketch projection kind."),
+        click.option("--k", "sketch_k", type=int, default=d.k, show_default=True, help="Sketch width k."),
+        click.option("--class-trace/--full-kernel", default=d.class_trace, show_default=True,
+                     help="Class-trace kernel Theta_N (x) I_C instead of the full NC x NC kernel."),
+        click.option("--kernel-seed", type=int, default=d.seed, show_default=True),
+        click.option("--no-cache", is_flag=True, help="Recompute the kernel even if a cached state exists."),
+        click.option("--validate", is_flag=True, help="Also fine-tune for real and print the relative error."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@cli.command()
+@common_run_options
+@prediction_options
+def predict(**kw) -> None:
+    """Predict the loss/error curve and T_eps without training (Algorithm 1); --validate trains too."""
+    from .dynamics import SimConfig, SimOptions
+    from .finetune import measure_step_time
+    from .kernel import KernelOptions
+    from .predict import PredictSettings, load_state, predict_one
+
+    if kw["paths"] <= 0:
+        raise InputError(f"paths: must be a positive integer, got {kw['paths']}")
+    if kw["sketch_k"] <= 0:
+        raise InputError(f"k: must be a positive integer, got {kw['sketch_k']}")
+    ds, model = _load_inputs(kw)
+    kopt = KernelOptions(method=kw["kernel_method"], projection=kw["projection"], k=kw["sketch_k"],
+                         class_trace=kw["class_trace"], seed=kw["kernel_seed"])
+    prepared = load_state(kw["model"], ds, kopt, head_seed=kw["head_seed"], trainable=kw["trainable"],
+                          device=kw["device"], cache=not kw["no_cache"])
+    sim = SimOptions(method=kw["method"], momentum_mode=kw["momentum_mode"], noise=kw["noise"], paths=kw["paths"],
+                     seed=kw["seed"], log_every=kw["log_every"])
+    settings = PredictSettings(sim=sim, eps_mode=kw["eps_mode"])
+    cfg = SimConfig(lr=kw["lr"], momentum=kw["momentum"], batch_size=kw["batch_size"], loss=kw["loss"])
+    pred = predict_one(prepared, cfg, budget_steps=kw["steps"], eps_list=kw["eps_list"], settings=settings)
+    res = pred.result
+    step_time = measure_step_time(prepared.model, ds, kw["batch_size"], kw["loss"], device=kw["device"],
+                                  trainable=kw["trainable"])
+    times = [{"criterion": r["criterion"], "eps": r["eps"], "steps": r["predicted_steps"],
+              "fraction": r["predicted_fraction"]} for r in pred.rows]
+    out = {
+        "kind": "predict",
+        "dataset": kw["dataset"], "model": kw["model"], "n": len(ds), "num_classes": ds.num_classes,
+        "lr": cfg.lr, "momentum": cfg.momentum, "batch_size": kw["batch_size"] or len(ds), "loss": cfg.loss,
+        "steps": kw["steps"], "seed": kw["seed"], "head_seed": kw["head_seed"], "trainable": kw["trainable"],
+        "effective_lr": cfg.effective_lr, "eps_mode": kw["eps_mode"],
+        "diverged": res.diverged,
+        "final_loss": None if res.diverged else float(res.loss[-1]),
+        "final_error": None if res.diverged or res.error is None else float(res.error[-1]),
+        "training_times": times,
+        "step_time_s": step_time, "device": kw["device"],
+        "max_stable_lr": res.max_stable_lr, "method": res.method, "momentum_mode": res.momentum_mode,
+        "kernel": {k: v for k, v in prepared.state.meta.items() if isinstance(v, (int, float, str, bool, type(None)))},
+        "kernel_seconds": prepared.kernel_seconds, "kernel_cache_hit": prepared.cache_hit,
+        "simulate_seconds": res.seconds, "note": res.note,
+        "curve": {"steps": res.steps.tolist(), "loss": res.loss.tolist(),
+                  "error": None if res.error is None else res.error.tolist()},
+    }
+    if kw["validate"]:
+        out["validation"] = _validate_against_training(kw, ds, out)
+    if kw["as_json"]:
+        click.echo(json.dumps(out))
+        return
+    _print_run(out)
+    click.echo(f"  max stable lr {out['max_stable_lr']:.4g} (2(1+m)N/lambda_max), method {out['method']}"
+               f" ({out['momentum_mode']}), kernel {out['kernel_seconds']:.2f} s"
+               f"{' (cached)' if out['kernel_cache_hit'] else ''}, simulation {out['simulate_seconds']:.3f} s")
+    if kw["validate"]:
+        for v in out["validation"]["training_times"]:
+            err = "n/a" if v["relative_error"] is None else f"{100 * v['relative_error']:.1f}%"
+            click.echo(f"  real T_eps[{v['criterion']}, eps={v['eps']:g}] = {v['actual_steps']}, "
+                       f"predicted {v['predicted_steps']}, relative error {err}")
+
+
+def _validate_against_training(kw, ds, predicted: dict) -> dict:
+    """Fine-tune the same config for real and compare T_eps (|T_hat - T| / T, METHOD.md §5)."""
+    from .finetune import FinetuneConfig, finetune as run_finetune
+    from .models import build_finetune_model
+
+    model = build_finetune_model(kw["model"], ds.num_classes, kw["head_seed"], allow_download=kw["download"])
+    cfg = FinetuneConfig(lr=kw["lr"], momentum=kw["momentum"], batch_size=kw["batch_size"], loss=kw["loss"],
+                         steps=kw["steps"], seed=kw["seed"], log_every=kw["log_every"], trainable=kw["trainable"])
+    res = run_finetune(model, ds, cfg, device=kw["device"])
+    real = _curve_rows(res.steps, res.curves(), kw, res.diverged)
+    rows = []
+    for p, r in zip(predicted["training_times"], real):
+        rel = None
+        if p["steps"] is not None and r["steps"]:
+            rel = abs(p["steps"] - r["steps"]) / r["steps"]
+        rows.append({"criterion": r["criterion"], "eps": r["eps"], "predicted_steps": p["steps"],
+                     "actual_steps": r["steps"], "relative_error": rel})
+    return {"diverged": res.diverged, "final_loss": None if res.diverged else float(res.loss[-1]),
+            "final_error": None if res.diverged else float(res.error[-1]), "train_seconds": res.train_seconds,
+            "step_time_s": res.step_time_s, "training_times": rows,
+            "curve": {"steps": res.steps.tolist(), "loss": res.loss.tolist(), "error": res.error.tolist()}}
+
+
 def _print_run(out: dict) -> None:
     click.echo(f"{out['kind']}: {out['model']} on {out['dataset']} (N={out['n']}, C={out['num_classes']}), "
                f"loss {out['loss']}, lr {out['lr']}, momentum {out['momentum']}, B {out['batch_size']}, "
@@ -212,6 +326,10 @@ def _print_run(out: dict) -> None:
         click.echo(f"  T_eps[{row['criterion']}, eps={row['eps']:g}] = {t}")
     if "step_time_s" in out:
         click.echo(f"  step time {out['step_time_s'] * 1e3:.2f} ms on {out['device']}")
+
+
+from .sweep.cli import sweep as _sweep_command  # noqa: E402
+cli.add_command(_sweep_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

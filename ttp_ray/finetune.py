@@ -133,7 +133,7 @@ def finetune(model: FinetuneModel, dataset: ImageDataset, config: FinetuneConfig
         errors.append(err_v)
         return True
 
-    schedule = batch_schedule(n, b, config.steps, seed=config.seed)
+    schedule = iter(batch_schedule(n, b, config.steps, seed=config.seed)) if not full_batch else None
     for t in range(config.steps + 1):
         logging_now = t % config.log_every == 0 or t == config.steps
         if full_batch:
@@ -141,7 +141,7 @@ def finetune(model: FinetuneModel, dataset: ImageDataset, config: FinetuneConfig
             t0 = time.perf_counter()
             out = model(x_all)
             loss = loss_value(out, y_all, config.loss)
-            if logging_now and not log(t, float(loss.detach()), float(error_rate(out.detach(), y_all))):
+            if logging_now and not log(t, float(loss.detach()), float(error_rate(out.detach().double(), y_all))):
                 break
             if t == config.steps:
                 break

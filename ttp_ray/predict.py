@@ -1,0 +1,154 @@
+"""Predict training time without training: model + dataset → kernel state → simulated curves → T̂ε.
+
+This is Algorithm 1 of the supplement end to end (METHOD.md §2–§5), vectorised over a grid of
+(lr, momentum, batch size, loss) for one dataset state:
+
+1. :func:`load_state` computes (or loads from the disk cache) the per-dataset state: F0 and the
+   eigendecomposition of the empirical NTK Θ (:mod:`ttp_ray.kernel`);
+2. :func:`predict_grid` simulates the linearised dynamics of every config (:mod:`ttp_ray.dynamics`,
+   deduplicated by the time-rescaling collapse) and reads T̂ε off each predicted curve with the very
+   function that reads T_ε off real curves (:mod:`ttp_ray.training_time`).
+
+Nothing here knows about Ray; :mod:`ttp_ray.sweep` distributes these two calls.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .data import ImageDataset, load_dataset
+from .dynamics import SimConfig, SimOptions, SimResult, simulate
+from .kernel import KernelOptions, kernel_state
+from .models import FinetuneModel, build_finetune_model
+from .state import KernelState
+from .training_time import CRITERIA, EPS_MODES, TIME_DEFINITIONS, curve_training_times
+
+__all__ = ["PredictSettings", "PreparedState", "PredictedConfig", "load_state", "predict_grid", "predict_one"]
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """How predicted curves become T̂ε rows; every default stated."""
+
+    sim: SimOptions = field(default_factory=SimOptions)  # dynamics method, momentum mode, noise, paths...
+    eps_mode: str = "absolute"  # 'absolute' | 'relative' (eps times the curve's drop L_0 - L_T)
+    criteria: Tuple[str, ...] = CRITERIA  # ('loss', 'error')
+    definition: str = "threshold"  # 'threshold' (Algorithm 1) | 'plateau' (supplement App. C)
+    window: int = 0  # plateau definition: look-back in steps
+
+    def __post_init__(self):
+        if self.eps_mode not in EPS_MODES:
+            raise ValueError(f"eps_mode: {self.eps_mode!r} is not one of {', '.join(EPS_MODES)}")
+        bad = [c for c in self.criteria if c not in CRITERIA]
+        if bad or not self.criteria:
+            raise ValueError(f"criteria: {bad or '[]'} not allowed; allowed: {', '.join(CRITERIA)}")
+        if self.definition not in TIME_DEFINITIONS:
+            raise ValueError(f"definition: {self.definition!r} is not one of {', '.join(TIME_DEFINITIONS)}")
+        if self.definition == "plateau" and self.window <= 0:
+            raise ValueError("window: must be a positive number of steps with definition 'plateau'")
+
+
+@dataclass
+class PreparedState:
+    """Everything a prediction needs for one (model, dataset): the kernel state and its provenance."""
+
+    state: KernelState
+    model: FinetuneModel  # at w0 (pre-trained backbone + seeded head), for step-time measurement
+    dataset: ImageDataset
+    model_name: str
+    dataset_name: str
+    kernel_seconds: float  # wall time to obtain the state now (cache load or computation)
+    cache_hit: bool
+
+    @property
+    def n(self) -> int:
+        return self.state.n
+
+    def max_stable_lr(self, momentum: float = 0.0) -> float:
+        return self.state.max_stable_lr(momentum)
+
+
+def load_state(model: str, dataset, kernel: KernelOptions = KernelOptions(), *, subset: Optional[int] = None,
+               head_seed: int = 0, trainable: str = "all", device: str = "cpu", cache: bool = True,
+               allow_download: bool = False) -> PreparedState:
+    """Load dataset and backbone, then the kernel state (disk cache first; METHOD.md §6)."""
+    ds = dataset if isinstance(dataset, ImageDataset) else load_dataset(dataset, subset=subset,
+                                                                        download=allow_download)
+    net = build_finetune_model(model, ds.num_classes, head_seed, allow_download=allow_download)
+    t0 = time.perf_counter()
+    state = kernel_state(net, ds, kernel, device=device, trainable=trainable, cache=cache)
+    seconds = time.perf_counter() - t0
+    hit = bool(state.meta.get("cache", {}).get("hit", False))
+    name = dataset if isinstance(dataset, str) else ds.name
+    return PreparedState(state=state, model=net, dataset=ds, model_name=model, dataset_name=str(name),
+                         kernel_seconds=seconds, cache_hit=hit)
+
+
+@dataclass
+class PredictedConfig:
+    """The predicted curves of one config and its T̂ε rows (one per criterion and eps)."""
+
+    config: SimConfig
+    result: SimResult
+    rows: List[Dict[str, object]]
+
+    @property
+    def diverged(self) -> bool:
+        return self.result.diverged
+
+
+def _rows(res: SimResult, n: int, budget_steps: int, eps_list: Sequence[float], settings: PredictSettings
+          ) -> List[Dict[str, object]]:
+    c = res.config
+    curves = {"loss": res.loss, "error": res.error}
+    curves = {k: v for k, v in curves.items() if k in settings.criteria and v is not None}
+    times = curve_training_times(res.steps, curves, eps_list, budget=budget_steps, eps_mode=settings.eps_mode,
+                                 definition=settings.definition, window=settings.window, diverged=res.diverged)
+    final_loss = None if res.diverged else float(res.loss[-1])
+    final_error = None if res.diverged or res.error is None else float(res.error[-1])
+    rows = []
+    for t in times:
+        rows.append({
+            "loss": c.loss, "lr": float(c.lr), "momentum": float(c.momentum),
+            "batch_size": int(c.batch_size) if c.batch_size is not None and c.batch_size < n else n,
+            "effective_lr": float(c.effective_lr), "criterion": t["criterion"], "eps": t["eps"],
+            "eps_mode": settings.eps_mode, "budget_steps": int(budget_steps),
+            "predicted_steps": t["steps"], "predicted_fraction": t["fraction"],
+            "diverged": bool(res.diverged), "predicted_final_loss": final_loss,
+            "predicted_final_error": final_error, "max_stable_lr": float(res.max_stable_lr),
+            "method": res.method, "momentum_mode": res.momentum_mode, "simulate_seconds": float(res.seconds),
+        })
+    return rows
+
+
+def predict_grid(prepared, configs: Sequence[SimConfig], *, budget_steps: int, eps_list: Sequence[float],
+                 settings: PredictSettings = PredictSettings()) -> List[PredictedConfig]:
+    """Simulate every config on one state (vectorised, collapsed) and read T̂ε off each curve.
+
+    ``prepared`` is a :class:`PreparedState` or a bare :class:`KernelState`.
+    """
+    state = prepared.state if isinstance(prepared, PreparedState) else prepared
+    if budget_steps <= 0:
+        raise ValueError(f"budget_steps: must be a positive integer, got {budget_steps}")
+    if not eps_list or any(e <= 0 for e in eps_list):
+        raise ValueError(f"eps: every value must be > 0, got {list(eps_list)}")
+    n = state.n
+    for c in configs:
+        if c.batch_size is not None and c.batch_size > n:
+            raise ValueError(f"batch_size: must be in 1..{n} (the dataset size) or 'full', got {c.batch_size}")
+    sim = settings.sim
+    results = simulate(state, list(configs), budget_steps, sim)
+    out = []
+    for res in results:
+        if not np.all(np.isfinite(res.loss)):  # the dynamics promise NaN-free curves; never pass one on
+            raise RuntimeError(f"dynamics returned a non-finite loss for {res.config}")
+        out.append(PredictedConfig(res.config, res, _rows(res, n, budget_steps, eps_list, settings)))
+    return out
+
+
+def predict_one(prepared, config: SimConfig, *, budget_steps: int, eps_list: Sequence[float],
+                settings: PredictSettings = PredictSettings()) -> PredictedConfig:
+    return predict_grid(prepared, [config], budget_steps=budget_steps, eps_list=eps_list, settings=settings)[0]
