@@ -18,8 +18,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 install: $(VENV)/.installed
 
 quickstart: install
-	$(BIN)/ttp-ray finetune --dataset digits-5to9 --model digits-resnet --lr 0.05 --momentum 0.9 \
-		--batch-size 64 --loss ce --steps 300 --eps 0.01 --log-every 10
+	$(BIN)/ttp-ray sweep sweeps/quickstart.yaml --out runs/quickstart
 
 test: install
 	$(BIN)/python -m pytest -q --timeout=300 tests

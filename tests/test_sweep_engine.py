@@ -1,0 +1,238 @@
+"""The sweep engine with Ray: a real (small) sweep end to end through the CLI, a 2-node cluster on
+loopback, an actor killed mid-sweep, an interrupted-then-resumed sweep. Tiny datasets (100 images),
+small sketches, short budgets; every Ray instance started here is shut down here."""
+import copy
+import json
+import os
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli
+from ttp_ray.sweep.output import read_table
+from ttp_ray.sweep.spec import parse_spec
+
+PREDICTION_COLUMNS = {
+    "config_id", "dataset", "model", "loss", "lr", "momentum", "batch_size", "effective_lr", "criterion", "eps",
+    "budget_steps", "predicted_steps", "predicted_fraction", "diverged", "predicted_final_loss",
+    "predicted_final_error", "step_time_s", "predicted_cost_s", "method", "kernel_seconds", "simulate_seconds",
+    "max_stable_lr", "lr_fraction",
+}
+GROUND_TRUTH_COLUMNS = {
+    "config_id", "dataset", "model", "loss", "lr", "momentum", "batch_size", "effective_lr", "criterion", "eps",
+    "budget_steps", "actual_steps", "actual_final_loss", "actual_final_error", "train_seconds", "seed",
+}
+
+TINY = {
+    "name": "tiny",
+    "model": "digits-cnn",
+    "datasets": ["digits-5to9:subset=100"],
+    "losses": ["mse", "ce"],
+    "lr": {"fraction_of_max_stable": [0.1, 0.5, 1.2]},
+    "momentum": [0.0, 0.9],
+    "batch_size": ["full", 20],
+    "eps": [0.01],
+    "budget": {"steps": 30},
+    "kernel": {"k": 64, "class_trace": True},
+    "simulation": {"momentum_mode": "heavy_ball", "paths": 2, "log_every": 5},
+    "resources": {"shard_size": 6},
+}
+
+
+def reduced_quickstart():
+    """sweeps/quickstart.yaml with 100-image subsets, a smaller grid, sketch and budget."""
+    d = yaml.safe_load((ROOT / "sweeps" / "quickstart.yaml").read_text())
+    d["datasets"] = [f"{x}:subset=100" for x in d["datasets"]]
+    d["lr"] = {"fraction_of_max_stable": [0.1, 0.4, 1.3]}
+    d["batch_size"] = ["full", 20]
+    d["budget"] = {"steps": 40}
+    d["kernel"]["k"] = 64
+    d["simulation"]["paths"] = 2
+    d["ground_truth"]["where"] = {"batch_size": [20], "momentum": [0.9], "lr_fraction": [0.4]}
+    d["ground_truth"]["max_configs"] = 1
+    return d
+
+
+def assert_every_config_once(out, spec):
+    pred = read_table(out, "predictions").to_pandas()
+    per_config = len(spec.criteria) * len(spec.eps)
+    counts = pred.groupby("config_id").size()
+    assert (counts == per_config).all(), counts[counts != per_config]
+    assert len(counts) == spec.grid_size * len(spec.datasets)
+    return pred
+
+
+# ------------------------------------------------------------------------------ 2 nodes (first: own Ray)
+
+@pytest.mark.timeout(180)
+def test_two_node_cluster_runs_actors_on_both_nodes(tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from ttp_ray.sweep.driver import run_sweep
+
+    assert not ray.is_initialized()
+    node = dict(node_ip_address="127.0.0.1", num_cpus=1, object_store_memory=80 * 1024 * 1024)
+    cluster = Cluster(initialize_head=True, head_node_args=dict(node, include_dashboard=False))
+    try:
+        cluster.add_node(**node)
+        d = copy.deepcopy(TINY)
+        d["datasets"] = ["digits-5to9:subset=100", "digits:subset=100"]
+        d["lr"] = {"fraction_of_max_stable": [0.2, 0.8]}
+        d["losses"] = ["mse"]
+        spec = parse_spec(d)
+        res = run_sweep(spec, str(tmp_path / "out"), address=cluster.address, progress=False)
+        assert res.complete and not res.failures
+        assert len(set(res.actor_nodes.values())) == 2, res.actor_nodes
+        assert_every_config_once(res.out, spec)
+        assert not ray.is_initialized()  # the driver disconnects from what it attached to
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+# ------------------------------------------------------------------------------------- local Ray
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    from ttp_ray.sweep.driver import start_local_ray
+
+    assert not ray.is_initialized()
+    start_local_ray(num_cpus=2, object_store_mb=100)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.timeout(240)
+def test_quickstart_reduced_end_to_end(local_ray, tmp_path, capsys):
+    spec_path = tmp_path / "quick.yaml"
+    spec_path.write_text(yaml.safe_dump(reduced_quickstart()))
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["sweep", str(spec_path), "--out", str(out)], capsys)
+    assert code == 0, err
+    assert "top " in stdout and "predicted_cost_s" in stdout and f"tables: {out}/predictions" in stdout
+    spec = parse_spec(reduced_quickstart())
+
+    pred = assert_every_config_once(out, spec)
+    assert PREDICTION_COLUMNS <= set(pred.columns)
+    assert set(pred.dataset.astype(str)) == {"digits-5to9:subset=100", "digits:subset=100"}
+    reached = pred[pred.predicted_steps.notna()]
+    assert len(reached) and (reached.predicted_cost_s - reached.predicted_steps * reached.step_time_s).abs().max() < 1e-9
+    assert pred[pred.lr_fraction > 1].diverged.all()  # above the stability limit: "diverges", no number
+    assert pred[pred.diverged].predicted_steps.isna().all()
+    assert ((pred.lr - pred.lr_fraction * pred.max_stable_lr).abs() < 1e-9 * pred.lr).all()
+
+    gt = read_table(out, "ground_truth").to_pandas()
+    assert GROUND_TRUTH_COLUMNS <= set(gt.columns)
+    assert gt.config_id.nunique() == 2 and set(gt.config_id) <= set(pred.config_id)
+    joined = gt.merge(pred, on=["config_id", "criterion", "eps"], suffixes=("", "_pred"))
+    assert len(joined) == len(gt) and (joined.lr == joined.lr_pred).all()
+
+    curves = read_table(out, "curves").to_pandas()
+    assert set(curves.source) == {"predicted", "actual"}
+    assert set(curves[curves.source == "actual"].config_id) == set(gt.config_id)
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] is True and manifest["spec"]["name"] == "quickstart"
+    assert {"ray", "torch", "pyarrow", "ttp-ray"} <= set(manifest["versions"])
+    assert set(manifest["datasets"]) == {"digits-5to9:subset=100", "digits:subset=100"}
+    assert manifest["completed"]["prediction_shards_done"] == manifest["plan"]["shards"]
+
+    # the same spec again: everything skipped, nothing rewritten
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
+    code, stdout, err = run_cli(["sweep", str(spec_path), "--out", str(out)], capsys)
+    assert code == 0, err
+    assert "0 shard(s) and 0 ground-truth run(s) written" in stdout
+    assert mtimes == {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
+
+    # a changed spec into the same OUT: refused, one line, exit 2
+    changed = reduced_quickstart()
+    changed["momentum"] = [0.5]
+    changed["ground_truth"] = False
+    spec_path.write_text(yaml.safe_dump(changed))
+    code, _, err = run_cli(["sweep", str(spec_path), "--out", str(out)], capsys)
+    assert code == 2 and err.startswith("error: output:") and "momentum" in err and "--fresh" in err
+    assert mtimes == {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
+
+    # ... unless --fresh: the old tables go, the new sweep's take their place
+    code, stdout, err = run_cli(["sweep", str(spec_path), "--out", str(out), "--fresh", "--quiet"], capsys)
+    assert code == 0, err
+    fresh = assert_every_config_once(out, parse_spec(changed))
+    assert set(fresh.momentum) == {0.5} and not set(fresh.config_id) & set(pred.config_id)
+
+
+@pytest.mark.timeout(180)
+def test_actor_killed_mid_sweep_is_restarted(local_ray, tmp_path):
+    from ttp_ray.sweep.driver import run_sweep
+
+    spec = parse_spec(TINY)
+    marker = tmp_path / "crashed"
+    res = run_sweep(spec, str(tmp_path / "out"), progress=False, _crash_marker=str(marker))
+    assert marker.exists(), "the test hook did not fire"
+    assert res.complete and not res.failures
+    assert res.written["predictions"] == res.plan.n_shards >= 3
+    assert_every_config_once(res.out, spec)
+
+
+@pytest.mark.timeout(180)
+def test_interrupted_sweep_resumes_without_loss_or_duplicates(local_ray, tmp_path):
+    from ttp_ray.sweep.driver import run_sweep
+
+    spec = parse_spec(TINY)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, str(out), progress=False, _stop_after_shards=2)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] is False and manifest["completed"]["prediction_shards_done"] == 2
+    first = read_table(out, "predictions").to_pandas()
+    assert first.config_id.nunique() == 12
+
+    res = run_sweep(spec, str(out), progress=False)
+    assert res.complete and res.skipped["predictions"] == 2
+    assert res.written["predictions"] == res.plan.n_shards - 2
+    pred = assert_every_config_once(out, spec)
+    kept = pred[pred.config_id.isin(first.config_id)].sort_values(["config_id", "criterion", "eps"])
+    assert list(kept.predicted_steps.fillna(-1)) == list(
+        first.sort_values(["config_id", "criterion", "eps"]).predicted_steps.fillna(-1))
+
+
+@pytest.mark.timeout(180)
+def test_killed_driver_loses_nothing_and_resumes(local_ray, tmp_path):
+    """SIGKILL the CLI once its first part is on disk; the parts survive, the re-run completes the rest."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ttp_ray.sweep.driver import run_sweep
+
+    d = copy.deepcopy(TINY)
+    d["resources"] = {"shard_size": 2}
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(d))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "ttp_ray.cli", "sweep", str(spec_path), "--out", str(out),
+                             "--num-cpus", "1", "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(out.glob("predictions/*/part-*.parquet")):
+            assert proc.poll() is None, "the sweep ended before it could be killed"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    survived = {p.name: p.read_bytes() for p in out.glob("predictions/*/part-*.parquet")}
+    assert 1 <= len(survived) < 12
+
+    spec = parse_spec(d)
+    res = run_sweep(spec, str(out), progress=False)  # resumed on this process's Ray
+    assert res.complete and res.skipped["predictions"] >= len(survived)
+    assert_every_config_once(out, spec)
+    for name, blob in survived.items():  # what was written before the kill is kept as it was
+        assert next(out.glob(f"predictions/*/{name}")).read_bytes() == blob
+    assert not list(out.rglob(".*.tmp"))  # temp files of writes cut short are swept on resume

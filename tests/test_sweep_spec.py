@@ -1,0 +1,333 @@
+"""Sweep spec, plan, output bookkeeping and the cluster config: everything of the sweep engine that needs
+no Ray (tests/test_sweep_engine.py runs the engine itself)."""
+import copy
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli
+from ttp_ray.sweep.output import OutputError, SweepOutput, as_table, read_table, write_table_atomic
+from ttp_ray.sweep.plan import DatasetSize, build_plan, config_id
+from ttp_ray.sweep.spec import SpecError, load_spec, parse_spec
+
+BASE = {
+    "name": "t",
+    "model": "digits-cnn",
+    "datasets": ["digits-5to9:subset=100"],
+    "lr": [0.01, 0.1],
+    "budget": {"steps": 20},
+}
+
+
+def spec_with(**changes):
+    d = copy.deepcopy(BASE)
+    for key, value in changes.items():
+        if value is DELETE:
+            d.pop(key, None)
+        else:
+            d[key] = value
+    return d
+
+
+DELETE = object()
+
+
+# ------------------------------------------------------------------------------------------- spec
+
+def test_defaults_are_stated():
+    s = parse_spec(BASE)
+    assert s.losses == ("ce",) and s.momentum == (0.0,) and s.batch_size == (None,)
+    assert s.eps == (0.01,) and s.criteria == ("loss", "error")
+    assert s.kernel.method == "sketch" and s.kernel.k == 512 and s.kernel.cache is True
+    assert s.simulation.method == "auto" and s.simulation.paths == 8
+    assert s.ground_truth.enabled is False and s.resources.actors == "auto"
+    assert s.output_dir() == "runs/t" and s.grid_size == 2
+    assert s.datasets[0].ref == "digits-5to9:subset=100" and s.datasets[0].subset == 100
+
+
+def test_forms_of_fields():
+    s = parse_spec(spec_with(
+        datasets=["digits-5to9", {"name": "digits", "subset": 50, "label": "d50"}],
+        lr={"fraction_of_max_stable": {"geomspace": [0.01, 1.0, 3]}},
+        batch_size=["full", 16], momentum=[0, 0.9], losses="mse",
+        ground_truth="on", output="somewhere", budget={"epochs": 2}))
+    assert s.lr.relative and s.lr.values == (0.01, 0.1, 1.0)
+    assert s.datasets[1].ref == "digits:subset=50" and s.datasets[1].label == "d50"
+    assert s.batch_size == (None, 16) and s.losses == ("mse",)
+    assert s.ground_truth.enabled and s.output.dir == "somewhere"
+    assert s.budget.steps_for(100, 16) == 12 and s.budget.steps_for(100, None) == 2
+    assert parse_spec(spec_with(ground_truth=False)).ground_truth.enabled is False
+    assert parse_spec(spec_with(lr={"values": ["1e-3", 0.1]})).lr.values == (0.001, 0.1)
+
+
+def test_shipped_specs_parse():
+    q = load_spec(ROOT / "sweeps" / "quickstart.yaml")
+    assert {d.name for d in q.datasets} == {"digits-5to9", "digits"}
+    assert q.grid_size * len(q.datasets) >= 100 and q.ground_truth.enabled
+    a = load_spec(ROOT / "sweeps" / "all_datasets.yaml")
+    assert [d.name for d in a.datasets] == ["cifar10", "cifar100", "cub200", "fgvc-aircraft", "mit67", "minc2500",
+                                            "stanford-cars"]
+    assert a.model == "resnet18"
+
+
+BAD = [
+    (dict(name="a b"), "name"),
+    (dict(name=DELETE), "name"),
+    (dict(model="nope"), "model"),
+    (dict(model=3), "model"),
+    (dict(datasets=[]), "datasets"),
+    (dict(datasets=["nope"]), "datasets[0]"),
+    (dict(datasets=["digits:subset=0"]), "datasets[0].subset"),
+    (dict(datasets=["digits", "digits"]), "datasets"),
+    (dict(datasets=[{"subset": 3}]), "datasets[0].name"),
+    (dict(datasets=[{"name": "digits", "size": 3}]), "datasets[0].size"),
+    (dict(lr=[0.1, -1]), "lr"),
+    (dict(lr=[0.1, 0.1]), "lr"),
+    (dict(lr={"fraction_of_max_stable": [0]}), "lr.fraction_of_max_stable"),
+    (dict(lr={"relative": [0.1]}), "lr"),
+    (dict(lr="fast"), "lr"),
+    (dict(lr=DELETE), "lr"),
+    (dict(losses=["hinge"]), "losses"),
+    (dict(momentum=[1.0]), "momentum"),
+    (dict(momentum=[-0.1]), "momentum"),
+    (dict(batch_size=[0]), "batch_size"),
+    (dict(batch_size=["half"]), "batch_size"),
+    (dict(eps=[0]), "eps"),
+    (dict(criteria=["accuracy"]), "criteria"),
+    (dict(budget={"steps": 0}), "budget.steps"),
+    (dict(budget={"steps": 10, "epochs": 1}), "budget"),
+    (dict(budget={"minutes": 1}), "budget.minutes"),
+    (dict(budget=DELETE), "budget"),
+    (dict(kernel={"method": "magic"}), "kernel.method"),
+    (dict(kernel={"k": 0}), "kernel.k"),
+    (dict(kernel={"projection": "fft"}), "kernel.projection"),
+    (dict(kernel={"class_trace": "yes"}), "kernel.class_trace"),
+    (dict(kernel={"trainable": "some"}), "kernel.trainable"),
+    (dict(kernel={"kk": 1}), "kernel.kk"),
+    (dict(simulation={"method": "euler"}), "simulation.method"),
+    (dict(simulation={"paths": 0}), "simulation.paths"),
+    (dict(simulation={"noise": "white"}), "simulation.noise"),
+    (dict(simulation={"eps_mode": "percent"}), "simulation.eps_mode"),
+    (dict(simulation={"definition": "plateau"}), "simulation.window"),
+    (dict(simulation={"method": "sde", "momentum_mode": "heavy_ball"}), "simulation.momentum_mode"),
+    (dict(cost={"step_time_steps": 0}), "cost.step_time_steps"),
+    (dict(ground_truth={"seeds": [-1]}), "ground_truth.seeds"),
+    (dict(ground_truth={"every": 0}), "ground_truth.every"),
+    (dict(ground_truth={"where": {"color": ["red"]}}), "ground_truth.where.color"),
+    (dict(ground_truth={"gpus": "many"}), "ground_truth.gpus"),
+    (dict(ground_truth="maybe"), "ground_truth"),
+    (dict(resources={"actors": 0}), "resources.actors"),
+    (dict(resources={"gpus_per_actor": -1}), "resources.gpus_per_actor"),
+    (dict(resources={"device": "tpu"}), "resources.device"),
+    (dict(resources={"shard_size": "big"}), "resources.shard_size"),
+    (dict(output={"dir": ""}), "output.dir"),
+    (dict(extra=1), "extra"),
+]
+
+
+@pytest.mark.parametrize("changes,field", BAD, ids=[f for _, f in BAD])
+def test_bad_field_one_line(changes, field):
+    with pytest.raises(SpecError) as exc:
+        parse_spec(spec_with(**changes))
+    msg = str(exc.value)
+    assert msg.startswith(f"{field}:"), msg
+    assert "\n" not in msg
+    assert "allowed" in msg or "required" in msg or "listed twice" in msg, msg
+
+
+def test_batch_size_above_n_is_a_spec_error():
+    s = parse_spec(spec_with(batch_size=[500]))
+    with pytest.raises(SpecError, match=r"^batch_size: 500 exceeds .*allowed: 1\.\.100 or full"):
+        build_plan(s, {s.datasets[0].label: DatasetSize(100, 5, "loaded")})
+
+
+@pytest.mark.parametrize("changes,field", BAD, ids=[f for _, f in BAD])
+def test_cli_bad_spec_exit_2_nothing_written(tmp_path, capsys, changes, field):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(spec_with(**changes)))
+    out = tmp_path / "out"
+    code, _, err = run_cli(["sweep", str(spec), "--out", str(out)], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {field}:"), err
+    assert not out.exists()
+
+
+def test_cli_yaml_syntax_and_missing_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    code, _, err = run_cli(["sweep", str(bad)], capsys)
+    assert code == 2 and err.startswith("error: spec:") and "not valid YAML" in err
+    code, _, err = run_cli(["sweep", str(tmp_path / "absent.yaml")], capsys)
+    assert code == 2 and "error: spec: file" in err
+
+
+# ------------------------------------------------------------------------------------------- plan
+
+def _plan(**changes):
+    s = parse_spec(spec_with(**changes))
+    return build_plan(s, {d.label: DatasetSize(100, 5, "loaded") for d in s.datasets})
+
+
+def test_plan_ids_stable_unique_and_sharded_once():
+    kw = dict(losses=["mse", "ce"], lr=[0.01, 0.02, 0.05, 0.1], momentum=[0.0, 0.5, 0.9], batch_size=["full", 10],
+              resources={"shard_size": 7})
+    a, b = _plan(**kw), _plan(**kw)
+    ids = [c.config_id for c in a.datasets[0].configs]
+    assert ids == [c.config_id for c in b.datasets[0].configs]
+    assert len(set(ids)) == len(ids) == 48
+    sharded = [c.config_id for s in a.shards() for c in s.configs]
+    assert sorted(sharded) == sorted(ids)
+    assert all(len(s.configs) <= 7 for s in a.shards())
+    assert a.layout_hash() == b.layout_hash()
+    # the id is a function of the config alone
+    c0 = a.datasets[0].configs[0]
+    assert c0.config_id == config_id("digits-cnn", "digits-5to9:subset=100", c0.loss, c0.lr, None, c0.momentum,
+                                     c0.batch_size, 20, 0, "all")
+
+
+def test_plan_keeps_collapsed_groups_together():
+    # lr/(1-m) equal for (0.1, 0) and (0.01, 0.9): one GD simulation (ELR), which a shard should not split
+    p = _plan(lr=[0.01, 0.1], momentum=[0.0, 0.9], resources={"shard_size": 2}, simulation={"method": "discrete"})
+    d = p.datasets[0]
+    assert d.distinct_simulations == 3 and len(d.configs) == 4
+    pairs = [{(c.lr, c.momentum) for c in s.configs} for s in d.shards]
+    assert {(0.1, 0.0), (0.01, 0.9)} in pairs
+
+
+def test_ground_truth_selection():
+    kw = dict(losses=["mse", "ce"], lr=[0.01, 0.02, 0.05, 0.1], batch_size=["full", 10])
+    p = _plan(ground_truth={"where": {"loss": ["ce"], "batch_size": [10]}, "seeds": [0, 1]}, **kw)
+    runs = p.ground_truth_runs()
+    assert len(runs) == 8 and all(g.config.loss == "ce" and g.config.batch_size == 10 for g in runs)
+    p = _plan(ground_truth={"max_configs": 3}, **kw)
+    lrs = [g.config.lr for g in p.ground_truth_runs()]
+    assert len(lrs) == 3
+    p = _plan(ground_truth={"every": 4}, **kw)
+    assert len(p.ground_truth_runs()) == 4
+
+
+def test_dry_run_all_datasets_without_data(capsys):
+    code, out, err = run_cli(["sweep", str(ROOT / "sweeps" / "all_datasets.yaml"), "--dry-run"], capsys)
+    assert code == 0, err
+    assert "cifar10" in out and "50000" in out and "stanford-cars" in out and "paper table" in out
+    assert "shards" in out and "distinct simulations" in out and "actors" in out
+
+
+def test_all_datasets_fails_fast_before_ray(tmp_path, capsys):
+    import ray
+
+    out = tmp_path / "all"
+    code, _, err = run_cli(["sweep", str(ROOT / "sweeps" / "all_datasets.yaml"), "--out", str(out)], capsys)
+    assert code == 2
+    assert err.startswith("error: dataset cifar10: files not found") and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not ray.is_initialized()
+
+
+# ----------------------------------------------------------------------------------------- output
+
+def test_atomic_parts_and_read_back(tmp_path):
+    rows = [{"config_id": "a", "model": "m", "loss": "ce", "criterion": "loss", "eps": 0.01, "predicted_steps": None,
+             "diverged": True}]
+    t = as_table(rows, "predictions")
+    assert t.schema.field("predicted_steps").type == pa.int64()
+    o = SweepOutput(tmp_path)
+    o.write_parts("digits:subset=5", "00000", {"predictions": t, "curves": as_table([], "curves")})
+    assert not list(tmp_path.rglob(".*.tmp"))
+    back = read_table(tmp_path, "predictions")
+    assert back.column("dataset").to_pylist() == ["digits:subset=5"]
+    assert o.completed_keys("predictions") == {"digits:subset=5/00000"}
+    import pandas as pd
+
+    assert list(pd.read_parquet(tmp_path / "predictions")["dataset"]) == ["digits:subset=5"]
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    def boom(table, where, **kw):
+        Path(where).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pq, "write_table", boom)
+    with pytest.raises(OSError):
+        write_table_atomic(as_table([], "curves"), tmp_path / "x" / "part-0.parquet")
+    assert not list((tmp_path / "x").iterdir())
+
+
+def test_changed_spec_refused_and_fresh_clears(tmp_path):
+    s1 = parse_spec(BASE)
+    p1 = build_plan(s1, {s1.datasets[0].label: DatasetSize(100, 5, "loaded")})
+    o = SweepOutput(tmp_path)
+    o.start(name="t", spec_dict=s1.to_dict(), identity=s1.identity(), spec_hash=s1.identity_hash(),
+            layout_hash=p1.layout_hash(), plan_summary={}, previous=None)
+    assert o.check_compatible(s1.identity_hash(), p1.layout_hash(), s1.identity())["name"] == "t"
+    s2 = parse_spec(spec_with(lr=[0.5]))
+    with pytest.raises(OutputError, match=r"different spec \(changed: lr.values\).*--fresh"):
+        o.check_compatible(s2.identity_hash(), p1.layout_hash(), s2.identity())
+    # resources do not change the identity: a resumed run may use other resources
+    s3 = parse_spec(spec_with(resources={"actors": 3, "cpus_per_actor": 2}))
+    assert s3.identity_hash() == s1.identity_hash()
+    (tmp_path / "predictions").mkdir()
+    (tmp_path / "notes.txt").write_text("mine")
+    o.clear()
+    assert not (tmp_path / "predictions").exists() and not (tmp_path / "manifest.json").exists()
+    assert (tmp_path / "notes.txt").exists()
+
+
+def test_tables_without_manifest_refused(tmp_path):
+    (tmp_path / "predictions").mkdir()
+    with pytest.raises(OutputError, match="no manifest.json"):
+        SweepOutput(tmp_path).check_compatible("x", "y", {})
+
+
+# ------------------------------------------------------------------------------------ cluster.yaml
+
+def test_cluster_yaml_passes_ray_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    cfg = prepare_config(copy.deepcopy(raw))
+    validate_config(cfg)
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    workers = [t for name, t in types.items() if name != cfg["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    assert any(w["resources"].get("GPU", 0) >= 1 and w["max_workers"] >= 1 for w in workers)
+    assert any("pip install" in c and "ttp-ray" in c for c in cfg["setup_commands"])
+    assert not any("0.0.0.0" in c for c in cfg["head_start_ray_commands"])
+
+
+def test_infeasible_resources_refused_before_ray(tmp_path, capsys):
+    import ray
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(spec_with(resources={"cpus_per_actor": 512})))
+    out = tmp_path / "out"
+    code, _, err = run_cli(["sweep", str(spec), "--out", str(out), "--num-cpus", "2"], capsys)
+    assert code == 2 and err.startswith("error: resources.cpus_per_actor: 512 exceeds the 2 CPU(s)"), err
+    assert not out.exists() and not ray.is_initialized()
+
+
+def test_dry_run_quickstart(capsys):
+    code, out, err = run_cli(["sweep", str(ROOT / "sweeps" / "quickstart.yaml"), "--dry-run"], capsys)
+    assert code == 0, err
+    assert "168 configs" in out and "digits-5to9" in out and "896" in out and "1797" in out
+    assert "ground-truth run(s)" in out and "local Ray on 127.0.0.1" in out
+
+
+def test_curve_table_is_long_and_typed():
+    import numpy as np
+
+    from ttp_ray.sweep.output import curve_table
+
+    t = curve_table([
+        {"config_id": "a", "source": "predicted", "seed": None, "steps": np.array([0, 5]),
+         "loss": np.array([1.0, 0.5]), "error": None},
+        {"config_id": "b", "source": "actual", "seed": 3, "steps": np.array([0, 5, 10]),
+         "loss": np.array([1.0, 0.4, 0.3]), "error": np.array([0.5, 0.2, 0.1])},
+    ]).to_pydict()
+    assert t["config_id"] == ["a", "a", "b", "b", "b"] and t["seed"] == [None, None, 3, 3, 3]
+    assert t["step"] == [0, 5, 0, 5, 10] and t["error"][:2] == [None, None] and t["error"][2] == 0.5

@@ -1,0 +1,29 @@
+"""The sweep engine: YAML spec -> plan -> Ray actors (one per dataset state) -> Parquet tables.
+
+Ray is imported only by :mod:`ttp_ray.sweep.actors` and :mod:`ttp_ray.sweep.driver` (at call time);
+:mod:`.spec`, :mod:`.plan`, :mod:`.output` and :mod:`.work` are plain Python.
+"""
+from .spec import SpecError, SweepSpec, load_spec, parse_spec
+
+__all__ = ["SpecError", "SweepSpec", "load_spec", "parse_spec", "run_sweep", "dry_run", "read_table"]
+
+
+def run_sweep(*args, **kwargs):
+    """See :func:`ttp_ray.sweep.driver.run_sweep`."""
+    from .driver import run_sweep as _run
+
+    return _run(*args, **kwargs)
+
+
+def dry_run(*args, **kwargs):
+    """See :func:`ttp_ray.sweep.driver.dry_run`."""
+    from .driver import dry_run as _dry
+
+    return _dry(*args, **kwargs)
+
+
+def read_table(*args, **kwargs):
+    """See :func:`ttp_ray.sweep.output.read_table`."""
+    from .output import read_table as _read
+
+    return _read(*args, **kwargs)

@@ -1,0 +1,348 @@
+"""Sweep output: Parquet tables (pyarrow) written part by part, atomically, plus ``manifest.json``.
+
+Layout under ``OUT``::
+
+    manifest.json                                   spec, versions, plan layout, what is complete
+    predictions/dataset=<label>/part-<shard>.parquet       one part per shard
+    ground_truth/dataset=<label>/part-gt-<id>-s<seed>.parquet  one part per real fine-tune
+    curves/dataset=<label>/part-<shard>.parquet            predicted curves of a shard (long table)
+    curves/dataset=<label>/part-gt-<id>-s<seed>.parquet    the real curve of a fine-tune
+
+The partition value is the dataset label, percent-encoded (pyarrow decodes it: ``pd.read_parquet(OUT /
+"predictions")`` and :func:`read_table` give a ``dataset`` column). The ``dataset`` column lives only in
+the partition path, never inside a part, so the hive dataset has one consistent schema.
+
+Every file is written to a temporary name in its final directory and ``os.replace``-d into place, so a
+part either exists whole or not at all: the parts on disk are the record of what is complete (the
+manifest mirrors them, and is reconciled with them on resume). Nothing here imports Ray.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+from urllib.parse import quote
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+__all__ = [
+    "PREDICTION_SCHEMA",
+    "GROUND_TRUTH_SCHEMA",
+    "CURVE_SCHEMA",
+    "TABLES",
+    "MANIFEST",
+    "OutputError",
+    "SweepOutput",
+    "partition_dir",
+    "as_table",
+    "curve_table",
+    "write_table_atomic",
+    "write_json_atomic",
+    "read_table",
+    "versions",
+]
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "ttp-ray-sweep"
+MANIFEST_VERSION = 1
+TABLES = ("predictions", "ground_truth", "curves")
+
+
+class OutputError(ValueError):
+    """The output directory cannot be used (holds another sweep, or is not a sweep directory)."""
+
+
+_CONFIG_FIELDS = [
+    ("config_id", pa.string()),
+    ("model", pa.string()),
+    ("loss", pa.string()),
+    ("lr", pa.float64()),
+    ("lr_fraction", pa.float64()),  # null for absolute lr grids
+    ("momentum", pa.float64()),
+    ("batch_size", pa.int64()),  # B actually used (N for full batch)
+    ("full_batch", pa.bool_()),
+    ("effective_lr", pa.float64()),  # lr / (1 - momentum)
+    ("criterion", pa.string()),
+    ("eps", pa.float64()),
+    ("eps_mode", pa.string()),
+    ("budget_steps", pa.int64()),
+    ("n", pa.int64()),  # dataset size
+    ("max_stable_lr", pa.float64()),  # 2(1+m)N/lambda_max of the dataset's kernel
+]
+
+PREDICTION_SCHEMA = pa.schema(_CONFIG_FIELDS + [
+    ("predicted_steps", pa.int64()),  # null when not reached (diverged)
+    ("predicted_fraction", pa.float64()),
+    ("diverged", pa.bool_()),
+    ("predicted_final_loss", pa.float64()),
+    ("predicted_final_error", pa.float64()),
+    ("step_time_s", pa.float64()),  # measured for (model, dataset, B, loss) on the actor's device
+    ("predicted_cost_s", pa.float64()),  # predicted_steps * step_time_s; null when not reached
+    ("method", pa.string()),
+    ("momentum_mode", pa.string()),
+    ("kernel_seconds", pa.float64()),  # wall time of computing the kernel state (whenever it was)
+    ("kernel_cache_hit", pa.bool_()),
+    ("simulate_seconds", pa.float64()),
+    ("device", pa.string()),
+    ("shard", pa.string()),
+])
+
+GROUND_TRUTH_SCHEMA = pa.schema(_CONFIG_FIELDS + [
+    ("seed", pa.int64()),
+    ("actual_steps", pa.int64()),  # null when not reached (diverged)
+    ("actual_fraction", pa.float64()),
+    ("diverged", pa.bool_()),
+    ("actual_final_loss", pa.float64()),
+    ("actual_final_error", pa.float64()),
+    ("step_time_s", pa.float64()),
+    ("actual_cost_s", pa.float64()),
+    ("train_seconds", pa.float64()),
+    ("device", pa.string()),
+])
+
+CURVE_SCHEMA = pa.schema([
+    ("config_id", pa.string()),
+    ("source", pa.string()),  # 'predicted' | 'actual'
+    ("seed", pa.int64()),  # ground-truth seed; null for predicted curves
+    ("step", pa.int64()),
+    ("loss", pa.float64()),
+    ("error", pa.float64()),
+])
+
+SCHEMAS = {"predictions": PREDICTION_SCHEMA, "ground_truth": GROUND_TRUTH_SCHEMA, "curves": CURVE_SCHEMA}
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> Dict[str, str]:
+    """Versions of what produced the tables (ttp-ray, torch, ray, pyarrow, python)."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "pyarrow": pa.__version__}
+    for pkg in ("ttp-ray", "torch", "ray", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:  # pragma: no cover - always installed
+            out[pkg] = "absent"
+    return out
+
+
+def partition_dir(root: Union[str, Path], table: str, dataset: str) -> Path:
+    """``root/table/dataset=<percent-encoded label>``."""
+    return Path(root) / table / f"dataset={quote(dataset, safe='')}"
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_table_atomic(table: pa.Table, path: Union[str, Path]) -> Path:
+    """Write ``table`` as Parquet at ``path`` via a temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_json_atomic(obj: Any, path: Union[str, Path]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def as_table(rows: Sequence[Dict[str, Any]], table: str) -> pa.Table:
+    """Rows (dicts) as a table of the fixed schema of ``table`` (missing keys are null)."""
+    schema = SCHEMAS[table]
+    columns = [pa.array([r.get(f.name) for r in rows], type=f.type) for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def curve_table(curves: Sequence[Dict[str, Any]]) -> pa.Table:
+    """The long curve table from per-curve arrays: each item has ``config_id``, ``source``, ``seed``
+    (None for predicted curves), ``steps``, ``loss`` and ``error`` (None when not computed)."""
+    import numpy as np
+
+    lengths = [len(c["steps"]) for c in curves]
+    total = int(sum(lengths))
+
+    def repeat(key, typ):
+        return pa.array([c[key] for c, k in zip(curves, lengths) for _ in range(k)], type=typ)
+
+    def concat(key):
+        parts = [np.full(k, np.nan) if c[key] is None else np.asarray(c[key], dtype=np.float64)
+                 for c, k in zip(curves, lengths)]
+        values = np.concatenate(parts) if parts else np.zeros(0)
+        return pa.array(values, type=pa.float64(), from_pandas=True)  # NaN (no error curve) -> null
+
+    steps = np.concatenate([np.asarray(c["steps"], dtype=np.int64) for c in curves]) if curves else np.zeros(0, np.int64)
+    cols = [repeat("config_id", pa.string()), repeat("source", pa.string()), repeat("seed", pa.int64()),
+            pa.array(steps, type=pa.int64()), concat("loss"), concat("error")]
+    assert all(len(c) == total for c in cols)
+    return pa.Table.from_arrays(cols, schema=CURVE_SCHEMA)
+
+
+def read_table(root: Union[str, Path], table: str, columns: Optional[List[str]] = None) -> pa.Table:
+    """All parts of ``table`` under ``root`` with the ``dataset`` column from the partition path."""
+    base = Path(root) / table
+    schema = SCHEMAS[table].append(pa.field("dataset", pa.string()))
+    if not base.is_dir():
+        return schema.empty_table() if columns is None else schema.empty_table().select(columns)
+    ds = pads.dataset(str(base), format="parquet", schema=schema,
+                      partitioning=pads.partitioning(pa.schema([("dataset", pa.string())]), flavor="hive"),
+                      exclude_invalid_files=False, ignore_prefixes=[".", "_"])
+    return ds.to_table(columns=columns)
+
+
+class SweepOutput:
+    """One sweep's output directory: parts, the manifest, and what is already complete."""
+
+    def __init__(self, root: Union[str, Path]):
+        self.root = Path(root)
+        self.manifest: Dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------ paths
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    def part_path(self, table: str, dataset: str, part: str) -> Path:
+        return partition_dir(self.root, table, dataset) / f"part-{part}.parquet"
+
+    # ------------------------------------------------------------------------------ opening
+    def read_manifest(self) -> Optional[Dict[str, Any]]:
+        if not self.manifest_path.is_file():
+            return None
+        try:
+            m = json.loads(self.manifest_path.read_text())
+        except (OSError, ValueError):
+            raise OutputError(f"output: {self.manifest_path} is not readable JSON; use --fresh or another --out")
+        if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
+            raise OutputError(f"output: {self.manifest_path} is not a ttp-ray sweep manifest; use another --out")
+        return m
+
+    def check_compatible(self, spec_hash: str, layout_hash: str, spec_dict: Dict[str, Any]) -> Optional[Dict]:
+        """The existing manifest if ``OUT`` holds this very sweep (or nothing); else :class:`OutputError`."""
+        old = self.read_manifest()
+        if old is None:
+            stray = [p.name for p in self.root.iterdir()] if self.root.is_dir() else []
+            ours = [p for p in stray if p in TABLES]
+            if ours:
+                raise OutputError(f"output: {self.root} holds sweep tables but no {MANIFEST}; "
+                                  f"use --fresh to start over or another --out")
+            return None
+        if old.get("spec_hash") != spec_hash:
+            changed = _changed_fields(old.get("identity", {}), spec_dict)
+            raise OutputError(f"output: {self.root} holds a sweep of a different spec (changed: "
+                              f"{', '.join(changed) or 'unknown'}); use --fresh to overwrite it or another --out")
+        if old.get("layout_hash") != layout_hash:
+            raise OutputError(f"output: {self.root} was cut into different shards (same spec, other code or "
+                              f"dataset sizes); use --fresh to overwrite it or another --out")
+        return old
+
+    def clear(self) -> None:
+        """Remove this sweep's tables and manifest (``--fresh``); other files are left alone."""
+        for table in TABLES:
+            shutil.rmtree(self.root / table, ignore_errors=True)
+        if self.manifest_path.exists():
+            self.manifest_path.unlink()
+
+    def completed(self, table: str) -> Dict[str, List[str]]:
+        """Parts present on disk: dataset label -> part names (without ``part-`` and ``.parquet``)."""
+        from urllib.parse import unquote
+
+        out: Dict[str, List[str]] = {}
+        base = self.root / table
+        if not base.is_dir():
+            return out
+        for d in base.iterdir():
+            if d.is_dir() and d.name.startswith("dataset="):
+                label = unquote(d.name[len("dataset="):])
+                parts = sorted(p.name[len("part-"):-len(".parquet")] for p in d.glob("part-*.parquet"))
+                out[label] = parts
+        return out
+
+    def completed_keys(self, table: str) -> set:
+        return {f"{label}/{part}" for label, parts in self.completed(table).items() for part in parts}
+
+    # ------------------------------------------------------------------------------ writing
+    def start(self, *, name: str, spec_dict: Dict[str, Any], identity: Dict[str, Any], spec_hash: str,
+              layout_hash: str, plan_summary: Dict[str, Any], previous: Optional[Dict[str, Any]]) -> None:
+        """Create (or reopen) the manifest for this run."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temps()
+        runs = list((previous or {}).get("runs", []))
+        runs.append({"started": _now(), "versions": versions()})
+        self.manifest = {
+            "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "name": name,
+            "spec": spec_dict, "identity": identity, "spec_hash": spec_hash, "layout_hash": layout_hash,
+            "versions": versions(), "created": (previous or {}).get("created", _now()), "updated": _now(),
+            "plan": plan_summary, "runs": runs,
+            "datasets": dict((previous or {}).get("datasets", {})),
+            "complete": False,
+        }
+        self.sync()
+
+    def _remove_stale_temps(self) -> None:
+        """Temp files of writes cut short (a killed driver) are never read; sweep them away."""
+        for table in TABLES:
+            for tmp in (self.root / table).glob("dataset=*/.part-*.tmp"):
+                tmp.unlink(missing_ok=True)
+
+    def record_dataset(self, label: str, info: Dict[str, Any]) -> None:
+        self.manifest.setdefault("datasets", {})[label] = info
+        self.sync()
+
+    def write_parts(self, dataset: str, part: str, tables: Dict[str, pa.Table]) -> None:
+        """Write the parts of one unit of work; the first table named decides completeness, so it is
+        written last (``curves`` before ``predictions`` / ``ground_truth``)."""
+        for table in sorted(tables, key=lambda t: t != "curves"):
+            write_table_atomic(tables[table], self.part_path(table, dataset, part))
+
+    def sync(self, complete: Optional[bool] = None) -> None:
+        """Refresh the manifest's completion record from the parts on disk, and write it."""
+        done = {t: sorted(self.completed_keys(t)) for t in ("predictions", "ground_truth")}
+        plan = self.manifest.get("plan", {})
+        self.manifest["completed"] = {
+            "prediction_shards": done["predictions"],
+            "ground_truth_runs": done["ground_truth"],
+            "prediction_shards_done": len(done["predictions"]),
+            "prediction_shards_total": plan.get("shards"),
+            "ground_truth_runs_done": len(done["ground_truth"]),
+            "ground_truth_runs_total": plan.get("ground_truth_runs"),
+        }
+        if complete is not None:
+            self.manifest["complete"] = bool(complete)
+        self.manifest["updated"] = _now()
+        write_json_atomic(self.manifest, self.manifest_path)
+
+
+def _changed_fields(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> List[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_fields(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(prefix + key)
+    return out

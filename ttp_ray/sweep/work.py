@@ -1,0 +1,252 @@
+"""The work Ray distributes, as plain functions and classes (Ray-free, testable without a cluster):
+
+* :class:`DatasetWork` -- one dataset's prepared state (kernel computed once, or loaded from the disk
+  cache), predicting shard after shard with :func:`ttp_ray.predict.predict_grid` and measuring step times
+  with :func:`ttp_ray.finetune.measure_step_time`;
+* :func:`run_ground_truth` -- one real fine-tune (:func:`ttp_ray.finetune.finetune`), T_eps read off its
+  curve by :func:`ttp_ray.training_time.curve_training_times` exactly as off the predicted ones.
+
+Both return rows in the schemas of :mod:`ttp_ray.sweep.output`.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .plan import GroundTruthRun, PlannedConfig, Shard, resolve_lr, sim_config
+from .spec import SweepSpec
+
+__all__ = ["WorkerJob", "DatasetWork", "ShardOutput", "GroundTruthJob", "GroundTruthOutput", "run_ground_truth",
+           "pick_device"]
+
+
+def pick_device(preference: str, has_gpu: bool) -> str:
+    """'auto' -> cuda when this process holds a GPU (and torch sees one), else cpu."""
+    import torch
+
+    if preference == "cpu":
+        return "cpu"
+    if preference == "cuda" or (preference == "auto" and has_gpu):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cpu"
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What a dataset actor needs: the spec and which dataset (by label)."""
+
+    spec: SweepSpec
+    dataset_label: str
+    device: str = "cpu"  # resolved by the caller (see pick_device)
+    crash_marker: Optional[str] = None  # test hook: exit the process once, mid-sweep (see DatasetWork)
+
+    @property
+    def entry(self):
+        return next(d for d in self.spec.datasets if d.label == self.dataset_label)
+
+
+@dataclass
+class ShardOutput:
+    dataset: str
+    shard_id: str
+    predictions: Any  # pyarrow.Table (PREDICTION_SCHEMA)
+    curves: Any  # pyarrow.Table (CURVE_SCHEMA)
+    configs: int
+    simulations: int
+    seconds: float
+    host: str = ""
+
+
+class DatasetWork:
+    """One dataset's state and the shards predicted on it."""
+
+    def __init__(self, job: WorkerJob):
+        self.job = job
+        self._prepared = None
+        self._step_times: Dict[Tuple[int, str], float] = {}
+        self._settings = job.spec.simulation.settings(job.spec.criteria)
+
+    # ------------------------------------------------------------------------------ state
+    @property
+    def prepared(self):
+        if self._prepared is None:
+            from ..predict import load_state
+
+            spec = self.job.spec
+            self._prepared = load_state(spec.model, self.job.entry.ref, spec.kernel.options(),
+                                        head_seed=spec.kernel.head_seed, trainable=spec.kernel.trainable,
+                                        device=self.job.device, cache=spec.kernel.cache)
+            if self.job.device != "cpu":  # the kernel comes back on the CPU; simulate where it was computed
+                self._prepared.state = self._prepared.state.to(self.job.device)
+        return self._prepared
+
+    def info(self) -> Dict[str, Any]:
+        """Facts of the state the driver records and needs (max_stable_lr per momentum, for lr fractions)."""
+        p = self.prepared
+        meta = p.state.meta
+        return {
+            "n": p.n, "num_classes": int(p.state.num_classes), "lambda_max": p.state.lambda_max,
+            "rank": int(p.state.eigvals.numel()),
+            "max_stable_lr": {repr(float(m)): p.max_stable_lr(m) for m in self.job.spec.momentum},
+            "kernel_seconds": float(meta.get("total_seconds", p.kernel_seconds)),
+            "kernel_load_seconds": float(p.kernel_seconds), "kernel_cache_hit": bool(p.cache_hit),
+            "kernel_method": meta.get("method"), "device": self.job.device, "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+
+    def max_stable_lr(self, momentum: float) -> float:
+        return self.prepared.max_stable_lr(momentum)
+
+    def step_time(self, batch_size: Optional[int], loss: str) -> float:
+        """Median SGD step time at batch size B (None: N) on this device, measured once per (B, loss)."""
+        from ..finetune import measure_step_time
+
+        p = self.prepared
+        b = p.n if batch_size is None else min(int(batch_size), p.n)
+        key = (b, loss)
+        if key not in self._step_times:
+            cost = self.job.spec.cost
+            timed = min(b, cost.step_time_max_batch)
+            t = measure_step_time(p.model, p.dataset, timed, loss, device=self.job.device,
+                                  steps=cost.step_time_steps, trainable=self.job.spec.kernel.trainable)
+            self._step_times[key] = t * b / timed
+        return self._step_times[key]
+
+    # ------------------------------------------------------------------------------ shards
+    def predict_shard(self, shard: Shard) -> ShardOutput:
+        """Predict every config of ``shard`` (grouped by budget, one vectorised call per budget)."""
+        from ..predict import predict_grid
+        from .output import as_table, curve_table
+
+        self._maybe_crash(shard)
+        t0 = time.perf_counter()
+        spec = self.job.spec
+        p = self.prepared
+        rows: List[Dict[str, Any]] = []
+        curves: List[Dict[str, Any]] = []
+        sims = 0
+        for budget, cfgs in _by_budget(shard.configs):
+            lrs = [resolve_lr(c, p.max_stable_lr) for c in cfgs]
+            sim_cfgs = [sim_config(c, lr) for c, lr in zip(cfgs, lrs)]
+            predicted = predict_grid(p, sim_cfgs, budget_steps=budget, eps_list=list(spec.eps),
+                                     settings=self._settings)
+            sims += len({pc.result.group for pc in predicted})
+            for c, pc in zip(cfgs, predicted):
+                rows += self._prediction_rows(shard, c, pc)
+                curves.append(_curve(c.config_id, "predicted", None, pc.result.steps, pc.result.loss,
+                                     pc.result.error))
+        return ShardOutput(shard.dataset, shard.shard_id, as_table(rows, "predictions"), curve_table(curves),
+                           len(shard.configs), sims, time.perf_counter() - t0, socket.gethostname())
+
+    def _prediction_rows(self, shard: Shard, c: PlannedConfig, pc) -> List[Dict[str, Any]]:
+        p = self.prepared
+        st = self.step_time(c.batch_size, c.loss)
+        meta = p.state.meta
+        out = []
+        for r in pc.rows:
+            steps = r["predicted_steps"]
+            row = dict(r)
+            row.update(
+                config_id=c.config_id, model=c.model, lr_fraction=c.lr_fraction, full_batch=c.batch_size is None,
+                n=p.n, step_time_s=st,
+                predicted_cost_s=None if steps is None or r["diverged"] else steps * st,
+                kernel_seconds=float(meta.get("total_seconds", p.kernel_seconds)), kernel_cache_hit=bool(p.cache_hit),
+                device=self.job.device, shard=shard.shard_id,
+            )
+            out.append(row)
+        return out
+
+    def _maybe_crash(self, shard: Shard) -> None:
+        """Test hook: with ``crash_marker`` set, the first process to reach a shard other than the first
+        creates the marker and exits abruptly (as a killed actor would); Ray restarts it."""
+        marker = self.job.crash_marker
+        if marker and shard.index > 0:
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return
+            os.write(fd, f"{os.getpid()} {shard.key}\n".encode())
+            os.close(fd)
+            os._exit(1)
+
+
+def _by_budget(configs: Sequence[PlannedConfig]):
+    budgets: Dict[int, List[PlannedConfig]] = {}
+    for c in configs:
+        budgets.setdefault(c.budget_steps, []).append(c)
+    return sorted(budgets.items())
+
+
+def _curve(cid: str, source: str, seed: Optional[int], steps, loss, error) -> Dict[str, Any]:
+    return {"config_id": cid, "source": source, "seed": seed, "steps": np.asarray(steps), "loss": np.asarray(loss),
+            "error": None if error is None else np.asarray(error)}
+
+
+# ------------------------------------------------------------------------------------ ground truth
+
+@dataclass(frozen=True)
+class GroundTruthJob:
+    spec: SweepSpec
+    run: GroundTruthRun
+    lr: float  # resolved absolute lr
+    max_stable_lr: float  # of the dataset's kernel, for the row
+    device: str = "cpu"
+
+
+@dataclass
+class GroundTruthOutput:
+    dataset: str
+    run_id: str
+    rows: Any  # pyarrow.Table (GROUND_TRUTH_SCHEMA)
+    curves: Any  # pyarrow.Table (CURVE_SCHEMA)
+    seconds: float
+    host: str = ""
+
+
+def run_ground_truth(job: GroundTruthJob) -> GroundTruthOutput:
+    """Fine-tune one config for real with ``torch.optim.SGD`` and read T_eps off its curves."""
+    from ..data import load_dataset
+    from ..finetune import FinetuneConfig, finetune
+    from ..models import build_finetune_model
+    from ..training_time import curve_training_times
+    from .output import as_table, curve_table
+
+    t0 = time.perf_counter()
+    spec, run = job.spec, job.run
+    c = run.config
+    entry = next(d for d in spec.datasets if d.label == c.dataset)
+    ds = load_dataset(entry.ref)
+    model = build_finetune_model(spec.model, ds.num_classes, spec.kernel.head_seed)
+    log_every = spec.ground_truth.log_every or spec.simulation.log_every
+    cfg = FinetuneConfig(lr=job.lr, momentum=c.momentum, batch_size=c.batch_size, loss=c.loss, steps=c.budget_steps,
+                         seed=run.seed, log_every=log_every, trainable=spec.kernel.trainable)
+    res = finetune(model, ds, cfg, device=job.device)
+    curves = {k: v for k, v in res.curves().items() if k in spec.criteria}
+    sim = spec.simulation
+    times = curve_training_times(res.steps, curves, list(spec.eps), budget=c.budget_steps, eps_mode=sim.eps_mode,
+                                 definition=sim.definition, window=sim.window, diverged=res.diverged)
+    n = len(ds)
+    b = n if c.batch_size is None else int(c.batch_size)
+    rows = []
+    for t in times:
+        rows.append({
+            "config_id": c.config_id, "model": c.model, "loss": c.loss, "lr": job.lr, "lr_fraction": c.lr_fraction,
+            "momentum": c.momentum, "batch_size": b, "full_batch": c.batch_size is None,
+            "effective_lr": job.lr / (1.0 - c.momentum), "criterion": t["criterion"], "eps": t["eps"],
+            "eps_mode": sim.eps_mode, "budget_steps": c.budget_steps, "n": n, "max_stable_lr": job.max_stable_lr,
+            "seed": run.seed, "actual_steps": t["steps"], "actual_fraction": t["fraction"],
+            "diverged": bool(res.diverged),
+            "actual_final_loss": None if res.diverged or not len(res.loss) else float(res.loss[-1]),
+            "actual_final_error": None if res.diverged or not len(res.error) else float(res.error[-1]),
+            "step_time_s": res.step_time_s,
+            "actual_cost_s": None if t["steps"] is None else t["steps"] * res.step_time_s,
+            "train_seconds": res.train_seconds, "device": str(job.device),
+        })
+    curve = _curve(c.config_id, "actual", run.seed, res.steps, res.loss, res.error)
+    return GroundTruthOutput(c.dataset, run.run_id, as_table(rows, "ground_truth"), curve_table([curve]),
+                             time.perf_counter() - t0, socket.gethostname())
