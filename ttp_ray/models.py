@@ -144,7 +144,7 @@ class PretrainRecipe:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 0
-    version: int = 1  # bump to invalidate caches when the recipe's code changes
+    version: int = 2  # bump to invalidate caches when the recipe's code changes (2: single-threaded)
 
     def key(self) -> str:
         return hashlib.sha256(repr(sorted(asdict(self).items())).encode()).hexdigest()[:12]
@@ -173,8 +173,11 @@ def pretrain_backbone(name: str, recipe: PretrainRecipe = PRETRAIN_RECIPE) -> Tu
     n_hold = int(round(recipe.holdout_fraction * len(ds)))
     hold, train = perm[:n_hold], perm[n_hold:]
     x, y = ds.x, ds.targets
-    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_det, prev_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
+    # one thread: CPU reductions then sum in one order, so the weights are bit-identical whatever the
+    # caller's thread count (a Ray worker runs with 1, a shell with all cores)
+    torch.set_num_threads(1)
     try:
         torch.manual_seed(recipe.seed)
         model = _DIGITS_ARCHS[name](ds.num_classes)
@@ -194,6 +197,7 @@ def pretrain_backbone(name: str, recipe: PretrainRecipe = PRETRAIN_RECIPE) -> Tu
         seconds = time.perf_counter() - t0
     finally:
         torch.use_deterministic_algorithms(prev_det)
+        torch.set_num_threads(prev_threads)
     model.eval()
     with torch.no_grad():
         train_acc = (model(x[train]).argmax(1) == y[train]).float().mean().item()

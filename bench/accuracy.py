@@ -1,0 +1,186 @@
+"""Accuracy of T̂ε against real fine-tuning on the embedded default (issue: predictor, METHOD.md §5).
+
+A fixed, seeded grid: datasets digits-5to9 and digits, backbones digits-cnn and digits-resnet,
+full-batch GD and B = 64, momentum 0 and 0.9, learning rates as fractions of each state's
+``max_stable_lr(m) = 2(1+m)N/lambda_max`` (three inside, one beyond to check the divergence flag),
+losses MSE and CE, two relative eps, criteria loss and error. Every config is fine-tuned for real once
+and predicted under each method option:
+
+* GD: ``discrete`` with the ELR (paper), ``discrete`` with exact heavy ball, ``ode`` (ELR);
+* SGD: ``sde`` with rescaled noise (paper), ``sde`` with constant noise (ablation), ``minibatch`` (exact
+  SGD on the linearised model, heavy ball), and a noise-free GD prediction (``discrete``) for reference;
+* the default (class-trace) kernel throughout, and the full NC x NC kernel sketch with the default methods.
+
+Run: ``.venv/bin/python bench/accuracy.py`` (``--quick`` for a reduced grid). Writes the tables into
+docs/BENCHMARKS.md (section ``accuracy``) and every row to ``runs/bench/accuracy.csv``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import ROOT, md_table, write_section  # noqa: E402
+
+from ttp_ray.data import load_dataset  # noqa: E402
+from ttp_ray.dynamics import SimConfig, SimOptions  # noqa: E402
+from ttp_ray.finetune import FinetuneConfig, finetune  # noqa: E402
+from ttp_ray.kernel import KernelOptions  # noqa: E402
+from ttp_ray.models import build_finetune_model  # noqa: E402
+from ttp_ray.predict import PredictSettings, load_state, predict_grid  # noqa: E402
+from ttp_ray.training_time import curve_training_times  # noqa: E402
+
+EPS = (0.05, 0.01)  # relative to the curve's own drop L_0 - L_T
+EPS_MODE = "relative"
+LR_FRACTIONS = (0.05, 0.2, 0.6, 1.3)  # of max_stable_lr(m); 1.3 is beyond the limit
+SGD_BATCH = 64
+SGD_LOG_EVERY = 5  # SGD curves are logged (full-set loss and error) every 5 steps
+
+
+def gd_methods():
+    return {
+        "discrete-elr": SimOptions(method="discrete", momentum_mode="elr"),
+        "discrete-heavy_ball": SimOptions(method="discrete", momentum_mode="heavy_ball"),
+        "ode-elr": SimOptions(method="ode", momentum_mode="elr"),
+    }
+
+
+def sgd_methods(paths: int):
+    return {
+        "sde-rescaled": SimOptions(method="sde", noise="rescaled", paths=paths),
+        "sde-constant": SimOptions(method="sde", noise="constant", paths=paths),
+        "minibatch-heavy_ball": SimOptions(method="minibatch", momentum_mode="heavy_ball", paths=paths),
+        "noise-free-discrete": SimOptions(method="discrete", momentum_mode="elr"),
+    }
+
+
+def relative_error(pred, real):
+    if pred is None or real is None or real == 0:
+        return np.nan
+    return abs(pred - real) / real
+
+
+def summarise(df: pd.DataFrame) -> dict:
+    ok = df.dropna(subset=["rel_error"])
+    if not len(ok):
+        return {"n": 0, "mean": np.nan, "median": np.nan, "pearson": np.nan}
+    pear = np.corrcoef(ok.pred_steps, ok.real_steps)[0, 1] if len(ok) > 2 and ok.real_steps.std() > 0 else np.nan
+    return {"n": len(ok), "mean": ok.rel_error.mean(), "median": ok.rel_error.median(), "pearson": pear}
+
+
+def fmt(s: dict) -> list:
+    return [s["n"], f"{100 * s['mean']:.1f}%", f"{100 * s['median']:.1f}%",
+            "n/a" if np.isnan(s["pearson"]) else f"{s['pearson']:.3f}"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one dataset, one backbone, budget 100")
+    ap.add_argument("--datasets", nargs="+", default=["digits-5to9", "digits"])
+    ap.add_argument("--backbones", nargs="+", default=["digits-cnn", "digits-resnet"])
+    ap.add_argument("--budget", type=int, default=200)
+    ap.add_argument("--paths", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared box)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    datasets = ["digits-5to9"] if args.quick else args.datasets
+    backbones = ["digits-cnn"] if args.quick else args.backbones
+    budget = 100 if args.quick else args.budget
+    kernels = {"": KernelOptions(), "full-kernel:": KernelOptions(class_trace=False)}  # default is class-trace
+    rows = []
+    t_all = time.perf_counter()
+    train_seconds = predict_seconds = 0.0
+    for ds_name in datasets:
+        ds = load_dataset(ds_name)
+        for backbone in backbones:
+            states = {tag: load_state(backbone, ds, k) for tag, k in kernels.items()}
+            default = states[""]
+            n = default.n
+            # 1) ground truth: every config fine-tuned for real once
+            real = {}
+            for loss in ("mse", "ce"):
+                for momentum in (0.0, 0.9):
+                    limit = default.max_stable_lr(momentum)
+                    for batch in (None, SGD_BATCH):
+                        for frac in LR_FRACTIONS:
+                            cfg = SimConfig(lr=frac * limit, momentum=momentum, batch_size=batch, loss=loss)
+                            model = build_finetune_model(backbone, ds.num_classes, 0)
+                            t0 = time.perf_counter()
+                            res = finetune(model, ds, FinetuneConfig(
+                                lr=cfg.lr, momentum=momentum, batch_size=batch, loss=loss, steps=budget, seed=0,
+                                log_every=1 if batch is None else SGD_LOG_EVERY))
+                            train_seconds += time.perf_counter() - t0
+                            times = curve_training_times(res.steps, res.curves(), EPS, budget=budget,
+                                                         eps_mode=EPS_MODE, diverged=res.diverged)
+                            real[cfg] = (frac, res, times)
+                            print(f"{ds_name} {backbone} {loss} m={momentum} B={batch or n} lr={frac:.2f}x: "
+                                  f"real {[r['steps'] for r in times]} diverged={res.diverged}", flush=True)
+            # 2) predictions: one vectorised grid per (regime, method option, kernel)
+            for regime, methods, log_every in (("GD", gd_methods(), 1), ("SGD", sgd_methods(args.paths), SGD_LOG_EVERY)):
+                cfgs = [c for c in real if (c.batch_size is None) == (regime == "GD")]
+                for tag, prep in states.items():
+                    for name, opt in methods.items():
+                        if tag and name not in ("discrete-elr", "sde-rescaled"):
+                            continue  # the full kernel is compared on the default methods only
+                        opt = SimOptions(**{**opt.__dict__, "log_every": log_every})
+                        t0 = time.perf_counter()
+                        preds = predict_grid(prep, cfgs, budget_steps=budget, eps_list=EPS,
+                                             settings=PredictSettings(sim=opt, eps_mode=EPS_MODE))
+                        predict_seconds += time.perf_counter() - t0
+                        for cfg, pred in zip(cfgs, preds):
+                            frac, res, times = real[cfg]
+                            for p_row, r_row in zip(pred.rows, times):
+                                rows.append({
+                                    "dataset": ds_name, "backbone": backbone, "loss": cfg.loss,
+                                    "momentum": cfg.momentum, "regime": regime, "batch_size": cfg.batch_size or n,
+                                    "lr_fraction": frac, "lr": cfg.lr, "method": tag + name,
+                                    "criterion": r_row["criterion"], "eps": r_row["eps"],
+                                    "real_steps": r_row["steps"], "pred_steps": p_row["predicted_steps"],
+                                    "real_diverged": res.diverged, "pred_diverged": pred.diverged,
+                                    "rel_error": relative_error(p_row["predicted_steps"], r_row["steps"]),
+                                })
+    df = pd.DataFrame(rows)
+    out_dir = ROOT / "runs" / "bench"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out_dir / "accuracy.csv", index=False)
+
+    inside = df[df.lr_fraction < 1.0]
+    beyond = df[df.lr_fraction > 1.0].drop_duplicates(["dataset", "backbone", "loss", "momentum", "batch_size", "method"])
+    body = [f"Grid: {len(datasets)} datasets x {len(backbones)} backbones x 2 losses x m in {{0, 0.9}} x "
+            f"B in {{full, {SGD_BATCH}}} x lr in {LR_FRACTIONS} of max_stable_lr(m), budget {budget} steps, "
+            f"eps {EPS} relative to the drop, criteria loss and error. Kernel: default sketch "
+            f"({KernelOptions().projection}, k={KernelOptions().k}, class-trace), and the full NC x NC "
+            f"sketch for comparison (rows 'full-kernel:'). Relative error |T̂ε − Tε|/Tε over configs inside the "
+            f"stability limit; Pearson between T̂ε and Tε.",
+            ""]
+    headers = ["method", "configs", "mean rel. error", "median", "Pearson"]
+    body.append("### By method option (inside the limit)\n")
+    body.append(md_table(headers, [[m] + fmt(summarise(g)) for m, g in inside.groupby("method")]))
+    body.append("\n### Default methods (discrete-elr for GD, sde-rescaled for SGD) by slice\n")
+    default = inside[((inside.regime == "GD") & (inside.method == "discrete-elr"))
+                     | ((inside.regime == "SGD") & (inside.method == "sde-rescaled"))]
+    body.append(md_table(["slice"] + headers[1:], [["overall"] + fmt(summarise(default))] + [
+        [f"{r} / {l} / {b}"] + fmt(summarise(g)) for (r, l, b), g in default.groupby(["regime", "loss", "backbone"])]))
+    body.append("\n### Default methods by criterion, momentum and lr fraction\n")
+    body.append(md_table(["slice"] + headers[1:], [
+        [f"{c} / m={m} / {f}x"] + fmt(summarise(g)) for (c, m, f), g in default.groupby(["criterion", "momentum", "lr_fraction"])]))
+    flag = beyond.groupby("method").apply(lambda g: f"{int(g.pred_diverged.sum())}/{len(g)} predicted diverging, "
+                                                    f"{int(g.real_diverged.sum())}/{len(g)} real diverged",
+                                          include_groups=False)
+    body.append("\n### Beyond the limit (lr = 1.3 x max_stable_lr)\n")
+    body.append(md_table(["method", "divergence flag"], [[m, s] for m, s in flag.items()]))
+    body.append(f"\nWall time: fine-tuning {train_seconds:.0f} s, prediction {predict_seconds:.1f} s "
+                f"(simulations only; kernels cached), whole bench {time.perf_counter() - t_all:.0f} s.")
+    cmd = "python " + " ".join(["bench/accuracy.py"] + sys.argv[1:])
+    write_section("accuracy", "## Predictor accuracy (bench/accuracy.py)\n\n" + "\n".join(body), cmd)
+    print("\n".join(body))
+
+
+if __name__ == "__main__":
+    main()
