@@ -23,14 +23,9 @@ def _user_errors():
     from .data import DatasetError
     from .models import ModelError
 
-    errors = (InputError, DatasetError, ModelError, ValueError)
-    try:
-        from .sweep.spec import SpecError
+    from .sweep.spec import SpecError
 
-        errors = errors + (SpecError,)
-    except ImportError:  # pragma: no cover - sweep layer not installed
-        pass
-    return errors
+    return (InputError, DatasetError, ModelError, SpecError, ValueError)
 
 
 def _fail(msg: str) -> None:
@@ -230,6 +225,11 @@ def prediction_options(f):
 @cli.command()
 @common_run_options
 @prediction_options
+@click.option("--kernel-subset", type=int, default=None,
+              help="Kernel of a seeded subset of N0 samples only; the full set's spectrum is extrapolated "
+                   "(METHOD.md §7; mse, full-batch GD; loss curve only).")
+@click.option("--kernel-subset-alpha", type=float, default=None,
+              help="Exponent correction alpha of --kernel-subset [default: ttp_ray.subset.DEFAULT_ALPHA].")
 def predict(**kw) -> None:
     """Predict the loss/error curve and T_eps without training (Algorithm 1); --validate trains too."""
     from .dynamics import SimConfig, SimOptions
@@ -244,8 +244,17 @@ def predict(**kw) -> None:
     ds, model = _load_inputs(kw)
     kopt = KernelOptions(method=kw["kernel_method"], projection=kw["projection"], k=kw["sketch_k"],
                          class_trace=kw["class_trace"], seed=kw["kernel_seed"])
-    prepared = load_state(kw["model"], ds, kopt, head_seed=kw["head_seed"], trainable=kw["trainable"],
-                          device=kw["device"], cache=not kw["no_cache"])
+    if kw["kernel_subset"] is not None:  # issue 5: extrapolate the full set's spectrum from a subset
+        from .predict import load_subset_state, predict_subset_one as predict_one  # noqa: F811
+        from .subset import DEFAULT_ALPHA, SubsetOptions
+
+        alpha = DEFAULT_ALPHA if kw["kernel_subset_alpha"] is None else kw["kernel_subset_alpha"]
+        prepared = load_subset_state(kw["model"], ds, kw["kernel_subset"], kopt, options=SubsetOptions(alpha=alpha),
+                                     head_seed=kw["head_seed"], trainable=kw["trainable"], device=kw["device"],
+                                     cache=not kw["no_cache"])
+    else:
+        prepared = load_state(kw["model"], ds, kopt, head_seed=kw["head_seed"], trainable=kw["trainable"],
+                              device=kw["device"], cache=not kw["no_cache"])
     sim = SimOptions(method=kw["method"], momentum_mode=kw["momentum_mode"], noise=kw["noise"], paths=kw["paths"],
                      seed=kw["seed"], log_every=kw["log_every"])
     settings = PredictSettings(sim=sim, eps_mode=kw["eps_mode"])
@@ -274,6 +283,8 @@ def predict(**kw) -> None:
         "curve": {"steps": res.steps.tolist(), "loss": res.loss.tolist(),
                   "error": None if res.error is None else res.error.tolist()},
     }
+    if kw["kernel_subset"] is not None:
+        out["kernel_subset"] = prepared.spectrum.summary()
     if kw["validate"]:
         out["validation"] = _validate_against_training(kw, ds, out)
     if kw["as_json"]:
@@ -320,7 +331,8 @@ def _print_run(out: dict) -> None:
     if out["diverged"]:
         click.echo("  diverged")
     else:
-        click.echo(f"  final loss {out['final_loss']:.5g}, final error {out['final_error']:.4f}")
+        err = "n/a" if out["final_error"] is None else f"{out['final_error']:.4f}"
+        click.echo(f"  final loss {out['final_loss']:.5g}, final error {err}")
     for row in out["training_times"]:
         t = "not reached" if row["steps"] is None else f"{row['steps']} steps ({row['fraction']:.3f} of budget)"
         click.echo(f"  T_eps[{row['criterion']}, eps={row['eps']:g}] = {t}")

@@ -152,3 +152,101 @@ def predict_grid(prepared, configs: Sequence[SimConfig], *, budget_steps: int, e
 def predict_one(prepared, config: SimConfig, *, budget_steps: int, eps_list: Sequence[float],
                 settings: PredictSettings = PredictSettings()) -> PredictedConfig:
     return predict_grid(prepared, [config], budget_steps=budget_steps, eps_list=eps_list, settings=settings)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Predicting on the full set from a subset's kernel (METHOD.md §7, supplement App. D; issue 5).
+# The sweep's ``kernel: {subset: N0}`` and ``ttp-ray predict --kernel-subset N0`` call these two.
+# --------------------------------------------------------------------------------------------------
+
+from .subset import SUBSET_METHOD, ExtrapolatedSpectrum, SubsetOptions, extrapolate_state, initial_outputs  # noqa: E402
+from .subset import simulate_spectrum  # noqa: E402
+
+
+@dataclass
+class PreparedSubset:
+    """The full set's spectrum extrapolated from the kernel of ``n0`` of its samples, and provenance.
+    Duck-types :class:`PreparedState` where the CLI and the sweep read it (``state`` is the *subset's*
+    kernel state; ``n`` and ``max_stable_lr`` are the full set's, predicted)."""
+
+    spectrum: ExtrapolatedSpectrum
+    subset: PreparedState  # the subset's kernel state, model and subset dataset
+    dataset: ImageDataset  # the full set
+    model_name: str
+    dataset_name: str
+    kernel_seconds: float  # subset kernel (cache load or computation) + full-set forward pass + extrapolation
+    forward_seconds: float  # the one forward pass over the full set (F0)
+    cache_hit: bool  # of the subset kernel
+
+    @property
+    def state(self) -> KernelState:
+        return self.subset.state
+
+    @property
+    def model(self) -> FinetuneModel:
+        return self.subset.model
+
+    @property
+    def n(self) -> int:
+        return self.spectrum.n
+
+    def max_stable_lr(self, momentum: float = 0.0) -> float:
+        return self.spectrum.max_stable_lr(momentum)
+
+
+def load_subset_state(model: str, dataset, n0: int, kernel: KernelOptions = KernelOptions(), *,
+                      options: SubsetOptions = SubsetOptions(), subset_seed: int = 0, subset: Optional[int] = None,
+                      head_seed: int = 0, trainable: str = "all", device: str = "cpu", cache: bool = True,
+                      allow_download: bool = False) -> PreparedSubset:
+    """Kernel of a seeded class-balanced subset of ``n0`` samples, F0 on the full set (one forward pass),
+    and the extrapolated full-set spectrum (:func:`ttp_ray.subset.extrapolate_state`, METHOD.md §7)."""
+    ds = dataset if isinstance(dataset, ImageDataset) else load_dataset(dataset, subset=subset,
+                                                                        download=allow_download)
+    if not 0 < int(n0) < len(ds):
+        raise ValueError(f"kernel_subset: must be an integer in 1..{len(ds) - 1} (below the dataset size), got {n0}")
+    t0 = time.perf_counter()
+    sub = load_state(model, ds.subset(int(n0), subset_seed), kernel, head_seed=head_seed, trainable=trainable,
+                     device=device, cache=cache, allow_download=allow_download)
+    t1 = time.perf_counter()
+    f0 = initial_outputs(sub.model, ds, device=device)
+    fwd = time.perf_counter() - t1
+    spectrum = extrapolate_state(sub.state, f0, ds.targets, options)
+    spectrum.meta.update(subset_seed=int(subset_seed), forward_seconds=fwd)
+    name = dataset if isinstance(dataset, str) else ds.name
+    return PreparedSubset(spectrum=spectrum, subset=sub, dataset=ds, model_name=model, dataset_name=str(name),
+                          kernel_seconds=time.perf_counter() - t0, forward_seconds=fwd, cache_hit=sub.cache_hit)
+
+
+def predict_subset_grid(prepared: PreparedSubset, configs: Sequence[SimConfig], *, budget_steps: int,
+                        eps_list: Sequence[float], settings: PredictSettings = PredictSettings()
+                        ) -> List[PredictedConfig]:
+    """T̂ε rows of every config on the extrapolated full-set spectrum (``prepared``: a :class:`PreparedSubset`
+    or a bare :class:`~ttp_ray.subset.ExtrapolatedSpectrum`): the same fields as
+    :func:`predict_grid` with ``method = "subset-extrapolated"``, plus ``dynamics`` (discrete | ode),
+    ``kernel_subset`` (N0) and ``subset_alpha``. Loss only (criterion ``loss``; no error curve without
+    the full set's eigenvectors); mse and full-batch GD only (``ValueError`` naming ``loss`` /
+    ``batch_size`` otherwise)."""
+    spec = prepared.spectrum if isinstance(prepared, PreparedSubset) else prepared
+    if budget_steps <= 0:
+        raise ValueError(f"budget_steps: must be a positive integer, got {budget_steps}")
+    if not eps_list or any(e <= 0 for e in eps_list):
+        raise ValueError(f"eps: every value must be > 0, got {list(eps_list)}")
+    if "loss" not in settings.criteria:
+        raise ValueError(f"criteria: subset extrapolation predicts the loss curve only, got {list(settings.criteria)}")
+    results = simulate_spectrum(spec, list(configs), budget_steps, settings.sim, method_name=SUBSET_METHOD)
+    out = []
+    for res in results:
+        dyn = "ode" if settings.sim.method == "ode" else "discrete"
+        rows = _rows(res, spec.n, budget_steps, eps_list, settings)
+        for r in rows:
+            r.update(dynamics=dyn, kernel_subset=int(spec.n0), subset_alpha=float(spec.alpha))
+        out.append(PredictedConfig(res.config, res, rows))
+    return out
+
+
+def predict_subset_one(prepared: PreparedSubset, config: SimConfig, *, budget_steps: int, eps_list: Sequence[float],
+                       settings: PredictSettings = PredictSettings()) -> PredictedConfig:
+    return predict_subset_grid(prepared, [config], budget_steps=budget_steps, eps_list=eps_list, settings=settings)[0]
+
+
+__all__ += ["PreparedSubset", "load_subset_state", "predict_subset_grid", "predict_subset_one"]

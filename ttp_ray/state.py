@@ -53,7 +53,7 @@ class KernelState:
 
     def residual_projections(self) -> torch.Tensor:
         """``v_k . (Y - F0)`` for each eigenvector: shape (r,) for the full kernel, (r, C) with class_trace."""
-        r = self.residual()
+        r = self.residual().to(self.eigvecs.dtype)  # F0 may be float32 while eigenpairs are float64
         if self.class_trace:
             return self.eigvecs.T @ r
         return self.eigvecs.T @ r.reshape(-1)
