@@ -40,7 +40,9 @@ def test_defaults_are_stated():
     s = parse_spec(BASE)
     assert s.losses == ("ce",) and s.momentum == (0.0,) and s.batch_size == (None,)
     assert s.eps == (0.01,) and s.criteria == ("loss", "error")
-    assert s.kernel.method == "sketch" and s.kernel.k == 512 and s.kernel.cache is True
+    from ttp_ray.kernel import KernelOptions
+
+    assert s.kernel.options() == KernelOptions() and s.kernel.cache is True and s.kernel.subset is None
     assert s.simulation.method == "auto" and s.simulation.paths == 8
     assert s.ground_truth.enabled is False and s.resources.actors == "auto"
     assert s.output_dir() == "runs/t" and s.grid_size == 2
@@ -331,3 +333,45 @@ def test_curve_table_is_long_and_typed():
     ]).to_pydict()
     assert t["config_id"] == ["a", "a", "b", "b", "b"] and t["seed"] == [None, None, 3, 3, 3]
     assert t["step"] == [0, 5, 0, 5, 10] and t["error"][:2] == [None, None] and t["error"][2] == 0.5
+
+
+# --- kernel.subset (issue 5): spec validation and one shard predicted through the Ray-free work layer
+_SUBSET_SPEC = """
+name: t
+model: digits-cnn
+datasets: [digits-5to9]
+losses: [mse]
+lr: {fraction_of_max_stable: [0.1, 0.5]}
+momentum: [0.0]
+batch_size: [full]
+criteria: [loss]
+budget: {steps: 30}
+kernel: {subset: 120, k: 128}
+"""
+
+
+@pytest.mark.parametrize("change,field", [("losses: [mse, ce]", "losses"), ("batch_size: [full, 64]", "batch_size"),
+                                          ("criteria: [loss, error]", "criteria")])
+def test_kernel_subset_requires_mse_full_batch_loss(change, field):
+    import yaml
+    from ttp_ray.sweep.spec import SpecError, parse_spec
+
+    key = change.split(":")[0]
+    text = "\n".join(change if line.startswith(key + ":") else line for line in _SUBSET_SPEC.splitlines())
+    with pytest.raises(SpecError, match=f"^{field}:"):
+        parse_spec(yaml.safe_load(text))
+
+
+def test_kernel_subset_shard_is_predicted_by_extrapolation():
+    import yaml
+    from ttp_ray.sweep.driver import plan_sweep, preflight
+    from ttp_ray.sweep.spec import parse_spec
+    from ttp_ray.sweep.work import DatasetWork, WorkerJob
+
+    spec = parse_spec(yaml.safe_load(_SUBSET_SPEC))
+    assert spec.kernel.subset == 120
+    plan = plan_sweep(spec, preflight(spec))
+    work = DatasetWork(WorkerJob(spec, spec.datasets[0].label))
+    assert work.info()["n"] == 896
+    df = next(work.predict_shard(s) for s in plan.shards()).predictions.to_pandas()
+    assert set(df.method) == {"subset-extrapolated"} and df.predicted_steps.notna().all()

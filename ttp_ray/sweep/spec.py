@@ -124,8 +124,8 @@ class KernelSpec:
 
     method: str = "sketch"
     projection: str = "countsketch"
-    k: int = 512
-    class_trace: bool = False
+    k: int = 2048  # KernelOptions' defaults (chosen by bench/kernel.py)
+    class_trace: bool = True
     class_probes: int = 1
     seed: int = 0
     dtype: str = "float64"
@@ -134,6 +134,8 @@ class KernelSpec:
     head_seed: int = 0  # seed of the new linear head (w0)
     trainable: str = "all"  # 'all' | 'head'
     cache: bool = True  # load/store the state in the kernel disk cache
+    subset: Optional[int] = None  # kernel of N0 samples only, full set extrapolated (METHOD.md §7; mse, full batch)
+    subset_alpha: Optional[float] = None  # exponent correction; None: ttp_ray.subset.DEFAULT_ALPHA
 
     def options(self):
         from ..kernel import KernelOptions
@@ -539,6 +541,12 @@ def _parse_kernel(value: Any) -> KernelSpec:
                 _fail(p, f"must be > 0, got {kw[key]:g}", "a number > 0")
         elif key == "batch_size":
             kw[key] = None if v is None else _integer(v, p, "null or an integer >= 1", 1)
+        elif key == "subset":
+            kw[key] = None if v is None else _integer(v, p, "null or an integer >= 2", 2)
+        elif key == "subset_alpha":
+            kw[key] = None if v is None else _number(v, p, "a number >= 0")
+            if kw[key] is not None and kw[key] < 0:
+                _fail(p, f"must be >= 0, got {kw[key]:g}", "a number >= 0")
     return KernelSpec(**{**asdict(d), **kw})
 
 
@@ -696,7 +704,15 @@ def parse_spec(data: Any) -> SweepSpec:
     for key, parse in sections.items():
         if key in m:
             kw[key] = parse(m[key])
-    return SweepSpec(**kw)
+    spec = SweepSpec(**kw)
+    if spec.kernel.subset is not None:  # the extrapolation is an MSE, full-batch, loss-curve method (issue 5)
+        if set(spec.losses) != {"mse"}:
+            _fail("losses", "kernel.subset predicts mse only", "[mse] with kernel.subset")
+        if any(b is not None for b in spec.batch_size):
+            _fail("batch_size", "kernel.subset predicts full-batch GD only", "[full] with kernel.subset")
+        if tuple(spec.criteria) != ("loss",):
+            _fail("criteria", "kernel.subset gives a loss curve only", "[loss] with kernel.subset")
+    return spec
 
 
 _REQUIRED_HINT = {

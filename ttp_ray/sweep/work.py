@@ -75,13 +75,19 @@ class DatasetWork:
     @property
     def prepared(self):
         if self._prepared is None:
-            from ..predict import load_state
+            from ..predict import load_state, load_subset_state
 
-            spec = self.job.spec
-            self._prepared = load_state(spec.model, self.job.entry.ref, spec.kernel.options(),
-                                        head_seed=spec.kernel.head_seed, trainable=spec.kernel.trainable,
-                                        device=self.job.device, cache=spec.kernel.cache)
-            if self.job.device != "cpu":  # the kernel comes back on the CPU; simulate where it was computed
+            spec, k = self.job.spec, self.job.spec.kernel
+            common = dict(head_seed=k.head_seed, trainable=k.trainable, device=self.job.device, cache=k.cache)
+            if k.subset is not None:  # METHOD.md §7: subset kernel, full set's spectrum extrapolated
+                from ..subset import DEFAULT_ALPHA, SubsetOptions
+
+                alpha = DEFAULT_ALPHA if k.subset_alpha is None else k.subset_alpha
+                self._prepared = load_subset_state(spec.model, self.job.entry.ref, k.subset, k.options(),
+                                                   options=SubsetOptions(alpha=alpha), **common)
+            else:
+                self._prepared = load_state(spec.model, self.job.entry.ref, k.options(), **common)
+            if self.job.device != "cpu" and k.subset is None:  # the kernel comes back on the CPU; simulate there
                 self._prepared.state = self._prepared.state.to(self.job.device)
         return self._prepared
 
@@ -120,7 +126,7 @@ class DatasetWork:
     # ------------------------------------------------------------------------------ shards
     def predict_shard(self, shard: Shard) -> ShardOutput:
         """Predict every config of ``shard`` (grouped by budget, one vectorised call per budget)."""
-        from ..predict import predict_grid
+        from ..predict import predict_grid, predict_subset_grid
         from .output import as_table, curve_table
 
         self._maybe_crash(shard)
@@ -133,8 +139,8 @@ class DatasetWork:
         for budget, cfgs in _by_budget(shard.configs):
             lrs = [resolve_lr(c, p.max_stable_lr) for c in cfgs]
             sim_cfgs = [sim_config(c, lr) for c, lr in zip(cfgs, lrs)]
-            predicted = predict_grid(p, sim_cfgs, budget_steps=budget, eps_list=list(spec.eps),
-                                     settings=self._settings)
+            grid = predict_grid if spec.kernel.subset is None else predict_subset_grid
+            predicted = grid(p, sim_cfgs, budget_steps=budget, eps_list=list(spec.eps), settings=self._settings)
             sims += len({pc.result.group for pc in predicted})
             for c, pc in zip(cfgs, predicted):
                 rows += self._prediction_rows(shard, c, pc)
