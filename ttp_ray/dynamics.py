@@ -540,6 +540,24 @@ def _loss_err(F: torch.Tensor, y: torch.Tensor, Y: torch.Tensor, loss: str, want
     return lv.to(torch.float64).cpu().numpy(), ev
 
 
+def _record_and_retire(lv: np.ndarray, ev, thr, dead: np.ndarray, lrec: np.ndarray, erec, row, A: torch.Tensor,
+                       buf: Optional[torch.Tensor]) -> np.ndarray:
+    """Store one logged point of the stepped methods; a run whose loss is non-finite or above ``thr`` is
+    retired (its coordinates zeroed so it stays finite) and recorded as inf from then on. Returns the
+    new mask of retired runs."""
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(lv) | (lv > thr) | dead
+    lrec[row] = np.where(bad, np.inf, lv)
+    if erec is not None:
+        erec[row] = ev
+    if bad.any() and not (bad == dead).all():
+        kill = torch.from_numpy(bad).to(A.device)
+        A[kill] = 0
+        if buf is not None:
+            buf[kill] = 0
+    return bad
+
+
 def _ce_loss_err(F: torch.Tensor, lse: torch.Tensor, y: torch.Tensor, want_err: bool):
     """ce loss and error of ``F`` (S, N, C) given ``lse = logsumexp(F, -1, keepdim=True)``."""
     idx = y.view(1, -1, 1).expand(F.shape[0], -1, 1)
@@ -782,17 +800,7 @@ def _run_ce_discrete(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[_
             lse = torch.logsumexp(F, -1, keepdim=True)
             if logged[t]:
                 lv, ev = _ce_loss_err(F, lse, ctx.y, want_err)
-                with np.errstate(invalid="ignore"):
-                    bad = ~np.isfinite(lv) | (lv > thr) | dead
-                lrec[pos[t]] = np.where(bad, np.inf, lv)
-                if want_err:
-                    erec[pos[t]] = ev
-                if bad.any() and not (bad == dead).all():
-                    dead = bad
-                    kill = torch.from_numpy(dead).to(dev)
-                    A[kill] = 0
-                    if use_buf:
-                        buf[kill] = 0
+                dead = _record_and_retire(lv, ev, thr, dead, lrec, erec, pos[t], A, buf if use_buf else None)
             if t == ctx.T:
                 break
             G = F.sub_(lse).exp_().sub_(ctx.Y)  # softmax(F) - Y, in place
@@ -1182,17 +1190,7 @@ def _run_minibatch(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[_Pl
             for t in range(ctx.T + 1):
                 if logged[t]:
                     lv, ev = _minibatch_eval(ctx, basis, A, loss, want_err)
-                    with np.errstate(invalid="ignore"):
-                        bad = ~np.isfinite(lv) | (lv > thr) | dead
-                    lrec[pos[t]] = np.where(bad, np.inf, lv)
-                    if want_err:
-                        erec[pos[t]] = ev
-                    if bad.any() and not (bad == dead).all():
-                        dead = bad
-                        kill = torch.from_numpy(dead).to(dev)
-                        A[kill] = 0
-                        if use_buf:
-                            buf[kill] = 0
+                    dead = _record_and_retire(lv, ev, thr, dead, lrec, erec, pos[t], A, buf if use_buf else None)
                 if t == ctx.T:
                     break
                 idx_t = sched[t]  # (P, B)
