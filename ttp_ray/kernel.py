@@ -88,7 +88,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -99,6 +98,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
+from .atomic import atomic_write
 from .state import KernelState
 
 __all__ = [
@@ -992,19 +992,10 @@ def _checksum(payload: Dict[str, Any]) -> str:
 
 def save_kernel_state(state: KernelState, path: Union[str, Path], key: str) -> Path:
     """Write ``state`` with its key and payload checksum, atomically (temp file + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = _payload(state)
     blob = {"format": _FILE_FORMAT, "version": KERNEL_CACHE_VERSION, "key": key, "checksum": _checksum(payload),
             "payload": payload}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    try:
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: torch.save(blob, tmp))
 
 
 def load_kernel_state(path: Union[str, Path], key: str) -> KernelState:

@@ -20,16 +20,17 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib
-import io
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Tuple
 
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
+
+from .atomic import atomic_write
 
 __all__ = [
     "ModelError",
@@ -228,11 +229,8 @@ def load_pretrained_digits(name: str, recipe: PretrainRecipe = PRETRAIN_RECIPE, 
         print(f"pre-training {name} on {recipe.dataset} (recipe {recipe.key()}) ...", flush=True)
     model, report = pretrain_backbone(name, recipe)
     sd = model.state_dict()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save({"state_dict": sd, "num_classes": model.fc.out_features, "sha256": state_dict_hash(sd),
-                "report": report}, tmp)
-    os.replace(tmp, path)
+    blob = {"state_dict": sd, "num_classes": model.fc.out_features, "sha256": state_dict_hash(sd), "report": report}
+    atomic_write(path, lambda tmp: torch.save(blob, tmp))
     return model, report
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import platform
 import shutil
 from pathlib import Path
@@ -30,6 +29,8 @@ from urllib.parse import quote
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+
+from ..atomic import atomic_write
 
 __all__ = [
     "PREDICTION_SCHEMA",
@@ -140,35 +141,15 @@ def partition_dir(root: Union[str, Path], table: str, dataset: str) -> Path:
     return Path(root) / table / f"dataset={quote(dataset, safe='')}"
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def write_table_atomic(table: pa.Table, path: Union[str, Path]) -> Path:
     """Write ``table`` as Parquet at ``path`` via a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def write_json_atomic(obj: Any, path: Union[str, Path]) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    text = json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def as_table(rows: Sequence[Dict[str, Any]], table: str) -> pa.Table:
