@@ -315,7 +315,7 @@ def dry_run_text(plan: SweepPlan, resources: Mapping[str, object]) -> str:
         f"{plan.n_shards} shards of <= {plan.shard_size}, {plan.n_ground_truth} ground-truth run(s)",
         f"  grid per dataset ({spec.grid_size}): loss {list(spec.losses)} x lr {lr_desc} x momentum "
         f"{_fmt_values(spec.momentum)} x batch_size {_fmt_values(spec.batch_size, '{}')}",
-        f"  budget: " + (f"{spec.budget.steps} steps" if spec.budget.steps else f"{spec.budget.epochs} epochs")
+        "  budget: " + (f"{spec.budget.steps} steps" if spec.budget.steps else f"{spec.budget.epochs} epochs")
         + f"; eps {list(spec.eps)} ({spec.simulation.eps_mode}); criteria {list(spec.criteria)}",
         f"  kernel: {spec.kernel.method} k={spec.kernel.k} {spec.kernel.projection}"
         f"{' class-trace' if spec.kernel.class_trace else ''}, cache {'on' if spec.kernel.cache else 'off'}; "
