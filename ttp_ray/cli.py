@@ -235,7 +235,7 @@ def predict(**kw) -> None:
     from .dynamics import SimConfig, SimOptions
     from .finetune import measure_step_time
     from .kernel import KernelOptions
-    from .predict import PredictSettings, load_state, predict_one
+    from .predict import PredictSettings, load_state, load_subset_state, predict_one, predict_subset_one
 
     if kw["paths"] <= 0:
         raise InputError(f"paths: must be a positive integer, got {kw['paths']}")
@@ -245,7 +245,6 @@ def predict(**kw) -> None:
     kopt = KernelOptions(method=kw["kernel_method"], projection=kw["projection"], k=kw["sketch_k"],
                          class_trace=kw["class_trace"], seed=kw["kernel_seed"])
     if kw["kernel_subset"] is not None:  # issue 5: extrapolate the full set's spectrum from a subset
-        from .predict import load_subset_state, predict_subset_one as predict_one  # noqa: F811
         from .subset import DEFAULT_ALPHA, SubsetOptions
 
         alpha = DEFAULT_ALPHA if kw["kernel_subset_alpha"] is None else kw["kernel_subset_alpha"]
@@ -259,7 +258,8 @@ def predict(**kw) -> None:
                      seed=kw["seed"], log_every=kw["log_every"])
     settings = PredictSettings(sim=sim, eps_mode=kw["eps_mode"])
     cfg = SimConfig(lr=kw["lr"], momentum=kw["momentum"], batch_size=kw["batch_size"], loss=kw["loss"])
-    pred = predict_one(prepared, cfg, budget_steps=kw["steps"], eps_list=kw["eps_list"], settings=settings)
+    predict_fn = predict_one if kw["kernel_subset"] is None else predict_subset_one
+    pred = predict_fn(prepared, cfg, budget_steps=kw["steps"], eps_list=kw["eps_list"], settings=settings)
     res = pred.result
     step_time = measure_step_time(prepared.model, ds, kw["batch_size"], kw["loss"], device=kw["device"],
                                   trainable=kw["trainable"])
