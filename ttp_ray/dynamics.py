@@ -540,6 +540,16 @@ def _loss_err(F: torch.Tensor, y: torch.Tensor, Y: torch.Tensor, loss: str, want
     return lv.to(torch.float64).cpu().numpy(), ev
 
 
+def _sgd_update(A: torch.Tensor, g: torch.Tensor, eta, mom, buf: Optional[torch.Tensor]) -> None:
+    """One ``torch.optim.SGD`` step in place: ``buf <- m buf + g; A <- A - lr buf`` (heavy ball), or
+    ``A <- A - lr g`` without a momentum buffer."""
+    if buf is not None:
+        buf.mul_(mom).add_(g)
+        A.sub_(eta * buf)
+    else:
+        A.sub_(eta * g)
+
+
 def _record_and_retire(lv: np.ndarray, ev, thr, dead: np.ndarray, lrec: np.ndarray, erec, row, A: torch.Tensor,
                        buf: Optional[torch.Tensor]) -> np.ndarray:
     """Store one logged point of the stepped methods; a run whose loss is non-finite or above ``thr`` is
@@ -804,12 +814,7 @@ def _run_ce_discrete(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[_
             if t == ctx.T:
                 break
             G = F.sub_(lse).exp_().sub_(ctx.Y)  # softmax(F) - Y, in place
-            g = basis.proj(G) * wN
-            if use_buf:
-                buf.mul_(mom).add_(g)
-                A.sub_(eta * buf)
-            else:
-                A.sub_(eta * g)
+            _sgd_update(A, basis.proj(G) * wN, eta, mom, buf if use_buf else None)
         for s, (_, idx) in enumerate(chunk):
             for i in idx:
                 results[i] = (lrec[:, s][None, :], erec[:, s][None, :] if want_err else None)
@@ -1200,12 +1205,7 @@ def _run_minibatch(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[_Pl
                 if loss == "ce":
                     Fb = Fb.sub_(torch.logsumexp(Fb, -1, keepdim=True)).exp_()
                 Gb = Fb.sub_(Yb)
-                g = basis.proj_rows(R, Gb) * w
-                if use_buf:
-                    buf.mul_(mom).add_(g)
-                    A.sub_(eta * buf)
-                else:
-                    A.sub_(eta * g)
+                _sgd_update(A, basis.proj_rows(R, Gb) * w, eta, mom, buf if use_buf else None)
             for g_, (_, idx) in enumerate(chunk):
                 for i in idx:
                     results[i] = (lrec[:, :, g_].T.copy(), erec[:, :, g_].T.copy() if want_err else None)
