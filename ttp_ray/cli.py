@@ -343,6 +343,11 @@ def _print_run(out: dict) -> None:
 from .sweep.cli import sweep as _sweep_command  # noqa: E402
 cli.add_command(_sweep_command)
 
+from .analysis_cli import plot as _plot_command, rank as _rank_command, validate as _validate_command  # noqa: E402
+cli.add_command(_rank_command)
+cli.add_command(_validate_command)
+cli.add_command(_plot_command)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -34,9 +34,11 @@ class DatasetActor:
         device = pick_device(job.spec.resources.device, _holds_gpu())
         self._work = DatasetWork(dataclasses.replace(job, device=device))
 
-    def prepare(self) -> Dict[str, Any]:
+    def prepare(self, with_spectrum: bool = False) -> Dict[str, Any]:
         info = self._work.info()
         info["node_id"] = ray.get_runtime_context().get_node_id()
+        if with_spectrum:  # the driver writes it to OUT/spectra (not into the manifest)
+            info["spectrum"] = self._work.spectrum_table()
         return info
 
     def predict_shard(self, shard: Shard) -> ShardOutput:

@@ -12,7 +12,8 @@ Order of events (:func:`run_sweep`):
    ``RAY_ADDRESS``, or the instance this process is already connected to;
 4. per dataset with work left, one :class:`~ttp_ray.sweep.actors.DatasetActor` (more with
    ``resources.actors``), GPU-requesting when the cluster has GPUs, spread over nodes. Its ``prepare``
-   computes the kernel state once (or loads it from the disk cache); then shards flow to it, at most
+   computes the kernel state once (or loads it from the disk cache) and, when ``OUT/spectra`` lacks the
+   dataset's part, returns the Theta spectrum, written there at once; then shards flow to it, at most
    two in flight per actor, each written as soon as it returns. Actors are restartable
    (``max_restarts``) and their shard calls retried (``max_task_retries``);
 5. ground-truth fine-tunes run as separate Ray tasks with their own resources, submitted once their
@@ -32,9 +33,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
-from .output import SweepOutput, read_table
+from .output import SPECTRUM_PART, SweepOutput, read_table
 from .plan import DatasetSize, GroundTruthRun, Shard, SweepPlan, build_plan, dry_run_text, resolve_lr
 from .spec import SpecError, SweepSpec
 
@@ -251,6 +252,7 @@ class _DatasetRun:
     inflight: Dict[int, int] = field(default_factory=dict)  # actor index -> shards in flight
     info: Optional[Dict[str, Any]] = None
     failed: bool = False
+    needs_spectrum: bool = False  # OUT/spectra lacks this dataset's part
 
 
 class _Sweep:
@@ -272,14 +274,15 @@ class _Sweep:
         self.shard_seconds = 0.0
 
     # ---------------------------------------------------------------- submission
-    def start(self, pending_shards: Dict[str, List[Shard]], pending_gt: Dict[str, List[GroundTruthRun]]) -> None:
+    def start(self, pending_shards: Dict[str, List[Shard]], pending_gt: Dict[str, List[GroundTruthRun]],
+              pending_spectra: Sequence[str] = ()) -> None:
         for d in self.plan.datasets:
             run = _DatasetRun(d.label, collections.deque(pending_shards.get(d.label, [])),
-                              list(pending_gt.get(d.label, [])))
+                              list(pending_gt.get(d.label, [])), needs_spectrum=d.label in pending_spectra)
             self.datasets[d.label] = run
-            if run.pending or run.gt_pending:
+            if run.pending or run.gt_pending or run.needs_spectrum:
                 actor = self._new_actor(run)
-                self.refs[actor.prepare.remote()] = ("prepare", d.label, None, 0)
+                self.refs[actor.prepare.remote(run.needs_spectrum)] = ("prepare", d.label, None, 0)
 
     def _new_actor(self, run: _DatasetRun):
         from .actors import DatasetActor, actor_options
@@ -335,6 +338,10 @@ class _Sweep:
                 getattr(self, f"_on_{kind}")(run, value, payload, idx)
 
     def _on_prepare(self, run: _DatasetRun, info: Dict[str, Any], _payload, _idx) -> None:
+        spectrum = info.pop("spectrum", None)
+        if spectrum is not None:
+            self.output.write_parts(run.label, SPECTRUM_PART, {"spectra": spectrum})
+            run.needs_spectrum = False
         run.info = info
         self.actor_nodes[run.label] = info.get("node_id", "")
         self.output.record_dataset(run.label, {k: v for k, v in info.items() if k not in ("pid",)})
@@ -463,11 +470,17 @@ def _open(spec: SweepSpec, output: SweepOutput, plan: SweepPlan, fresh: bool):
     done_gt = output.completed_keys("ground_truth")
     pending_shards = {d.label: [s for s in d.shards if s.key not in done_shards] for d in plan.datasets}
     pending_gt = {d.label: [g for g in d.ground_truth if g.key not in done_gt] for d in plan.datasets}
-    return plan, previous, (pending_shards, pending_gt)
+    return plan, previous, (pending_shards, pending_gt, _pending_spectra(output, plan))
+
+
+def _pending_spectra(output: SweepOutput, plan: SweepPlan) -> List[str]:
+    """Dataset labels whose ``spectra`` part is not on disk yet."""
+    done = output.completed_keys("spectra")
+    return [d.label for d in plan.datasets if f"{d.label}/{SPECTRUM_PART}" not in done]
 
 
 def _has_work(pending) -> bool:
-    return any(pending[0].values()) or any(pending[1].values())
+    return any(pending[0].values()) or any(pending[1].values()) or bool(pending[2])
 
 
 def _skipped(plan: SweepPlan, pending) -> Dict[str, int]:
@@ -479,6 +492,7 @@ def _finish(spec: SweepSpec, output: SweepOutput, opened, sweep: Optional["_Swee
     plan, previous, pending = opened
     complete = (len(output.completed_keys("predictions")) == plan.n_shards
                 and len(output.completed_keys("ground_truth")) == plan.n_ground_truth
+                and not _pending_spectra(output, plan)
                 and not (sweep is not None and sweep.failures))
     output.sync(complete=complete)
     written = sweep.written if sweep is not None else {"predictions": 0, "ground_truth": 0}

@@ -7,6 +7,10 @@ Layout under ``OUT``::
     ground_truth/dataset=<label>/part-gt-<id>-s<seed>.parquet  one part per real fine-tune
     curves/dataset=<label>/part-<shard>.parquet            predicted curves of a shard (long table)
     curves/dataset=<label>/part-gt-<id>-s<seed>.parquet    the real curve of a fine-tune
+    spectra/dataset=<label>/part-spectrum.parquet          the dataset state's Theta spectrum (one part)
+
+The ``spectra`` part is written when the dataset's actor has its kernel state (before any shard); a
+resumed sweep whose OUT lacks it (an OUT written before this table existed) starts the actor to add it.
 
 The partition value is the dataset label, percent-encoded (pyarrow decodes it: ``pd.read_parquet(OUT /
 "predictions")`` and :func:`read_table` give a ``dataset`` column). The ``dataset`` column lives only in
@@ -36,6 +40,9 @@ __all__ = [
     "PREDICTION_SCHEMA",
     "GROUND_TRUTH_SCHEMA",
     "CURVE_SCHEMA",
+    "SPECTRUM_SCHEMA",
+    "SPECTRUM_PART",
+    "DERIVED",
     "TABLES",
     "MANIFEST",
     "OutputError",
@@ -52,7 +59,9 @@ __all__ = [
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "ttp-ray-sweep"
 MANIFEST_VERSION = 1
-TABLES = ("predictions", "ground_truth", "curves")
+TABLES = ("predictions", "ground_truth", "curves", "spectra")
+SPECTRUM_PART = "spectrum"  # the one part of ``spectra`` per dataset
+DERIVED = ("validation.parquet",)  # written from the tables by ``ttp-ray validate``; stale once they are cleared
 
 
 class OutputError(ValueError):
@@ -116,7 +125,18 @@ CURVE_SCHEMA = pa.schema([
     ("error", pa.float64()),
 ])
 
-SCHEMAS = {"predictions": PREDICTION_SCHEMA, "ground_truth": GROUND_TRUTH_SCHEMA, "curves": CURVE_SCHEMA}
+SPECTRUM_SCHEMA = pa.schema([
+    ("kind", pa.string()),  # 'kernel' (the dataset's Theta) | 'subset_kernel' and 'extrapolated' (kernel.subset)
+    ("k", pa.int64()),  # 1-based mode index, eigenvalues descending
+    ("eigenvalue", pa.float64()),  # lambda_k of Theta = J J^T (not divided by N; state.py's convention)
+    ("projection", pa.float64()),  # p_k = ||v_k^T (Y - F0)||^2, summed over classes with the class-trace kernel
+    ("n", pa.int64()),  # samples of the set this kernel is on (N, or N0 for 'subset_kernel')
+    ("num_classes", pa.int64()),
+    ("class_trace", pa.bool_()),
+])
+
+SCHEMAS = {"predictions": PREDICTION_SCHEMA, "ground_truth": GROUND_TRUTH_SCHEMA, "curves": CURVE_SCHEMA,
+           "spectra": SPECTRUM_SCHEMA}
 
 
 def _now() -> str:
@@ -242,9 +262,12 @@ class SweepOutput:
         return old
 
     def clear(self) -> None:
-        """Remove this sweep's tables and manifest (``--fresh``); other files are left alone."""
+        """Remove this sweep's tables, what was derived from them and the manifest (``--fresh``); other files
+        are left alone."""
         for table in TABLES:
             shutil.rmtree(self.root / table, ignore_errors=True)
+        for name in DERIVED:
+            (self.root / name).unlink(missing_ok=True)
         if self.manifest_path.exists():
             self.manifest_path.unlink()
 
@@ -302,7 +325,7 @@ class SweepOutput:
 
     def sync(self, complete: Optional[bool] = None) -> None:
         """Refresh the manifest's completion record from the parts on disk, and write it."""
-        done = {t: sorted(self.completed_keys(t)) for t in ("predictions", "ground_truth")}
+        done = {t: sorted(self.completed_keys(t)) for t in ("predictions", "ground_truth", "spectra")}
         plan = self.manifest.get("plan", {})
         self.manifest["completed"] = {
             "prediction_shards": done["predictions"],
@@ -311,6 +334,7 @@ class SweepOutput:
             "prediction_shards_total": plan.get("shards"),
             "ground_truth_runs_done": len(done["ground_truth"]),
             "ground_truth_runs_total": plan.get("ground_truth_runs"),
+            "spectra": done["spectra"],
         }
         if complete is not None:
             self.manifest["complete"] = bool(complete)

@@ -2,7 +2,7 @@
 
 * :class:`DatasetWork` -- one dataset's prepared state (kernel computed once, or loaded from the disk
   cache), predicting shard after shard with :func:`ttp_ray.predict.predict_grid` and measuring step times
-  with :func:`ttp_ray.finetune.measure_step_time`;
+  with :func:`ttp_ray.finetune.measure_step_time`; its Theta spectrum as a table (:meth:`spectrum_table`);
 * :func:`run_ground_truth` -- one real fine-tune (:func:`ttp_ray.finetune.finetune`), T_eps read off its
   curve by :func:`ttp_ray.training_time.curve_training_times` exactly as off the predicted ones.
 
@@ -107,6 +107,27 @@ class DatasetWork:
 
     def max_stable_lr(self, momentum: float) -> float:
         return self.prepared.max_stable_lr(momentum)
+
+    def spectrum_table(self):
+        """The state's eigenvalues lambda_k of Theta and residual projections p_k = ||v_k^T (Y - F0)||^2
+        (``SPECTRUM_SCHEMA``, kind ``kernel``); with ``kernel.subset`` the subset's measured spectrum
+        (``subset_kernel``, on N0 samples) and the full set's extrapolated one (``extrapolated``, METHOD.md §7)."""
+        from ..subset import state_spectrum
+        from .output import as_table
+
+        p = self.prepared
+        state = p.state.to(device="cpu")
+        c, trace = int(state.num_classes), bool(state.class_trace)
+        parts = [("subset_kernel" if self.job.spec.kernel.subset is not None else "kernel", state_spectrum(state))]
+        if self.job.spec.kernel.subset is not None:
+            parts.append(("extrapolated", p.spectrum))
+        rows = []
+        for kind, sp in parts:  # Spectrum holds lambda_k / n and p_k / n
+            n = int(sp.n)
+            for i, (lam, q) in enumerate(zip(np.asarray(sp.eigvals), np.asarray(sp.projections))):
+                rows.append({"kind": kind, "k": i + 1, "eigenvalue": float(lam) * n, "projection": float(q) * n,
+                             "n": n, "num_classes": c, "class_trace": trace})
+        return as_table(rows, "spectra")
 
     def step_time(self, batch_size: Optional[int], loss: str) -> float:
         """Median SGD step time at batch size B (None: N) on this device, measured once per (B, loss)."""

@@ -1,0 +1,160 @@
+"""``ttp-ray rank | validate | plot OUT``: thin click commands over :mod:`ttp_ray.analysis` for a sweep's
+output directory. Bad input raises :class:`ttp_ray.analysis.AnalysisError` (a ``ValueError``), which
+``ttp_ray.cli.main`` turns into one ``error: ...`` line and exit code 2.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from typing import Optional
+
+import click
+
+from .analysis import PLOT_KINDS, RANK_KEYS
+
+__all__ = ["rank", "validate", "plot"]
+
+
+def _console():
+    from rich.console import Console
+
+    tty = sys.stdout.isatty()
+    width = None if tty else max(shutil.get_terminal_size((200, 24)).columns, 160)
+    return Console(file=sys.stdout, width=width, highlight=False, soft_wrap=False)
+
+
+def _echo(*renderables) -> None:
+    """Print rich renderables (and plain strings) through click, trailing spaces stripped."""
+    console = _console()
+    with console.capture() as cap:
+        for r in renderables:
+            console.print(r)
+    click.echo("\n".join(line.rstrip() for line in cap.get().splitlines()))
+
+
+def _table(title: Optional[str], frame, sections=()):
+    """A rich table of the string DataFrame ``frame``; a section line before each row index in ``sections``."""
+    from rich import box
+    from rich.table import Table
+
+    t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+    for col in frame.columns:
+        left = col in ("dataset", "loss", "B", "flag", "config_id", "slice", "criterion", "regime")
+        t.add_column(str(col), justify="left" if left else "right", no_wrap=True)
+    for i, row in enumerate(frame.itertuples(index=False)):
+        if i in sections:
+            t.add_section()
+        t.add_row(*[str(v) for v in row])
+    return t
+
+
+def _selection_options(f):
+    opts = [
+        click.option("--criterion", default=None, help="T_eps of the loss or the error curve [default: the "
+                                                       "spec's first criterion]."),
+        click.option("--eps", type=float, default=None, help="Threshold eps [default: the spec's first]."),
+        click.option("--dataset", "datasets", multiple=True, help="Only this dataset label (repeatable)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@click.command()
+@click.argument("out", metavar="OUT", type=click.Path(file_okay=False))
+@click.option("--by", type=click.Choice(RANK_KEYS), default="predicted_cost_s", show_default=True,
+              help="Rank by predicted cost (T_eps x step time, s), predicted T_eps (steps) or final error.")
+@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Show the N best configs and at most N flagged ones (0: all).")
+@_selection_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: every ranked (top N) and "
+                                                       "every flagged row.")
+def rank(out, by, top, criterion, eps, datasets, as_json) -> None:
+    """Rank a sweep's configs (OUT: the --out of `ttp-ray sweep`) by predicted cost; diverging and
+    never-converging configs are listed after the ranked ones, flagged."""
+    import pandas as pd
+
+    from . import analysis as A
+
+    t = A.load_sweep(out, tables=("predictions",))
+    pred = A.select(t.predictions, datasets=datasets or None)
+    dflt = A.default_selection(pred, t.manifest)
+    criterion = criterion or dflt[0]
+    eps = dflt[1] if eps is None else eps
+    ranked = A.rank(pred, by, criterion=criterion, eps=eps)
+    good, flagged = ranked[ranked["rank"].notna()], ranked[ranked["rank"].isna()]
+    counts = {k: int(v) for k, v in ranked.flag.replace("", "ranked").value_counts().items()}
+    shown = good if not top else good.head(top)
+    if as_json:
+        cols = ["rank", "flag", "dataset", "config_id", "model", "loss", "lr", "lr_fraction", "momentum",
+                "batch_size", "full_batch", "criterion", "eps", "budget_steps", "predicted_steps",
+                "predicted_fraction", "predicted_final_loss", "predicted_final_error", "step_time_s",
+                "predicted_cost_s", "diverged", "max_stable_lr"]
+        click.echo(json.dumps(A.to_jsonable({
+            "out": str(out), "by": by, "criterion": criterion, "eps": eps, "datasets": sorted(set(pred.dataset)),
+            "counts": counts, "ranked": shown[cols], "flagged": flagged[cols]})))
+        return
+    show_flagged = flagged if not top else flagged.head(top)
+    title = (f"{len(ranked)} configs of {out} ranked by {by} (ascending); criterion {criterion}, eps {eps:g}: "
+             + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    frame = A.rank_display(pd.concat([shown, show_flagged]))
+    hidden = (len(good) - len(shown), len(flagged) - len(show_flagged))
+    _echo(_table(title, frame, sections=(len(shown),) if len(shown) and len(show_flagged) else ()),
+          *([f"(not shown: {hidden[0]} ranked, {hidden[1]} flagged; --top 0 shows all)"] if any(hidden) else []),
+          "cost = predicted T_eps (steps) x measured step time; diverges = lr beyond the stability limit "
+          "2(1+m)N/lambda_max")
+
+
+@click.command()
+@click.argument("out", metavar="OUT", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
+def validate(out, as_json) -> None:
+    """Compare predicted with real T_eps (the sweep's ground truth): writes OUT/validation.parquet and
+    prints the relative error |T_hat - T| / T (mean, median) and Pearson r, overall and per
+    (dataset, loss, GD/SGD)."""
+    import pandas as pd
+
+    from . import analysis as A
+
+    t = A.load_sweep(out, tables=("predictions", "ground_truth"))
+    val = A.validation_table(t.predictions, t.ground_truth)
+    path = A.write_validation(val, t.root)
+    m = A.validation_metrics(val)
+    if as_json:
+        click.echo(json.dumps(A.to_jsonable({"out": str(out), "validation": str(path), **m})))
+        return
+
+    def line(name, d):
+        return {"slice": name, "configs": str(d["configs"]), "rows": str(d["rows"]), "compared": str(d["compared"]),
+                "mean |T̂-T|/T": A.fmt(d["mean_relative_error"], ".3f"),
+                "median |T̂-T|/T": A.fmt(d["median_relative_error"], ".3f"), "Pearson r": A.fmt(d["pearson"], ".3f")}
+
+    rows = [line("overall", m["overall"])]
+    rows += [line(f"{s['dataset']} / {s['loss']} / {s['regime']}", s) for s in m["slices"]]
+    rows += [line(f"criterion {s['criterion']}", s) for s in m["by_criterion"]]
+    o = m["overall"]
+    title = (f"predicted vs real T_eps in {out}: {o['rows']} ground-truth rows of {o['configs']} configs, "
+             f"{o['compared']} compared (status: " + ", ".join(f"{k} {v}" for k, v in m["status"].items()) + ")")
+    _echo(_table(title, pd.DataFrame(rows), sections=(1, 1 + len(m["slices"]))),
+          f"wrote {path} (one row per config, criterion, eps and seed)")
+
+
+@click.command()
+@click.argument("sweep_dir", metavar="OUT", type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for the PNGs.")
+@_selection_options
+@click.option("--only", "kinds", multiple=True, type=click.Choice(PLOT_KINDS),
+              help="Only these plots (repeatable) [default: all].")
+def plot(sweep_dir, out_dir, criterion, eps, datasets, kinds) -> None:
+    """PNG plots of a sweep (headless): real vs predicted curves per validated config, predicted vs real
+    T_eps, the Theta spectrum with its power-law fit, predicted cost over (lr, batch size) per dataset."""
+    from . import analysis as A
+
+    t = A.load_sweep(sweep_dir)
+    paths, notes = A.write_plots(t, out_dir, criterion=criterion, eps=eps, datasets=datasets or None,
+                                 kinds=kinds or PLOT_KINDS)
+    for p in paths:
+        click.echo(str(p))
+    for n in notes:
+        click.echo(f"skipped {n}", err=True)
