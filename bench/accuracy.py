@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +63,16 @@ def sgd_methods(paths: int):
     }
 
 
+def _finetune_job(job):
+    """One ground-truth run (in a worker process): the real trainer on the config's (lr, m, B, loss)."""
+    ds_name, backbone, _, cfg, budget = job
+    ds = load_dataset(ds_name)
+    model = build_finetune_model(backbone, ds.num_classes, 0)
+    return finetune(model, ds, FinetuneConfig(
+        lr=cfg.lr, momentum=cfg.momentum, batch_size=cfg.batch_size, loss=cfg.loss, steps=budget, seed=0,
+        log_every=1 if cfg.batch_size is None else SGD_LOG_EVERY))
+
+
 def relative_error(pred, real):
     if pred is None or real is None or real == 0:
         return np.nan
@@ -85,9 +97,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one dataset, one backbone, budget 100")
     ap.add_argument("--datasets", nargs="+", default=["digits-5to9", "digits"])
     ap.add_argument("--backbones", nargs="+", default=["digits-cnn", "digits-resnet"])
-    ap.add_argument("--budget", type=int, default=200)
-    ap.add_argument("--paths", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared box)")
+    ap.add_argument("--budget", type=int, default=150)
+    ap.add_argument("--paths", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (1: steadiest on a shared box)")
+    ap.add_argument("--workers", type=int, default=2, help="processes fine-tuning the ground truth side by side")
     ap.add_argument("--from-csv", action="store_true",
                     help="regenerate the report from runs/bench/accuracy.csv and .json (no training)")
     args = ap.parse_args()
@@ -102,36 +115,44 @@ def main() -> None:
     kernels = {"": KernelOptions(), "full-kernel:": KernelOptions(class_trace=False)}  # default is class-trace
     rows = []
     t_all = time.perf_counter()
-    train_seconds = predict_seconds = 0.0
+    predict_seconds = 0.0
+    # 1) ground truth: every config fine-tuned for real once, in a pool of single-threaded processes
+    states, jobs, size = {}, [], {}
     for ds_name in datasets:
         ds = load_dataset(ds_name)
+        size[ds_name] = len(ds)
         for backbone in backbones:
-            states = {tag: load_state(backbone, ds, k) for tag, k in kernels.items()}
-            default = states[""]
-            n = default.n
-            # 1) ground truth: every config fine-tuned for real once
-            real = {}
+            states[ds_name, backbone] = {tag: load_state(backbone, ds, k) for tag, k in kernels.items()}
+            default = states[ds_name, backbone][""]
             for loss in ("mse", "ce"):
                 for momentum in (0.0, 0.9):
                     limit = default.max_stable_lr(momentum)
                     for batch in (None, SGD_BATCH):
                         for frac in LR_FRACTIONS:
                             cfg = SimConfig(lr=frac * limit, momentum=momentum, batch_size=batch, loss=loss)
-                            model = build_finetune_model(backbone, ds.num_classes, 0)
-                            t0 = time.perf_counter()
-                            res = finetune(model, ds, FinetuneConfig(
-                                lr=cfg.lr, momentum=momentum, batch_size=batch, loss=loss, steps=budget, seed=0,
-                                log_every=1 if batch is None else SGD_LOG_EVERY))
-                            train_seconds += time.perf_counter() - t0
-                            times = curve_training_times(res.steps, res.curves(), EPS, budget=budget,
-                                                         eps_mode=EPS_MODE, diverged=res.diverged)
-                            real[cfg] = (frac, res, times)
-                            print(f"{ds_name} {backbone} {loss} m={momentum} B={batch or n} lr={frac:.2f}x: "
-                                  f"real {[r['steps'] for r in times]} diverged={res.diverged}", flush=True)
+                            jobs.append((ds_name, backbone, frac, cfg, budget))
+    # longest first (full batch on the bigger set), so the pool's tail is short
+    jobs.sort(key=lambda j: (j[3].batch_size is not None, -size[j[0]], j[1] != "digits-resnet"))
+    real = {}
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(args.threads,)) as pool:
+        for (ds_name, backbone, frac, cfg, _), res in zip(jobs, pool.map(_finetune_job, jobs)):
+            times = curve_training_times(res.steps, res.curves(), EPS, budget=budget, eps_mode=EPS_MODE,
+                                         diverged=res.diverged)
+            real[ds_name, backbone, cfg] = (frac, res, times)
+            print(f"{ds_name} {backbone} {cfg.loss} m={cfg.momentum} B={cfg.batch_size or res.n} lr={frac:.2f}x: "
+                  f"real {[r['steps'] for r in times]} diverged={res.diverged}", flush=True)
+    train_wall = time.perf_counter() - t0
+    train_seconds = sum(r[1].total_seconds for r in real.values())
+    for ds_name in datasets:
+        for backbone in backbones:
+            n = states[ds_name, backbone][""].n
             # 2) predictions: one vectorised grid per (regime, method option, kernel)
             for regime, methods, log_every in (("GD", gd_methods(), 1), ("SGD", sgd_methods(args.paths), SGD_LOG_EVERY)):
-                cfgs = [c for c in real if (c.batch_size is None) == (regime == "GD")]
-                for tag, prep in states.items():
+                cfgs = [c for (d, b, c) in real if (d, b) == (ds_name, backbone)
+                        and (c.batch_size is None) == (regime == "GD")]
+                for tag, prep in states[ds_name, backbone].items():
                     for name, opt in methods.items():
                         if tag and name not in ("discrete-elr", "sde-rescaled"):
                             continue  # the full kernel is compared on the default methods only
@@ -141,7 +162,7 @@ def main() -> None:
                                              settings=PredictSettings(sim=opt, eps_mode=EPS_MODE))
                         predict_seconds += time.perf_counter() - t0
                         for cfg, pred in zip(cfgs, preds):
-                            frac, res, times = real[cfg]
+                            frac, res, times = real[ds_name, backbone, cfg]
                             for p_row, r_row in zip(pred.rows, times):
                                 rows.append({
                                     "dataset": ds_name, "backbone": backbone, "loss": cfg.loss,
@@ -157,7 +178,8 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     df.to_csv(out_dir / "accuracy.csv", index=False)
     meta = {"datasets": datasets, "backbones": backbones, "budget": budget, "paths": args.paths,
-            "train_seconds": train_seconds, "predict_seconds": predict_seconds,
+            "train_seconds": train_seconds, "train_wall_seconds": train_wall, "workers": args.workers,
+            "predict_seconds": predict_seconds,
             "total_seconds": time.perf_counter() - t_all, "command": "python " + " ".join(["bench/accuracy.py"] + sys.argv[1:])}
     (out_dir / "accuracy.json").write_text(json.dumps(meta))
     report(df, meta)

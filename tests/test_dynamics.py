@@ -287,6 +287,16 @@ def test_elr_fallback_to_heavy_ball():
     r2 = simulate(st, [c], 100, SimOptions(method="discrete", elr_fallback=False))[0]
     assert r2.momentum_mode == "elr" and r2.blew_up and r2.diverged
     finite([r, r2])
+    # the sde switches to exact minibatch heavy ball (same batches as the minibatch method's paths)
+    sgd = SimConfig(c.lr, 0.9, batch_size=8)
+    opt = dict(paths=2, seed=3)
+    r3 = simulate(st, [sgd], 60, SimOptions(method="sde", **opt))[0]
+    r4 = simulate(st, [sgd], 60, SimOptions(method="minibatch", momentum_mode="heavy_ball", **opt))[0]
+    assert (r3.method, r3.momentum_mode) == ("minibatch", "heavy_ball") and "sde -> exact minibatch" in r3.note
+    assert np.array_equal(r3.loss, r4.loss) and not r3.diverged
+    r5 = simulate(st, [sgd], 60, SimOptions(method="sde", elr_fallback=False, **opt))[0]
+    assert r5.method == "sde" and r5.momentum_mode == "elr"
+    finite([r3, r5])
 
 
 def test_collapse_equal_effective_lr():

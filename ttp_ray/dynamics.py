@@ -62,8 +62,9 @@ Methods (``SimOptions.method``)
                step per training step of the group's smallest ``eta_eff`` (the paper's ``dt = 1``),
                split into ``ceil(eta_eff lambda_max h / N)`` substeps only where that step would be
                unstable (``eta_eff lambda_max h / N >= 2``, ``h`` = 1 for mse, 1/2 for ce since the
-               softmax Hessian is <= 1/2: only reachable with momentum under the ELR); other configs
-               read the path at ``tau = eta_eff t`` (linear interpolation between grid points).
+               softmax Hessian is <= 1/2; with momentum only when ``elr_fallback`` is off, see below);
+               other configs read the path at ``tau = eta_eff t`` (linear interpolation between grid
+               points).
                All groups use the same per-path normal draws (common random numbers), so results do
                not depend on how configs are batched.
 ``minibatch``  real SGD with heavy-ball momentum on the linear model ``F = F0 + Z b`` with
@@ -79,7 +80,10 @@ Momentum (``momentum_mode``): ``elr`` replaces ``(lr, m)`` by ``(lr/(1-m), 0)`` 
 ``heavy_ball`` is exact (discrete and minibatch only). ``auto`` = heavy_ball for minibatch, elr otherwise.
 With the ELR the discrete map is unstable for ``eta_eff lambda_max h / N >= 2`` although real heavy ball
 is stable up to ``lr < 2(1+m)N/lambda_max``; with ``elr_fallback`` (default) such configs are simulated
-by exact heavy ball instead (noted in ``SimResult.note``), rather than reported as diverging.
+by exact heavy ball instead (noted in ``SimResult.note``), rather than reported as diverging. For the
+``sde`` the same condition switches the config to ``minibatch`` with exact heavy ball: Euler–Maruyama
+would need ``ceil(eta_eff lambda_max h / N)`` substeps per step there (slow), and exact heavy-ball SGD on
+the linear model is what the ELR approximates.
 
 Divergence: ``max_stable_lr = 2(1+m) N / lambda_max`` (METHOD §2) is reported for every config; a config
 with ``lr`` above it is ``diverged``, and so is one whose simulated loss becomes non-finite or exceeds
@@ -340,10 +344,15 @@ def _resolve(cfg: SimConfig, opt: SimOptions, n: Optional[int], lambda_max: Opti
     if cfg.momentum == 0.0:
         mode = "elr"  # identical dynamics; one key
     eta_eff = cfg.effective_lr
-    if mode == "elr" and cfg.momentum > 0 and opt.elr_fallback and method in ("discrete", "minibatch"):
+    if mode == "elr" and cfg.momentum > 0 and opt.elr_fallback and method in ("discrete", "minibatch", "sde"):
         if lambda_max is not None and n is not None and lambda_max > 0:
             x = eta_eff * lambda_max * _hess_bound(cfg.loss) / n
-            if x >= 2.0 and cfg.lr <= 2.0 * (1.0 + cfg.momentum) * n / lambda_max:
+            if x >= 2.0 and method == "sde":
+                # Euler-Maruyama would need ceil(x) substeps per step, and the ELR is off there (App. E):
+                # exact heavy-ball SGD on the linear model is both cheaper and exact
+                method, mode = "minibatch", "heavy_ball"
+                notes.append(f"elr unstable (eta_eff*lambda_max*h/N = {x:.3g} >= 2): sde -> exact minibatch heavy ball")
+            elif x >= 2.0 and cfg.lr <= 2.0 * (1.0 + cfg.momentum) * n / lambda_max:
                 mode = "heavy_ball"
                 notes.append(f"elr map unstable (eta_eff*lambda_max*h/N = {x:.3g} >= 2) but heavy ball is stable: exact heavy ball")
     if mode == "elr":
