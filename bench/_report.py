@@ -42,13 +42,16 @@ def median(xs):
     return statistics.median(list(xs))
 
 
-def write_section(name: str, body: str, command: str) -> None:
-    """Replace (or append) section ``name`` of docs/BENCHMARKS.md with ``body``."""
-    BENCHMARKS.parent.mkdir(parents=True, exist_ok=True)
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
+def write_section(name: str, body: str, command: str, *, machine: str = None, path: Path = None,
+                  header: str = HEADER) -> None:
+    """Replace (or append) section ``name`` of docs/BENCHMARKS.md (or ``path``) with ``body``. ``machine``:
+    the facts of the machine that measured, when it is not this one (default: :func:`machine_facts`)."""
+    target = Path(path) if path is not None else BENCHMARKS
+    target.parent.mkdir(parents=True, exist_ok=True)
+    text = target.read_text() if target.exists() else header
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     block = (
-        f"{begin}\n{body.rstrip()}\n\n_Command:_ `{command}`  \n_Machine:_ {machine_facts()}\n{end}"
+        f"{begin}\n{body.rstrip()}\n\n_Command:_ `{command}`  \n_Machine:_ {machine or machine_facts()}\n{end}"
     )
     if begin in text and end in text:
         pre, rest = text.split(begin, 1)
@@ -56,9 +59,9 @@ def write_section(name: str, body: str, command: str) -> None:
         text = pre + block + post
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    tmp = BENCHMARKS.with_suffix(".md.tmp")
+    tmp = target.with_suffix(".md.tmp")
     tmp.write_text(text)
-    os.replace(tmp, BENCHMARKS)
+    os.replace(tmp, target)
 
 
 def md_table(headers, rows) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -39,6 +38,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+
+from _measure import PeakRSS, run_worker, write_json  # noqa: E402
 
 from ttp_ray.data import load_dataset  # noqa: E402
 from ttp_ray.kernel import (  # noqa: E402
@@ -215,37 +216,6 @@ def cost_study(model, ds, configs: Dict[str, KernelOptions], repeats: int) -> Tu
 
 # ---------------------------------------------------------------------------------------- scaling
 
-class _PeakRSS:
-    """Peak resident set size of this process while the block runs, sampled every 5 ms (psutil); above the
-    RSS at entry. (``ru_maxrss`` is useless here: a child keeps its parent's high-water mark.)"""
-
-    def __enter__(self) -> "_PeakRSS":
-        import threading
-
-        import psutil
-
-        self._proc = psutil.Process()
-        self.base = self.peak = self._proc.memory_info().rss
-        self._stop = threading.Event()
-
-        def poll() -> None:
-            while not self._stop.wait(0.005):
-                self.peak = max(self.peak, self._proc.memory_info().rss)
-
-        self._thread = threading.Thread(target=poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    @property
-    def delta_mb(self) -> float:
-        return (self.peak - self.base) / 2**20
-
-
 def scaling_worker(n: int) -> None:
     """Subprocess body: default kernel state on a synthetic set of size n; prints one JSON line."""
     torch.set_num_threads(1)
@@ -253,12 +223,12 @@ def scaling_worker(n: int) -> None:
     model = build_finetune_model("digits-cnn", 10)
     opts = KernelOptions()
     t0 = time.perf_counter()
-    with _PeakRSS() as mem:
+    with PeakRSS() as mem:
         st = compute_kernel_state(model, ds, opts)
     wall = time.perf_counter() - t0
     grad_only = KernelOptions(k=opts.k)  # the streaming part alone: gradients + projection, no eigen step
     grads = PerSampleGradients.from_module(model, "all", grad_only.engine)
-    with _PeakRSS() as mem_stream:
+    with PeakRSS() as mem_stream:
         kernel_sketch(grads, ds, ds.num_classes, k=grad_only.k, class_trace=grad_only.class_trace,
                       memory_cap_mb=grad_only.memory_cap_mb)
     print(json.dumps({"n": n, "wall_s": wall, "kernel_s": st.meta["kernel_seconds"], "eigen_s": st.meta["eigen_seconds"],
@@ -274,11 +244,7 @@ def scaling_study(ns: List[int], budget_s: float) -> List[dict]:
         if time.perf_counter() - t_start > budget_s:
             log(f"  scaling: stopping before N={n} (budget {budget_s:.0f}s spent)")
             break
-        proc = subprocess.run([sys.executable, __file__, "--scaling-worker", str(n)], capture_output=True, text=True,
-                              cwd=str(ROOT))
-        if proc.returncode != 0:
-            raise RuntimeError(f"scaling worker N={n} failed:\n{proc.stderr[-2000:]}")
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        row = run_worker(Path(__file__), ["--scaling-worker", str(n)])
         log(f"  scaling N={n}: {row['wall_s']:.1f}s, peak +{row['stream_delta_mb']:.0f} MB streaming, "
             f"+{row['delta_mb']:.0f} MB with eigen")
         out.append(row)
@@ -379,9 +345,8 @@ def main(argv=None) -> None:
                         "peak MB, gradient pass", "peak MB, with eigen step"], body))
         summary["scaling"] = sc
     log(f"total {time.perf_counter() - t_all:.0f}s")
-    (ROOT / "out").mkdir(exist_ok=True)
-    (ROOT / "out" / "bench_kernel.json").write_text(json.dumps(summary, indent=1, default=str))
     if not args.no_write:
+        write_json("kernel.json", summary)  # runs/bench/kernel.json: the figures bench/report.py gathers
         write_section("kernel", "## Kernel (issue 3)\n\n" + "\n\n".join(parts), ".venv/bin/python bench/kernel.py")
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+from _measure import write_json  # noqa: E402
 from _report import md_table, median, write_section  # noqa: E402
 
 COMMAND = ".venv/bin/python bench/sweep.py"
@@ -57,6 +58,7 @@ GD_MSE_500 = {  # 100 absolute lrs, a factor 2^(1/20) apart, x 5 momenta with 1/
     "batch_size": ["full"],
     "simulation": {"momentum_mode": "auto", "paths": 4, "log_every": 5},  # ELR: lr/(1-m) collapses
 }
+FIGURES = {"marginal": [], "throughput": []}  # raw numbers of the tables, saved to runs/bench/sweep.json
 GRID_1 = {"losses": ["mse"], "lr": {"fraction_of_max_stable": [0.5]}, "momentum": [0.0], "batch_size": ["full"]}
 
 THROUGHPUT = {
@@ -109,6 +111,9 @@ def marginal_cost(root: Path, grids, repeats: int):
         kernel = "cached (loaded from disk)" if cache else "computed by each sweep"
         rows.append((name, kernel, n, _distinct(res), f"{t1:.1f}", f"{big:.1f}", f"**{big / t1:.2f}**",
                      f"{res.shard_seconds:.1f}", f"{orchestration:.1f}"))
+        FIGURES["marginal"].append({"grid": name, "kernel": kernel, "configs": n, "one_config_s": t1,
+                                    "one_config_runs_s": ones[cache], "grid_s": big, "ratio": big / t1,
+                                    "shard_s": res.shard_seconds})
         print(f"marginal cost {name}, cache={cache}: 1 config {t1:.1f} s (runs {[round(x, 1) for x in ones[cache]]}), "
               f"{n} configs {big:.1f} s, ratio {big / t1:.2f}; shards {res.shard_seconds:.1f} s", flush=True)
     return rows
@@ -128,6 +133,8 @@ def throughput(root: Path, quick: bool):
         sim = _simulate_seconds(res.out)
         rows.append((name, n, pred, f"{res.shard_seconds:.1f}", f"**{rate:.1f}**", f"{sim:.1f}", f"{n / sim:.1f}",
                      f"{wall:.1f}"))
+        FIGURES["throughput"].append({"class": name, "configs": n, "simulations": pred, "actor_s": res.shard_seconds,
+                                      "configs_per_s": rate, "simulate_s": sim, "wall_s": wall})
         print(f"throughput {name}: {n} configs ({pred} simulations) in {res.shard_seconds:.1f} s of actor time "
               f"-> {rate:.1f} configs/s/actor; simulation alone {sim:.1f} s -> {n / sim:.1f} configs/s "
               f"(sweep wall {wall:.1f} s)", flush=True)
@@ -199,6 +206,7 @@ def main() -> None:
         md_table(["class", "configs", "distinct simulations", "actor s", "configs/s/actor", "simulation s",
                   "configs/s (simulation alone)", "sweep wall s"], tp),
     ])
+    write_json("sweep.json", {**FIGURES, "command": COMMAND})  # read by bench/report.py
     write_section("sweep", body, COMMAND)
     print("wrote docs/BENCHMARKS.md section 'sweep'")
 

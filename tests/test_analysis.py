@@ -100,6 +100,10 @@ def test_rank_orders_by_each_key_and_flags_diverging(sweep_out, capsys, by):
     assert {r["config_id"] for r in d["flagged"]} == diverging
     assert all(r["flag"] == "diverges" and r["rank"] is None for r in d["flagged"])
     assert d["counts"] == {"ranked": len(expected), "diverges": len(diverging)}
+    # how far to trust a row: lr/(1-m) over the plain-GD limit 2N/lambda_max = max_stable_lr(m) / (1+m)
+    for r in d["ranked"]:
+        gd_limit = r["max_stable_lr"] / (1 + r["momentum"])
+        assert r["elr_over_gd_limit"] == pytest.approx(r["lr"] / (1 - r["momentum"]) / gd_limit)
 
 
 @pytest.mark.timeout(240)

@@ -42,6 +42,7 @@ __all__ = [
     "default_selection",
     "select",
     "flag",
+    "elr_over_gd_limit",
     "rank",
     "rank_display",
     "validation_table",
@@ -164,6 +165,13 @@ def flag(pred: pd.DataFrame) -> pd.Series:
     return out
 
 
+def elr_over_gd_limit(pred: pd.DataFrame) -> pd.Series:
+    """``eta/(1-m) / (2N/lambda_max)``: the effective lr as a multiple of the plain-GD stability limit,
+    ``= effective_lr (1+m) / max_stable_lr``. Above 1 the run leaves the regime where the linearisation holds
+    best: on the embedded benchmark T̂ε was within 9 % on average at <= 1, 35-53 % at 3.8-11.4 (docs/ACCURACY.md)."""
+    return pred.effective_lr * (1.0 + pred.momentum) / pred.max_stable_lr
+
+
 def rank(pred: pd.DataFrame, by: str = "predicted_cost_s", *, criterion: Optional[str] = None,
          eps: Optional[float] = None, datasets: Optional[Sequence[str]] = None) -> pd.DataFrame:
     """The prediction rows of one (criterion, ε) ordered for a decision, with columns ``rank`` and ``flag``.
@@ -172,6 +180,7 @@ def rank(pred: pd.DataFrame, by: str = "predicted_cost_s", *, criterion: Optiona
     (ties by ``config_id``), numbered ``rank`` = 1, 2, ...; then, unranked (``rank`` null) and flagged, the
     ones without a value of ``by`` (``flag`` = ``'no <by>'``), those not reaching ε (``'not reached'``) and
     the diverging ones (``'diverges'``). ``criterion`` / ``eps`` ``None``: the rows must hold one only.
+    Also adds ``elr_over_gd_limit`` (:func:`elr_over_gd_limit`: how far to trust each row).
     """
     if by not in RANK_KEYS:
         raise AnalysisError(f"by: {by!r} is not allowed; allowed: {', '.join(RANK_KEYS)}")
@@ -180,6 +189,7 @@ def rank(pred: pd.DataFrame, by: str = "predicted_cost_s", *, criterion: Optiona
         if val is None and df[col].nunique() > 1:
             raise AnalysisError(f"{col}: the sweep has several ({_fmt_values(sorted(set(df[col])))}); pick one")
     df["flag"] = flag(df)
+    df["elr_over_gd_limit"] = elr_over_gd_limit(df)
     missing = (df["flag"] == "") & df[by].isna()
     df.loc[missing, "flag"] = f"no {by}"
     order = {"": 0, f"no {by}": 1, "not reached": 2, "diverges": 3}
@@ -207,6 +217,7 @@ def rank_display(ranked: pd.DataFrame) -> pd.DataFrame:
             "T̂ε (steps)": fmt(r.predicted_steps, ".0f"), "T̂ε/T": fmt(r.predicted_fraction, ".2f"),
             "step (ms)": fmt(r.step_time_s * 1e3, ".3g"), "cost (s)": fmt(r.predicted_cost_s, ".3g"),
             "final loss": fmt(r.predicted_final_loss, ".3g"), "final err": fmt(r.predicted_final_error, ".3f"),
+            "η̃/GD lim": fmt(r.elr_over_gd_limit, ".2g"),
             "flag": r.flag, "config_id": r.config_id,
         })
     return pd.DataFrame(rows)

@@ -90,7 +90,7 @@ def rank(out, by, top, criterion, eps, datasets, as_json) -> None:
         cols = ["rank", "flag", "dataset", "config_id", "model", "loss", "lr", "lr_fraction", "momentum",
                 "batch_size", "full_batch", "criterion", "eps", "budget_steps", "predicted_steps",
                 "predicted_fraction", "predicted_final_loss", "predicted_final_error", "step_time_s",
-                "predicted_cost_s", "diverged", "max_stable_lr"]
+                "predicted_cost_s", "diverged", "max_stable_lr", "elr_over_gd_limit"]
         click.echo(json.dumps(A.to_jsonable({
             "out": str(out), "by": by, "criterion": criterion, "eps": eps, "datasets": sorted(set(pred.dataset)),
             "counts": counts, "ranked": shown[cols], "flagged": flagged[cols]})))
@@ -103,7 +103,8 @@ def rank(out, by, top, criterion, eps, datasets, as_json) -> None:
     _echo(_table(title, frame, sections=(len(shown),) if len(shown) and len(show_flagged) else ()),
           *([f"(not shown: {hidden[0]} ranked, {hidden[1]} flagged; --top 0 shows all)"] if any(hidden) else []),
           "cost = predicted T_eps (steps) x measured step time; diverges = lr beyond the stability limit "
-          "2(1+m)N/lambda_max")
+          "2(1+m)N/lambda_max; η̃/GD lim = lr/(1-m) over the plain-GD limit 2N/lambda_max: above 1 the "
+          "real network leaves the linear regime and T̂ε is less reliable (docs/ACCURACY.md)")
 
 
 @click.command()

@@ -1,0 +1,155 @@
+"""Summary of docs/BENCHMARKS.md (issue 7): the headline figures of the other benches, each with its section and
+command, gathered from the machine-readable files those benches leave (nothing re-measured here).
+
+    .venv/bin/python bench/report.py      # writes section "summary" of docs/BENCHMARKS.md
+
+Sources: runs/bench/kernel.json (bench/kernel.py; an older run's out/bench_kernel.json when absent),
+runs/bench/sweep.json (bench/sweep.py), runs/bench/accuracy.csv + accuracy.json (bench/accuracy.py),
+runs/bench/cost.json (bench/cost.py), runs/bench/scaling.json (bench/scaling.py), runs/bench/projection.json
+(bench/project.py), runs/bench/gpu_check.json (bench/gpu_check.sh). A missing source gives a row saying so.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import List
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _measure import ROOT, read_json  # noqa: E402
+from _report import md_table, write_section  # noqa: E402
+
+COMMAND = ".venv/bin/python bench/report.py"
+
+
+def missing(what: str, section: str, command: str) -> list:
+    return [what, "not measured yet", section, f"`{command}`"]
+
+
+def kernel_rows() -> List[list]:
+    k = read_json("kernel.json", ROOT / "out" / "bench_kernel.json")
+    cmd, sec = ".venv/bin/python bench/kernel.py", "kernel"
+    if not k:
+        return [missing("kernel cost / one epoch", sec, cmd)]
+    rows = []
+    for model in ("digits-cnn", "digits-resnet"):
+        runs = k.get(model, {}).get("cost", {}).get("runs", {})
+        if not runs:
+            continue
+        name, r = next(iter(runs.items()))  # the first row is the default options
+        rows.append([f"default kernel ({model}) / one epoch of forward+backward (B = 128)",
+                     f"**{r['ratio_128']:.2f}** (with the eigen step {r['ratio_with_eigen_128']:.2f})", sec, f"`{cmd}`"])
+    return rows or [missing("kernel cost / one epoch", sec, cmd)]
+
+
+def sweep_rows() -> List[list]:
+    s = read_json("sweep.json")
+    cmd, sec = ".venv/bin/python bench/sweep.py", "sweep"
+    if not s:
+        return [missing("marginal cost: 500-config sweep / 1-config sweep", sec, cmd)]
+    rows = []
+    for m in s["marginal"]:
+        rows.append([f"marginal cost: {m['configs']}-config sweep / 1-config sweep ({m['grid']}, kernel "
+                     f"{m['kernel'].split(' (')[0]})", f"**{m['ratio']:.2f}** (target <= 1.5)", sec, f"`{cmd}`"])
+    return rows
+
+
+def accuracy_rows() -> List[list]:
+    cmd, sec = "python bench/accuracy.py", "accuracy"
+    csv, meta = ROOT / "runs" / "bench" / "accuracy.csv", read_json("accuracy.json")
+    if not csv.exists() or not meta:
+        return [missing("T_hat_eps relative error vs real fine-tuning", sec, cmd)]
+    import pandas as pd
+
+    df = pd.read_csv(csv)
+    inside = df[df.lr_fraction < 1.0].copy()
+    inside["elr_fraction"] = inside.lr_fraction * (1 + inside.momentum) / (1 - inside.momentum)
+    default = inside[((inside.regime == "GD") & (inside.method == "discrete-elr"))
+                     | ((inside.regime == "SGD") & (inside.method == "sde-rescaled"))].dropna(subset=["rel_error"])
+    lin = default[default.elr_fraction <= 1.0]
+
+    def stats(d) -> str:
+        pear = d[["pred_steps", "real_steps"]].corr().iloc[0, 1] if len(d) > 2 else float("nan")
+        return f"mean {100 * d.rel_error.mean():.1f}%, median {100 * d.rel_error.median():.1f}%, Pearson {pear:.3f} ({len(d)})"
+
+    command = meta.get("command", cmd)
+    return [[f"T_hat_eps vs real fine-tuning, default methods, all configs inside the limit ({', '.join(meta['backbones'])}, "
+             f"budget {meta['budget']})", f"**{stats(default)}**", sec, f"`{command}`"],
+            ["the same, linear regime (eta/(1-m) <= 2N/lambda_max)", f"**{stats(lin)}**", sec, f"`{command}`"]]
+
+
+def cost_rows() -> List[list]:
+    c = read_json("cost.json")
+    cmd, sec = ".venv/bin/python bench/cost.py", "cost"
+    if not c:
+        return [missing("fine-tuning / prediction, whole grid", sec, cmd)]
+    ra, ft = c["ratios"], c["finetune"]
+    how = "measured" if ft["measured_all"] else f"extrapolated from K = {ft['sampled']}"
+    command = cmd + (f" --sample {c['sample']}" if c.get("sample") else "")
+    one_api = ", ".join(f"{k} {v:.3g}x" for k, v in ra["per_config_one_api"].items())
+    one_sweep = ", ".join(f"{k} {v:.3g}x" for k, v in ra["per_config_one_sweep"].items())
+    return [
+        [f"fine-tuning / prediction, whole grid ({c['configs']} configs; fine-tuning {how}), wall, kernel computed "
+         "(cached)", f"**{ra['grid_wall_computed']:.0f}x** ({ra['grid_wall_cached']:.0f}x); CPU "
+                     f"{ra['grid_cpu_computed']:.0f}x ({ra['grid_cpu_cached']:.0f}x) (goal >= 300x)", sec, f"`{command}`"],
+        ["per config: mean fine-tune / marginal prediction (actor shard time per config)",
+         f"**{ra['per_config_marginal']:.0f}x** (amortised over the grid {ra['per_config_amortised']:.0f}x)", sec,
+         f"`{command}`"],
+        ["per config: mean fine-tune / 1 config predicted with its kernel (API, no Ray; 1-config sweep)",
+         f"**{one_api}**; {one_sweep} (paper: 30-45x)", sec, f"`{command}`"],
+    ]
+
+
+def scaling_rows() -> List[list]:
+    s = read_json("scaling.json")
+    cmd, sec = ".venv/bin/python bench/scaling.py", "scaling"
+    if not s:
+        return [missing("fitted exponents", sec, cmd)]
+    f = s["fits"]
+    fmt = lambda d: ", ".join(f"{k} {v:.2f}" for k, v in d.items() if not math.isnan(v))  # noqa: E731
+    return [[f"time ~ N^a (N >= k = {s['fit_n_min']})", fmt(f["n"]), sec, f"`{cmd}`"],
+            ["time ~ k^a", fmt(f["k"]), sec, f"`{cmd}`"], ["time ~ C^a", fmt(f["c"]), sec, f"`{cmd}`"]]
+
+
+def projection_rows() -> List[list]:
+    p = read_json("projection.json")
+    cmd, sec = ".venv/bin/python bench/project.py", "docs/SCALING.md"
+    if not p:
+        return [missing("all_datasets on GPUs", sec, cmd)]
+    one = next((t for t in p["cluster"] if t["actors"] == 1), None)
+    u = p["uniform_actors_1h"]
+    src = "GPU-measured" if p["gpu_check"] else "projected from CPU measurements and stated GPU assumptions"
+    return [[f"sweeps/all_datasets.yaml ({p['configs']} configs) on H200s, {src}",
+             (f"**{one['hours']:.2f} h on {one['gpus']} GPUs**; " if one else "")
+             + (f"within 1 h: {u * len(p['datasets'])} GPUs (`resources.actors: {u}`)" if u else "no uniform actor "
+                "count within 1 h"), sec, f"`{cmd}`"]]
+
+
+def gpu_rows() -> List[list]:
+    g = read_json("gpu_check.json")
+    if not g or g.get("facts", {}).get("smoke"):
+        return [["GPU check (kernel and sweep on CUDA, N = 50,000, ResNet-18; CPU/GPU agreement)",
+                 "**not run yet** (no GPU machine so far; `--smoke` passes on the CPU)", "gpu", "`bench/gpu_check.sh`"]]
+    b, ag = g["big"], g["agreement"]
+    return [[f"GPU check on {g['facts']['device']}: kernel N = {b['n']} / eigen / SDE-CE per config",
+             f"{b['kernel']['seconds']:.1f} s / {b['eigen']['seconds']:.1f} s / {b['SDE-CE']['per_config_s']:.2f} s; "
+             f"CPU/GPU agreement: {'yes' if ag['ok'] else 'NO'}", "gpu", "`bench/gpu_check.sh`"]]
+
+
+def main() -> None:
+    rows = kernel_rows() + sweep_rows() + cost_rows() + accuracy_rows() + scaling_rows() + projection_rows() + gpu_rows()
+    body = "\n".join([
+        "## Summary (headline figures; bench/report.py)",
+        "",
+        "Gathered from the files the benches leave in runs/bench/ (each row: its section below and the command "
+        "that measured it); nothing here is measured anew. Ratios are within one run.",
+        "",
+        md_table(["figure", "value", "section", "command"], rows),
+    ])
+    print(body)
+    write_section("summary", body, COMMAND)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The issue-7 bench scripts stay runnable: one tiny scaling point, the cost bench's sampling and
+extrapolation, and the all_datasets projection on a made-up measurement (seconds, no Ray)."""
+import math
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def test_scaling_point_measures_every_step():
+    import scaling
+
+    r = scaling.measure_point({"n": 120, "k": 32, "classes": 5, "budget": 10, "configs": 1})
+    assert r["eigen"]["rank"] == 32
+    for step in scaling.STEPS:
+        assert r[step]["seconds"] > 0, step
+        assert r[step]["rss_mb"] is not None
+    a, c = scaling.loglog_fit([1, 2, 4], [3, 12, 48])
+    assert a == pytest.approx(2.0) and c == pytest.approx(3.0)
+
+
+def quickstart_plan():
+    from ttp_ray.sweep.plan import DatasetSize, build_plan
+    from ttp_ray.sweep.spec import load_spec
+
+    spec = load_spec(ROOT / "sweeps" / "quickstart.yaml")
+    sizes = {"digits-5to9": DatasetSize(896, 5, "loaded"), "digits": DatasetSize(1797, 10, "loaded")}
+    return spec, build_plan(spec, sizes)
+
+
+def test_cost_sample_is_stratified_and_extrapolation_exact_when_complete():
+    import cost
+
+    spec, plan = quickstart_plan()
+    configs = [c for d in plan.datasets for c in d.configs]
+    sample = cost.stratified_sample(configs, 12, seed=0)
+    assert len(sample) == 12
+    classes = {(c.dataset, c.batch_size) for c in sample}
+    assert len(classes) == 6  # 2 datasets x 3 batch sizes, two each
+    assert cost.stratified_sample(configs, 12, seed=0) == sample
+    rows = [{"dataset": c.dataset, "batch_size": c.batch_size, "wall_s": 2.0 if c.batch_size is None else 1.0,
+             "cpu_s": 1.0, "train_s": 0.5, "diverged": False} for c in sample]
+    ex = cost.extrapolate(plan, rows)
+    assert not ex["measured_all"] and ex["sampled"] == 12
+    assert ex["wall_s"] == pytest.approx(56 * 2.0 + 112 * 1.0)  # 168 configs: a third full batch
+    full = [{**r, "dataset": c.dataset, "batch_size": c.batch_size} for c in configs
+            for r in [{"wall_s": 1.0, "cpu_s": 1.0, "train_s": 1.0, "diverged": False}]]
+    ex = cost.extrapolate(plan, full)
+    assert ex["measured_all"] and ex["wall_s"] == pytest.approx(168.0) and ex["wall_se_s"] == 0.0
+
+
+def test_projection_runs_on_a_made_up_measurement():
+    import project
+    import scaling
+
+    classes = list(scaling.SIM_CLASSES)
+    row = {"n": 4000, "eigen": {"seconds": 1.0}, **{c: {"per_config_s": 0.1, "budget": 100} for c in classes}}
+    ones = {s: 1.0 for s in scaling.STEPS}
+    sc = {"by_n": [row], "sim_classes": scaling.SIM_CLASSES, "fits": {"n": ones, "k": ones, "c": ones},
+          "rates": {"fp32_lift": {"gflops": 33.5}, "fp64_gram": {"gflops": 33.5}},
+          "arch": {"kernel": {"seconds": 2.0}, "epoch": {"seconds": 1.0}},
+          "decode": {"cifar_32px": {"ms_per_image": 1.0}, "jpeg_500x375": {"ms_per_image": 5.0}}}
+    p = project.project(sc, None)
+    assert p["configs"] == 1680 and len(p["datasets"]) == 7
+    assert project.speedups(sc)["fp32"] == pytest.approx(1000.0)
+    c10 = next(d for d in p["datasets"] if d["label"] == "cifar10")
+    assert sum(v["configs"] for v in c10["sims"].values()) == 240
+    # SDE-CE on cifar10: 0.1 s x (50000/4000) x (10/10) x (2000/100) / 1000 per config-step unit
+    s = c10["sims"]["SDE-CE"]
+    assert s["gpu_s"] == pytest.approx(0.1 * 12.5 * 20 / 1000 * s["step_units"])
+    assert all(math.isfinite(t["hours"]) for t in p["cluster"])
+    assert "Within an hour" in project.report(p) or "No uniform" in project.report(p)
