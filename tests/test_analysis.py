@@ -129,7 +129,23 @@ def test_rank_top_dataset_criterion_eps_and_table(sweep_out, capsys):
 
 
 @pytest.mark.timeout(240)
+def test_rank_max_final_error_unranks_bad_models(sweep_out, capsys):
+    pred = tables(sweep_out)["predictions"]
+    sel, ok = converging(pred)
+    cut = float(ok.predicted_final_error.median())
+    code, out, err = run_cli(["rank", str(sweep_out), "--top", "0", "--max-final-error", f"{cut}", "--json"], capsys)
+    assert code == 0, err
+    d = json.loads(out)
+    good = ok[ok.predicted_final_error <= cut].sort_values(["predicted_cost_s", "config_id"])
+    assert [r["config_id"] for r in d["ranked"]] == good.config_id.tolist()
+    too_bad = {r["config_id"] for r in d["flagged"] if r["flag"].startswith("final error >")}
+    assert too_bad == set(ok[ok.predicted_final_error > cut].config_id) and too_bad
+    assert {r["config_id"] for r in d["flagged"] if r["flag"] == "diverges"} == set(sel[sel.diverged].config_id)
+
+
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("args,field", [
+    (["--max-final-error", "2"], "max_final_error"),
     (["--criterion", "accuracy"], "criterion"),
     (["--eps", "0.3"], "eps"),
     (["--dataset", "cifar10"], "dataset"),

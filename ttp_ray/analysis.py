@@ -173,7 +173,8 @@ def elr_over_gd_limit(pred: pd.DataFrame) -> pd.Series:
 
 
 def rank(pred: pd.DataFrame, by: str = "predicted_cost_s", *, criterion: Optional[str] = None,
-         eps: Optional[float] = None, datasets: Optional[Sequence[str]] = None) -> pd.DataFrame:
+         eps: Optional[float] = None, datasets: Optional[Sequence[str]] = None,
+         max_final_error: Optional[float] = None) -> pd.DataFrame:
     """The prediction rows of one (criterion, ε) ordered for a decision, with columns ``rank`` and ``flag``.
 
     Ranked first: the configs that converge (T̂ε reached, not diverging) with a value of ``by``, ascending
@@ -181,7 +182,11 @@ def rank(pred: pd.DataFrame, by: str = "predicted_cost_s", *, criterion: Optiona
     ones without a value of ``by`` (``flag`` = ``'no <by>'``), those not reaching ε (``'not reached'``) and
     the diverging ones (``'diverges'``). ``criterion`` / ``eps`` ``None``: the rows must hold one only.
     Also adds ``elr_over_gd_limit`` (:func:`elr_over_gd_limit`: how far to trust each row).
+    ``max_final_error``: configs whose predicted final error exceeds it are not ranked either (flag
+    ``'final error > x'``): the cheapest plateau is no use if it is a bad model.
     """
+    if max_final_error is not None and not (0.0 <= max_final_error <= 1.0):
+        raise AnalysisError(f"max_final_error: {max_final_error:g} is not allowed; allowed: a fraction in [0, 1]")
     if by not in RANK_KEYS:
         raise AnalysisError(f"by: {by!r} is not allowed; allowed: {', '.join(RANK_KEYS)}")
     df = select(pred, criterion=criterion, eps=eps, datasets=datasets).copy()
@@ -192,7 +197,11 @@ def rank(pred: pd.DataFrame, by: str = "predicted_cost_s", *, criterion: Optiona
     df["elr_over_gd_limit"] = elr_over_gd_limit(df)
     missing = (df["flag"] == "") & df[by].isna()
     df.loc[missing, "flag"] = f"no {by}"
-    order = {"": 0, f"no {by}": 1, "not reached": 2, "diverges": 3}
+    order = {"": 0, f"no {by}": 2, "not reached": 3, "diverges": 4}
+    if max_final_error is not None:
+        too_bad = f"final error > {max_final_error:g}"
+        df.loc[(df["flag"] == "") & (df.predicted_final_error > max_final_error), "flag"] = too_bad
+        order[too_bad] = 1
     df["_group"] = df["flag"].map(order)
     df = df.sort_values(["_group", by, "config_id"], kind="stable", na_position="last")
     ranked = (df["_group"] == 0).to_numpy()

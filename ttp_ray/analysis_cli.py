@@ -67,10 +67,12 @@ def _selection_options(f):
               help="Rank by predicted cost (T_eps x step time, s), predicted T_eps (steps) or final error.")
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
               help="Show the N best configs and at most N flagged ones (0: all).")
+@click.option("--max-final-error", type=float, default=None,
+              help="Do not rank configs whose predicted final error is above this fraction (flagged instead).")
 @_selection_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: every ranked (top N) and "
                                                        "every flagged row.")
-def rank(out, by, top, criterion, eps, datasets, as_json) -> None:
+def rank(out, by, top, max_final_error, criterion, eps, datasets, as_json) -> None:
     """Rank a sweep's configs (OUT: the --out of `ttp-ray sweep`) by predicted cost; diverging and
     never-converging configs are listed after the ranked ones, flagged."""
     import pandas as pd
@@ -82,7 +84,7 @@ def rank(out, by, top, criterion, eps, datasets, as_json) -> None:
     dflt = A.default_selection(pred, t.manifest)
     criterion = criterion or dflt[0]
     eps = dflt[1] if eps is None else eps
-    ranked = A.rank(pred, by, criterion=criterion, eps=eps)
+    ranked = A.rank(pred, by, criterion=criterion, eps=eps, max_final_error=max_final_error)
     good, flagged = ranked[ranked["rank"].notna()], ranked[ranked["rank"].isna()]
     counts = {k: int(v) for k, v in ranked.flag.replace("", "ranked").value_counts().items()}
     shown = good if not top else good.head(top)
