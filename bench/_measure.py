@@ -25,6 +25,28 @@ from typing import Dict, List, Optional, Sequence, Tuple
 ROOT = Path(__file__).resolve().parent.parent
 
 
+class _Sampler:
+    """Calls ``sample()`` every ``interval`` s in a daemon thread until ``stop()`` (which samples once more);
+    ``thread_cpu`` is the thread's own CPU time, for callers that must not count it."""
+
+    def __init__(self, sample, interval: float) -> None:
+        self._sample, self._stop, self.thread_cpu = sample, threading.Event(), 0.0
+
+        def loop() -> None:
+            t0 = time.thread_time()
+            while not self._stop.wait(interval):
+                sample()
+            self.thread_cpu = time.thread_time() - t0
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
 class PeakRSS:
     """Peak RSS of this process while the block runs (sampled every 5 ms), above the RSS at entry."""
 
@@ -36,20 +58,14 @@ class PeakRSS:
 
         self._proc = psutil.Process()
         self.base = self.peak = self._proc.memory_info().rss
-        self._stop = threading.Event()
-
-        def poll() -> None:
-            while not self._stop.wait(self.interval):
-                self.peak = max(self.peak, self._proc.memory_info().rss)
-
-        self._thread = threading.Thread(target=poll, daemon=True)
-        self._thread.start()
+        self._sampler = _Sampler(self._sample, self.interval)
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+    def _sample(self) -> None:
         self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self._sampler.stop()
 
     @property
     def delta_mb(self) -> float:
@@ -89,25 +105,13 @@ class TreeCPU:
         self._base = dict(self._seen)  # descendants already running: only their increase counts
         t = self._root.cpu_times()
         self._own0 = t.user + t.system
-        self._stop = threading.Event()
-        self._thread_cpu = 0.0
-
-        def poll() -> None:
-            t0 = time.thread_time()
-            while not self._stop.wait(self.interval):
-                self._sample()
-            self._thread_cpu = time.thread_time() - t0
-
-        self._thread = threading.Thread(target=poll, daemon=True)
-        self._thread.start()
+        self._sampler = _Sampler(self._sample, self.interval)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
+        self._sampler.stop()
         t = self._root.cpu_times()
-        self.own_seconds = max(0.0, t.user + t.system - self._own0 - self._thread_cpu)
+        self.own_seconds = max(0.0, t.user + t.system - self._own0 - self._sampler.thread_cpu)
         children = sum(v - self._base.get(k, 0.0) for k, v in self._seen.items())
         self.processes = len(set(self._seen) - set(self._base))
         self.seconds = self.own_seconds + children
