@@ -283,16 +283,17 @@ def _folder(root: str, name: Optional[str] = None, image_size: int = 224) -> Ima
 
 
 # The paper's seven target datasets (supplement Table 2): how each is found under $TTP_RAY_DATA.
+_DOWNLOAD_HINT = "or pass --download to `ttp-ray finetune` or `predict` once (a sweep never downloads)"
 PAPER_DATASETS: Dict[str, Dict[str, object]] = {
     "cifar10": {"images": 50000, "classes": 10, "loader": "torchvision.datasets.CIFAR10",
                 "layout": "cifar-10-batches-py/ (the python version archive, extracted)",
-                "get": "https://www.cs.toronto.edu/~kriz/cifar.html, or pass --download"},
+                "get": "https://www.cs.toronto.edu/~kriz/cifar.html, " + _DOWNLOAD_HINT},
     "cifar100": {"images": 50000, "classes": 100, "loader": "torchvision.datasets.CIFAR100",
                  "layout": "cifar-100-python/ (the python version archive, extracted)",
-                 "get": "https://www.cs.toronto.edu/~kriz/cifar.html, or pass --download"},
+                 "get": "https://www.cs.toronto.edu/~kriz/cifar.html, " + _DOWNLOAD_HINT},
     "fgvc-aircraft": {"images": 6667, "classes": 100, "loader": "torchvision.datasets.FGVCAircraft",
                       "layout": "fgvc-aircraft-2013b/ (split trainval, annotation level variant)",
-                      "get": "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/, or pass --download"},
+                      "get": "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/, " + _DOWNLOAD_HINT},
     "stanford-cars": {"images": 8144, "classes": 196, "loader": "torchvision.datasets.StanfordCars",
                       "layout": "stanford_cars/ (devkit/, cars_train/ as torchvision expects)",
                       "get": "the Stanford Cars files (torchvision's StanfordCars docs list them); no download"},

@@ -336,6 +336,6 @@ def dry_run_text(plan: SweepPlan, resources: Mapping[str, object]) -> str:
         + ("" if spec.lr.relative else "; before the kernel, the ELR-to-heavy-ball fallback is not counted"),
         "",
         "  resources: " + ", ".join(f"{k} {v}" for k, v in resources.items()),
-        f"  output: {spec.output_dir()}/{{predictions,ground_truth,curves}}/dataset=.../*.parquet + manifest.json",
+        f"  output: {spec.output_dir()}/{{predictions,ground_truth,curves,spectra}}/dataset=.../*.parquet + manifest.json",
     ]
     return "\n".join(lines)
