@@ -513,17 +513,17 @@ def _open_output(output: SweepOutput, spec: SweepSpec, plan: SweepPlan, fresh: b
 # ------------------------------------------------------------------------------------------- summary
 
 def summary_text(out: Path, spec: SweepSpec, top: int = 10) -> str:
-    """Top configs by predicted_cost_s for the first criterion and eps (diverging or never reaching eps
-    last), the ground-truth comparison when there is one, and where the tables are."""
+    """Top configs by predicted_cost_s for the first criterion and eps (``analysis.rank``: diverging or
+    never reaching eps last), the ground-truth comparison when there is one, and where the tables are."""
     import pandas as pd
+
+    from .. import analysis
 
     pred = read_table(out, "predictions").to_pandas()
     lines = []
     if len(pred):
         crit, eps = spec.criteria[0], spec.eps[0]
-        sel = pred[(pred.criterion == crit) & (pred.eps == eps)].copy()
-        sel["_rank"] = sel.diverged.astype(int) * 2 + sel.predicted_cost_s.isna().astype(int)
-        sel = sel.sort_values(["_rank", "predicted_cost_s", "config_id"], kind="stable")
+        sel = analysis.rank(pred, "predicted_cost_s", criterion=crit, eps=eps)
         lines.append(f"top {min(top, len(sel))} of {len(sel)} configs by predicted_cost_s "
                      f"(criterion {crit}, eps {eps:g}; diverging or never reaching eps last):")
         lines.append(f"  {'dataset':24s} {'loss':4s} {'lr':>10s} {'frac':>6s} {'mom':>5s} {'B':>6s} "
@@ -534,24 +534,18 @@ def summary_text(out: Path, spec: SweepSpec, top: int = 10) -> str:
             frac = "" if pd.isna(r.lr_fraction) else f"{r.lr_fraction:g}"
             lines.append(f"  {str(r.dataset)[:24]:24s} {r.loss:4s} {r.lr:10.4g} {frac:>6s} {r.momentum:5g} "
                          f"{int(r.batch_size):6d} {t:>7s} {cost:>9s}  {r.config_id}")
-        lines += _ground_truth_comparison(out, pred)
+        gt = read_table(out, "ground_truth").to_pandas()
+        if len(gt):
+            overall = analysis.validation_metrics(analysis.validation_table(pred, gt))["overall"]
+            head = f"ground truth: {gt.config_id.nunique()} config(s) fine-tuned"
+            if overall["compared"]:
+                lines.append(f"{head}; relative error |T_hat - T| / T over {overall['compared']} (criterion, eps, "
+                             f"seed) rows: median {overall['median_relative_error']:.3f}, mean "
+                             f"{overall['mean_relative_error']:.3f} (`ttp-ray validate {out}` for the slices)")
+            else:
+                lines.append(f"{head}; none with T_eps both predicted and real")
     else:
         lines.append("no predictions written")
-    lines.append(f"tables: {out}/predictions, {out}/ground_truth, {out}/curves (Parquet, hive-partitioned by "
-                 f"dataset); manifest: {out}/manifest.json")
+    lines.append(f"tables: {out}/predictions, {out}/ground_truth, {out}/curves, {out}/spectra (Parquet, "
+                 f"hive-partitioned by dataset); manifest: {out}/manifest.json")
     return "\n".join(lines)
-
-
-def _ground_truth_comparison(out: Path, pred) -> List[str]:
-    gt = read_table(out, "ground_truth").to_pandas()
-    if not len(gt):
-        return []
-    keys = ["config_id", "criterion", "eps"]
-    m = gt.merge(pred[keys + ["predicted_steps"]], on=keys, how="left")
-    both = m.dropna(subset=["predicted_steps", "actual_steps"])
-    both = both[both.actual_steps > 0]
-    if not len(both):
-        return [f"ground truth: {gt.config_id.nunique()} config(s) fine-tuned; none with T_eps both predicted and real"]
-    rel = (both.predicted_steps - both.actual_steps).abs() / both.actual_steps
-    return [f"ground truth: {gt.config_id.nunique()} config(s) fine-tuned; relative error |T_hat - T| / T over "
-            f"{len(both)} (criterion, eps) rows: median {rel.median():.3f}, mean {rel.mean():.3f}"]
