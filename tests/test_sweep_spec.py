@@ -204,6 +204,9 @@ def test_ground_truth_selection():
     p = _plan(ground_truth={"where": {"loss": ["ce"], "batch_size": [10]}, "seeds": [0, 1]}, **kw)
     runs = p.ground_truth_runs()
     assert len(runs) == 8 and all(g.config.loss == "ce" and g.config.batch_size == 10 for g in runs)
+    # full batch does not depend on the seed (it only orders minibatches): one run per config
+    runs = _plan(ground_truth={"where": {"loss": ["ce"]}, "seeds": [0, 1]}, **kw).ground_truth_runs()
+    assert sorted((g.config.batch_size is None, g.seed) for g in runs) == [(False, 0)] * 4 + [(False, 1)] * 4 + [(True, 0)] * 4
     p = _plan(ground_truth={"max_configs": 3}, **kw)
     lrs = [g.config.lr for g in p.ground_truth_runs()]
     assert len(lrs) == 3

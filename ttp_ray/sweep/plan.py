@@ -274,7 +274,8 @@ def _select_ground_truth(spec: SweepSpec, configs: Sequence[PlannedConfig]) -> T
         else:
             step = (len(chosen) - 1) / (gt.max_configs - 1)
             chosen = [chosen[int(round(i * step))] for i in range(gt.max_configs)]
-    return tuple(GroundTruthRun(c, s) for c in chosen for s in gt.seeds)
+    # the seed only orders minibatches: full-batch runs would repeat one identical run per seed
+    return tuple(GroundTruthRun(c, s) for c in chosen for s in (gt.seeds if c.batch_size is not None else gt.seeds[:1]))
 
 
 def build_plan(spec: SweepSpec, sizes: Mapping[str, DatasetSize]) -> SweepPlan:

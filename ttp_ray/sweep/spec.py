@@ -185,7 +185,8 @@ class CostSpec:
 class GroundTruthSpec:
     """Real fine-tunes (Ray tasks) of a selection of configs, per dataset: the ``where`` filter
     (field -> allowed values), then every ``every``-th config, then at most ``max_configs`` evenly
-    spaced ones; each selected config runs once per seed."""
+    spaced ones; each selected config runs once per seed (full-batch configs once, with the first seed:
+    the seed only orders minibatches)."""
 
     enabled: bool = False
     seeds: Tuple[int, ...] = (0,)
