@@ -449,7 +449,7 @@ def report(results: List[Dict[str, object]], sgd: Optional[Dict[str, object]], r
                          f"{res['real_s']:.1f}"])
     parts.append("### Cost\n\n" + md_table(
         ["set", "N", "N0", "subset prediction s", "of which F0 forward pass s", "full prediction s",
-         "ratio (subset / full)", f"real fine-tuning s (T steps)"], rows)
+         "ratio (subset / full)", "real fine-tuning s (T steps)"], rows)
         + "\n\nPrediction = kernel state computed now (no cache) + extrapolation + curve, median over seeds; one "
           "thread, shared machine.")
     if sgd is not None:

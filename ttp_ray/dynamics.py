@@ -1068,7 +1068,7 @@ def _run_sde(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[_Plan]) -
 
 def _sde_chunk(ctx: _Ctx, basis: _Basis, chunk: list, loss: str, results: dict) -> None:
     opt = ctx.opt
-    N, C, d, q = ctx.n, ctx.c, basis.d, basis.q
+    N, d, q = ctx.n, basis.d, basis.q
     P = opt.paths
     want_err = opt.compute_error
     ng = len(chunk)

@@ -399,7 +399,7 @@ def mse_loss_fn(eigvals: Sequence[float], projections: Sequence[float], rest: fl
         order = np.argsort(t, kind="stable")
         out = np.empty(t.size)
         a, b = np.ones_like(lam), np.zeros_like(lam)
-        cur, j = 0, 0
+        cur = 0
         with np.errstate(over="ignore", invalid="ignore"):
             for idx in order:
                 while cur < t[idx]:
