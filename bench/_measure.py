@@ -9,6 +9,8 @@ one subprocess per measured point, and log-log fits.
   < ``interval`` s before it exits are missed; the sampler thread's own CPU time is subtracted;
 * :func:`run_worker` -- run ``python SCRIPT ARGS`` in a fresh process and return the JSON object its last
   stdout line holds (one process per measured point: no allocator or cache state carried over);
+* :func:`run_workers` -- :func:`run_worker` over a list of points, in order, within a time budget;
+* :func:`log` -- a timestamped progress line on stderr;
 * :func:`loglog_fit` -- least-squares exponent ``a`` and prefactor ``c`` of ``y = c x^a``.
 """
 from __future__ import annotations
@@ -23,6 +25,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def log(msg: str) -> None:
+    """A timestamped progress line on stderr (the benches' tables go to stdout)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 class _Sampler:
@@ -125,6 +132,22 @@ def run_worker(script: Path, args: Sequence[str], *, timeout: Optional[float] = 
         raise RuntimeError(f"{Path(script).name} {' '.join(map(str, args))} failed (exit {proc.returncode}):\n"
                            f"{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_workers(script: Path, arg_lists: Sequence[Sequence[str]], budget_s: float, label: str,
+                describe=None) -> List[dict]:
+    """:func:`run_worker` for each argument list in order, until ``budget_s`` is spent (the rest are skipped,
+    and the log says which); ``describe(row)``, if given, is logged after each point."""
+    rows: List[dict] = []
+    t0 = time.perf_counter()
+    for i, args in enumerate(arg_lists):
+        if time.perf_counter() - t0 > budget_s:
+            log(f"  {label}: budget {budget_s:.0f}s spent, skipping {[' '.join(map(str, a)) for a in arg_lists[i:]]}")
+            break
+        rows.append(run_worker(script, args))
+        if describe is not None:
+            log(f"  {label} {' '.join(map(str, args))}: {describe(rows[-1])}")
+    return rows
 
 
 def loglog_fit(xs: Sequence[float], ys: Sequence[float]) -> Tuple[float, float]:

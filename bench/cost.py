@@ -47,7 +47,7 @@ from typing import Dict, List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from _measure import TreeCPU, write_json  # noqa: E402
+from _measure import TreeCPU, log, write_json  # noqa: E402
 from _report import ROOT, md_table, write_section  # noqa: E402
 
 SPEC = "sweeps/quickstart.yaml"
@@ -57,10 +57,6 @@ PAPER = "30-45x"  # the paper's cost claim (prediction vs training), METHOD.md
 def fx(x: float) -> str:
     """A ratio: 3 significant figures at most, no needless decimals."""
     return f"{x:.0f}x" if x >= 100 else f"{x:.3g}x"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------- specs

@@ -36,17 +36,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from _measure import write_json  # noqa: E402
+from _measure import log, write_json  # noqa: E402
 
 COMMAND = "bench/gpu_check.sh"
 SIZES = {  # full run on CUDA / --smoke on the CPU
     "full": {"n": 50000, "size": 32, "arch_n": 2048, "sweep_steps": 500, "budget": 100, "agree_n": 1000},
     "smoke": {"n": 256, "size": 32, "arch_n": 10, "sweep_steps": 20, "budget": 10, "agree_n": 300},
 }
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def agreement(device: str, n: int) -> dict:

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _measure import PeakRSS, run_worker, write_json  # noqa: E402
+from _measure import PeakRSS, log, run_workers, write_json  # noqa: E402
 
 from ttp_ray.data import load_dataset  # noqa: E402
 from ttp_ray.kernel import (  # noqa: E402
@@ -61,10 +61,6 @@ MODELS = ("digits-cnn", "digits-resnet")
 STEPS = 500
 EPS = (0.01, 0.05)
 EPOCH_BATCH = 128
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------- reference
@@ -238,17 +234,9 @@ def scaling_worker(n: int) -> None:
 
 
 def scaling_study(ns: List[int], budget_s: float) -> List[dict]:
-    out = []
-    t_start = time.perf_counter()
-    for n in ns:
-        if time.perf_counter() - t_start > budget_s:
-            log(f"  scaling: stopping before N={n} (budget {budget_s:.0f}s spent)")
-            break
-        row = run_worker(Path(__file__), ["--scaling-worker", str(n)])
-        log(f"  scaling N={n}: {row['wall_s']:.1f}s, peak +{row['stream_delta_mb']:.0f} MB streaming, "
-            f"+{row['delta_mb']:.0f} MB with eigen")
-        out.append(row)
-    return out
+    return run_workers(Path(__file__), [["--scaling-worker", str(n)] for n in ns], budget_s, "scaling",
+                       lambda r: f"{r['wall_s']:.1f}s, peak +{r['stream_delta_mb']:.0f} MB streaming, "
+                                 f"+{r['delta_mb']:.0f} MB with eigen")
 
 
 # ------------------------------------------------------------------------------------------- main

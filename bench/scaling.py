@@ -34,7 +34,7 @@ from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _measure import PeakRSS, loglog_fit, run_worker, write_json  # noqa: E402
+from _measure import PeakRSS, log, loglog_fit, run_worker, run_workers, write_json  # noqa: E402
 
 COMMAND = ".venv/bin/python bench/scaling.py"
 LR_FRACTIONS = (0.3, 0.6, 0.45, 0.15)  # the first --configs of them
@@ -48,10 +48,6 @@ SIM_CLASSES: Dict[str, dict] = {  # what sweeps/all_datasets.yaml runs (method a
 }
 STEPS = ("kernel", "eigen") + tuple(SIM_CLASSES)
 LOG_EVERY = 20  # as sweeps/all_datasets.yaml
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------ worker
@@ -227,17 +223,9 @@ def worker_main(spec: str) -> None:
 
 def sweep(points: List[dict], budget_s: float, label: str) -> List[dict]:
     """One subprocess per point, in order, until ``budget_s`` is spent (the rest skipped, said so)."""
-    rows = []
-    t0 = time.perf_counter()
-    for p in points:
-        if time.perf_counter() - t0 > budget_s:
-            log(f"  {label}: budget {budget_s:.0f}s spent, skipping {p}")
-            continue
-        r = run_worker(Path(__file__), ["--worker", json.dumps(p)])
-        rows.append(r)
-        log(f"  {label} {p}: kernel {r['kernel']['seconds']:.1f}s, eigen {r['eigen']['seconds']:.1f}s, "
-            + ", ".join(f"{s} {r[s]['seconds']:.1f}s" for s in SIM_CLASSES if s in r))
-    return rows
+    return run_workers(Path(__file__), [["--worker", json.dumps(p)] for p in points], budget_s, label,
+                       lambda r: f"kernel {r['kernel']['seconds']:.1f}s, eigen {r['eigen']['seconds']:.1f}s, "
+                                 + ", ".join(f"{s} {r[s]['seconds']:.1f}s" for s in SIM_CLASSES if s in r))
 
 
 def fits(rows: List[dict], var: str, min_value: Optional[float] = None) -> Dict[str, float]:

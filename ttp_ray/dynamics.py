@@ -503,6 +503,10 @@ class _Ctx:
     def __init__(self, state: KernelState, opt: SimOptions, steps: np.ndarray):
         self.state, self.opt, self.steps = state, opt, steps
         self.T = int(steps[-1])
+        self.logged = np.zeros(self.T + 1, dtype=bool)  # step t is a logged point
+        self.logged[steps] = True
+        self.pos = np.full(self.T + 1, -1)  # step t -> its index in steps (-1: not logged)
+        self.pos[steps] = np.arange(len(steps))
         self.n, self.c = state.n, state.num_classes
         self.device = state.f0.device
         self.cdtype = opt.dtype or (state.f0.dtype if state.f0.is_floating_point() else torch.float32)
@@ -792,10 +796,7 @@ def _run_mse_closed(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[_P
 def _run_ce_discrete(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[_Plan]) -> Dict[int, tuple]:
     basis = ctx.eigc
     steps = ctx.steps
-    logged = np.zeros(ctx.T + 1, dtype=bool)
-    logged[steps] = True
-    pos = np.full(ctx.T + 1, -1)
-    pos[steps] = np.arange(len(steps))
+    logged, pos = ctx.logged, ctx.pos
     N, C, d, q = ctx.n, ctx.c, basis.d, basis.q
     S_max = max(1, ctx.cap // ((N * C * 6 + d * q * 4) * ctx.item))
     want_err = ctx.opt.compute_error
@@ -1175,10 +1176,7 @@ def _run_minibatch(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[_Pl
     P = opt.paths
     want_err = opt.compute_error
     steps = ctx.steps
-    logged = np.zeros(ctx.T + 1, dtype=bool)
-    logged[steps] = True
-    pos = np.full(ctx.T + 1, -1)
-    pos[steps] = np.arange(len(steps))
+    logged, pos = ctx.logged, ctx.pos
     G_max = max(1, ctx.cap // ((N * C * 4 + d * q * 4) * ctx.item * P))
     results: Dict[int, tuple] = {}
     by_b: Dict[Tuple[int, str], List[Tuple[int, List[int]]]] = {}
