@@ -5,7 +5,7 @@ command, gathered from the machine-readable files those benches leave (nothing r
 
 Sources: runs/bench/kernel.json (bench/kernel.py; an older run's out/bench_kernel.json when absent),
 runs/bench/sweep.json (bench/sweep.py), runs/bench/accuracy.csv + accuracy.json (bench/accuracy.py),
-runs/bench/cost.json (bench/cost.py), runs/bench/scaling.json (bench/scaling.py), runs/bench/projection.json
+runs/bench/relinearise.csv + .json (bench/relinearise.py), runs/bench/cost.json (bench/cost.py), runs/bench/scaling.json (bench/scaling.py), runs/bench/projection.json
 (bench/project.py), runs/bench/gpu_check.json (bench/gpu_check.sh). A missing source gives a row saying so.
 """
 from __future__ import annotations
@@ -79,6 +79,31 @@ def accuracy_rows() -> List[list]:
             ["the same, linear regime (eta/(1-m) <= 2N/lambda_max)", f"**{stats(lin)}**", sec, f"`{command}`"]]
 
 
+def relinearise_rows() -> List[list]:
+    cmd, sec = ".venv/bin/python bench/relinearise.py", "relinearise"
+    csv, meta = ROOT / "runs" / "bench" / "relinearise.csv", read_json("relinearise.json")
+    acc = ROOT / "runs" / "bench" / "accuracy.csv"
+    if not csv.exists() or not meta or not acc.exists():
+        return [missing("re-linearised GD: T_hat_eps relative error and cost", sec, cmd)]
+    import pandas as pd
+
+    df, a = pd.read_csv(csv), pd.read_csv(acc)
+    sgd = a[(a.lr_fraction < 1.0) & (a.regime == "SGD") & (a.method == "sde-rescaled")]
+    whole = pd.concat([df, sgd]).dropna(subset=["rel_error"])
+    per = df.drop_duplicates(["dataset", "backbone", "loss", "momentum", "lr_fraction"])
+    ratios = []
+    for (d, b), g in per.groupby(["dataset", "backbone"]):
+        ft = meta["finetune_seconds"].get(f"{d}/{b}")
+        if ft:
+            ratios.append(f"{d}/{b} {g.seconds.median() / ft:.2f}x")
+    command = meta.get("command", cmd)
+    return [["T_hat_eps vs real fine-tuning, GD re-linearised + SGD default, all configs inside the limit",
+             f"**mean {100 * whole.rel_error.mean():.1f}%, median {100 * whole.rel_error.median():.1f}%, Pearson "
+             f"{whole[['pred_steps', 'real_steps']].corr().iloc[0, 1]:.3f} ({len(whole)})**", sec, f"`{command}`"],
+            ["re-linearised prediction time / one real full-batch fine-tune (median per config)",
+             "**" + ", ".join(ratios) + "**", sec, f"`{command}`"]]
+
+
 def cost_rows() -> List[list]:
     c = read_json("cost.json")
     cmd, sec = ".venv/bin/python bench/cost.py", "cost"
@@ -138,7 +163,7 @@ def gpu_rows() -> List[list]:
 
 
 def main() -> None:
-    rows = kernel_rows() + sweep_rows() + cost_rows() + accuracy_rows() + scaling_rows() + projection_rows() + gpu_rows()
+    rows = kernel_rows() + sweep_rows() + cost_rows() + accuracy_rows() + relinearise_rows() + scaling_rows() + projection_rows() + gpu_rows()
     body = "\n".join([
         "## Summary (headline figures; bench/report.py)",
         "",

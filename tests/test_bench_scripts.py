@@ -73,3 +73,30 @@ def test_projection_runs_on_a_made_up_measurement():
     assert s["gpu_s"] == pytest.approx(0.1 * 12.5 * 20 / 1000 * s["step_units"])
     assert all(math.isfinite(t["hours"]) for t in p["cluster"])
     assert "Within an hour" in project.report(p) or "No uniform" in project.report(p)
+
+
+def test_relinearise_report_on_made_up_rows(monkeypatch):
+    import pandas as pd
+
+    import relinearise
+
+    written = {}
+    monkeypatch.setattr(relinearise, "write_section", lambda name, body, cmd: written.update({name: body}))
+    base = {"dataset": "d", "backbone": "b", "loss": "mse", "batch_size": 100, "criterion": "loss", "eps": 0.05}
+    acc, rel = [], []
+    for regime, method, err in (("GD", "discrete-elr", 0.4), ("SGD", "sde-rescaled", 0.1)):
+        for i, (m, f) in enumerate(((0.0, 0.05), (0.9, 0.2), (0.9, 0.6))):
+            acc.append({**base, "regime": regime, "method": method, "momentum": m, "lr_fraction": f, "lr": f,
+                        "real_steps": 10.0 + i, "pred_steps": (10.0 + i) * (1 + err), "rel_error": err})
+    for i, (m, f) in enumerate(((0.0, 0.05), (0.9, 0.2), (0.9, 0.6))):
+        rel.append({**base, "regime": "GD", "method": "relinearised", "momentum": m, "lr_fraction": f, "lr": f,
+                    "real_steps": 10.0 + i, "pred_steps": (10.0 + i) * 1.2, "rel_error": 0.2, "kernels": 5 + i,
+                    "seconds": 2.0})
+    relinearise.report(pd.DataFrame(acc), pd.DataFrame(rel),
+                       {"tolerance": 0.3, "finetune_seconds": {"d/b": 4.0}, "total_seconds": 1.0, "workers": 1,
+                        "command": "python bench/relinearise.py"})
+    body = written["relinearise"]
+    assert "| GD, frozen kernel (discrete-elr, default) | 3 | 40.0% |" in body
+    assert "| GD, re-linearised | 3 | 20.0% |" in body
+    assert "| whole grid: GD re-linearised + SGD sde-rescaled | 6 | 15.0% |" in body
+    assert "| d / b | 6 (5-7) | 2.0 | 4.0 | 0.50 |" in body

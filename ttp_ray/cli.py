@@ -198,8 +198,10 @@ def prediction_options(f):
     """Kernel and dynamics options of ``predict`` (defaults are those of KernelOptions / SimOptions)."""
     from .dynamics import METHODS, MOMENTUM_MODES, NOISE_MODELS
     from .kernel import KernelOptions
+    from .relinearise import RelinearisationOptions
 
     d = KernelOptions()
+    r = RelinearisationOptions()
     opts = [
         click.option("--method", type=click.Choice(METHODS), default="auto", show_default=True,
                      help="Dynamics: ode, discrete (GD), sde, minibatch (SGD); auto picks discrete / sde."),
@@ -211,11 +213,20 @@ def prediction_options(f):
         click.option("--kernel-method", type=click.Choice(["sketch", "exact"]), default=d.method, show_default=True),
         click.option("--projection", default=d.projection, show_default=True, help="Sketch projection kind."),
         click.option("--k", "sketch_k", type=int, default=d.k, show_default=True, help="Sketch width k."),
-        click.option("--class-trace/--full-kernel", default=d.class_trace, show_default=True,
-                     help="Class-trace kernel Theta_N (x) I_C instead of the full NC x NC kernel."),
+        click.option("--class-trace/--full-kernel", default=None,
+                     help="Class-trace kernel Theta_N (x) I_C instead of the full NC x NC kernel "
+                          "[default: class trace; full kernel with --relinearise]."),
         click.option("--kernel-seed", type=int, default=d.seed, show_default=True),
         click.option("--no-cache", is_flag=True, help="Recompute the kernel even if a cached state exists."),
         click.option("--validate", is_flag=True, help="Also fine-tune for real and print the relative error."),
+        click.option("--relinearise", is_flag=True,
+                     help="Full-batch GD only: re-linearise along the predicted trajectory (one kernel per "
+                          "segment, segments sized by local error control; ttp_ray.relinearise). Costs a "
+                          "sizeable fraction of the fine-tuning it predicts."),
+        click.option("--relin-tolerance", type=float, default=r.tolerance, show_default=True,
+                     help="--relinearise: accepted ||f(w') - f(w_k) - J_k dw|| / ||J_k dw|| per segment."),
+        click.option("--max-kernels", type=int, default=r.max_kernels, show_default=True,
+                     help="--relinearise: kernel sketches per prediction at most."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -241,9 +252,19 @@ def predict(**kw) -> None:
         raise InputError(f"paths: must be a positive integer, got {kw['paths']}")
     if kw["sketch_k"] <= 0:
         raise InputError(f"k: must be a positive integer, got {kw['sketch_k']}")
+    if kw["relinearise"] and kw["kernel_subset"] is not None:
+        raise InputError("relinearise: cannot be combined with --kernel-subset (it needs the full set's kernel)")
+    if kw["relinearise"] and kw["batch_size"] is not None:
+        raise InputError(f"batch_size: --relinearise simulates full-batch GD only; allowed: full, got {kw['batch_size']}")
     ds, model = _load_inputs(kw)
+    class_trace = kw["class_trace"]
+    if class_trace is None:
+        class_trace = False if kw["relinearise"] else KernelOptions().class_trace
     kopt = KernelOptions(method=kw["kernel_method"], projection=kw["projection"], k=kw["sketch_k"],
-                         class_trace=kw["class_trace"], seed=kw["kernel_seed"])
+                         class_trace=class_trace, seed=kw["kernel_seed"])
+    if kw["relinearise"]:
+        _predict_relinearised(kw, ds, model, kopt)
+        return
     if kw["kernel_subset"] is not None:  # issue 5: extrapolate the full set's spectrum from a subset
         from .subset import DEFAULT_ALPHA, SubsetOptions
 
@@ -266,16 +287,7 @@ def predict(**kw) -> None:
     times = [{"criterion": r["criterion"], "eps": r["eps"], "steps": r["predicted_steps"],
               "fraction": r["predicted_fraction"]} for r in pred.rows]
     out = {
-        "kind": "predict",
-        "dataset": kw["dataset"], "model": kw["model"], "n": len(ds), "num_classes": ds.num_classes,
-        "lr": cfg.lr, "momentum": cfg.momentum, "batch_size": kw["batch_size"] or len(ds), "loss": cfg.loss,
-        "steps": kw["steps"], "seed": kw["seed"], "head_seed": kw["head_seed"], "trainable": kw["trainable"],
-        "effective_lr": cfg.effective_lr, "eps_mode": kw["eps_mode"],
-        "diverged": res.diverged,
-        "final_loss": None if res.diverged else float(res.loss[-1]),
-        "final_error": None if res.diverged or res.error is None else float(res.error[-1]),
-        "training_times": times,
-        "step_time_s": step_time, "device": kw["device"],
+        **_prediction_header(kw, ds, cfg, res.diverged, res.loss, res.error, times, step_time),
         "max_stable_lr": res.max_stable_lr, "method": res.method, "momentum_mode": res.momentum_mode,
         "kernel": {k: v for k, v in prepared.state.meta.items() if isinstance(v, (int, float, str, bool, type(None)))},
         "kernel_seconds": prepared.kernel_seconds, "kernel_cache_hit": prepared.cache_hit,
@@ -285,20 +297,74 @@ def predict(**kw) -> None:
     }
     if kw["kernel_subset"] is not None:
         out["kernel_subset"] = prepared.spectrum.summary()
+    _emit_prediction(kw, ds, out, f"method {out['method']} ({out['momentum_mode']}), kernel {out['kernel_seconds']:.2f} s"
+                                  f"{' (cached)' if out['kernel_cache_hit'] else ''}, simulation "
+                                  f"{out['simulate_seconds']:.3f} s")
+
+
+def _prediction_header(kw, ds, cfg, diverged: bool, loss, error, times, step_time: float) -> dict:
+    """The fields ``predict --json`` shares with ``finetune --json`` (compared line by line)."""
+    return {
+        "kind": "predict",
+        "dataset": kw["dataset"], "model": kw["model"], "n": len(ds), "num_classes": ds.num_classes,
+        "lr": cfg.lr, "momentum": cfg.momentum, "batch_size": kw["batch_size"] or len(ds), "loss": cfg.loss,
+        "steps": kw["steps"], "seed": kw["seed"], "head_seed": kw["head_seed"], "trainable": kw["trainable"],
+        "effective_lr": cfg.effective_lr, "eps_mode": kw["eps_mode"],
+        "diverged": diverged,
+        "final_loss": None if diverged else float(loss[-1]),
+        "final_error": None if diverged or error is None else float(error[-1]),
+        "training_times": times,
+        "step_time_s": step_time, "device": kw["device"],
+    }
+
+
+def _emit_prediction(kw, ds, out: dict, detail: str) -> None:
+    """Optionally fine-tune for real (``--validate``), then print ``out`` as JSON or as text."""
     if kw["validate"]:
         out["validation"] = _validate_against_training(kw, ds, out)
     if kw["as_json"]:
         click.echo(json.dumps(out))
         return
     _print_run(out)
-    click.echo(f"  max stable lr {out['max_stable_lr']:.4g} (2(1+m)N/lambda_max), method {out['method']}"
-               f" ({out['momentum_mode']}), kernel {out['kernel_seconds']:.2f} s"
-               f"{' (cached)' if out['kernel_cache_hit'] else ''}, simulation {out['simulate_seconds']:.3f} s")
-    if kw["validate"]:
-        for v in out["validation"]["training_times"]:
-            err = "n/a" if v["relative_error"] is None else f"{100 * v['relative_error']:.1f}%"
-            click.echo(f"  real T_eps[{v['criterion']}, eps={v['eps']:g}] = {v['actual_steps']}, "
-                       f"predicted {v['predicted_steps']}, relative error {err}")
+    click.echo(f"  max stable lr {out['max_stable_lr']:.4g} (2(1+m)N/lambda_max at w0), {detail}")
+    for v in out.get("validation", {}).get("training_times", []):
+        err = "n/a" if v["relative_error"] is None else f"{100 * v['relative_error']:.1f}%"
+        click.echo(f"  real T_eps[{v['criterion']}, eps={v['eps']:g}] = {v['actual_steps']}, "
+                   f"predicted {v['predicted_steps']}, relative error {err}")
+
+
+def _predict_relinearised(kw, ds, model, kopt) -> None:
+    """``predict --relinearise``: the same output fields, from :func:`ttp_ray.relinearise.relinearised_curves`."""
+    import numpy as np
+
+    from .dynamics import SimConfig
+    from .finetune import measure_step_time
+    from .relinearise import RelinearisationOptions, relinearised_curves
+
+    try:
+        opts = RelinearisationOptions(tolerance=kw["relin_tolerance"], max_kernels=kw["max_kernels"], kernel=kopt)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    cfg = SimConfig(lr=kw["lr"], momentum=kw["momentum"], batch_size=None, loss=kw["loss"])
+    res = relinearised_curves(model, ds, cfg, kw["steps"], opts, trainable=kw["trainable"], device=kw["device"])
+    keep = np.arange(len(res.steps)) % kw["log_every"] == 0
+    keep[-1] = True  # the last point reached (the budget, or the last before divergence) is always logged
+    steps, loss_c, err_c = res.steps[keep], res.loss[keep], res.error[keep]
+    times = _curve_rows(steps, {"loss": loss_c, "error": err_c}, kw, res.diverged)
+    step_time = measure_step_time(model, ds, None, kw["loss"], device=kw["device"], trainable=kw["trainable"])
+    out = {
+        **_prediction_header(kw, ds, cfg, res.diverged, res.loss, res.error, times, step_time),
+        "max_stable_lr": res.max_stable_lr, "method": res.method, "momentum_mode": "heavy_ball",
+        "kernel": {"kind": kopt.method, "class_trace": kopt.class_trace, "projection": kopt.projection,
+                   "k": kopt.k, "seed": kopt.seed},
+        "kernel_seconds": res.kernel_seconds, "kernel_cache_hit": False,
+        "simulate_seconds": res.seconds - res.kernel_seconds, "note": res.note,
+        "kernels": res.kernels, "rejected_segments": res.rejected, "segment_ends": res.segment_ends,
+        "curve": {"steps": steps.tolist(), "loss": loss_c.tolist(), "error": err_c.tolist()},
+    }
+    _emit_prediction(kw, ds, out, f"method relinearised: {res.kernels} kernels ({res.rejected} segments redone), "
+                                  f"kernels {res.kernel_seconds:.2f} s, whole prediction {res.seconds:.2f} s"
+                                  f"{'; ' + res.note if res.note else ''}")
 
 
 def _validate_against_training(kw, ds, predicted: dict) -> dict:

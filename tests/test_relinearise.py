@@ -1,0 +1,98 @@
+"""Piecewise re-linearisation (ttp_ray.relinearise): its two limits are exact and checkable.
+
+* one-step segments move the weights by the true gradient (the vjp), so the curve *is* the trainer's;
+* with only the linear head trained the linearisation is exact, so segments grow and the curve still
+  matches the trainer at every step.
+"""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from ttp_ray.dynamics import SimConfig
+from ttp_ray.finetune import FinetuneConfig, finetune
+from ttp_ray.kernel import KernelOptions
+from ttp_ray.models import build_finetune_model
+from ttp_ray.predict import load_state
+from ttp_ray.relinearise import RelinearisationOptions, relinearised_curves
+
+
+@pytest.fixture(scope="module")
+def small(digits_5to9):
+    return digits_5to9.subset(100, seed=0)
+
+
+def _real(ds, cfg, steps, trainable="all"):
+    model = build_finetune_model("digits-cnn", ds.num_classes, 0)
+    return finetune(model, ds, FinetuneConfig(lr=cfg.lr, momentum=cfg.momentum, loss=cfg.loss, steps=steps,
+                                              trainable=trainable))
+
+
+def test_one_step_segments_reproduce_the_trainer(small):
+    """L = 1 everywhere: heavy ball with the exact gradient, momentum buffer carried in weight space."""
+    lr = 0.3 * load_state("digits-cnn", small, KernelOptions(), cache=False).max_stable_lr(0.9)
+    cfg = SimConfig(lr=lr, momentum=0.9, batch_size=None, loss="ce")
+    opts = RelinearisationOptions(first_segment=1, tolerance=1e-12, max_kernels=100, kernel=KernelOptions(k=256))
+    model = build_finetune_model("digits-cnn", small.num_classes, 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = relinearised_curves(model, small, cfg, 12, opts)
+    real = _real(small, cfg, 12)
+    assert res.kernels == 12 and res.segment_ends == list(range(1, 13))
+    np.testing.assert_array_equal(res.steps, real.steps)
+    np.testing.assert_allclose(res.loss, real.loss, rtol=2e-4)
+    np.testing.assert_allclose(res.error, real.error, atol=1e-12)
+    assert all((model.state_dict()[k] == v).all() for k, v in before.items())  # the caller's model is untouched
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_head_only_segments_grow_and_stay_exact(small, momentum):
+    """Head only: f is linear in the trained weights, the local error is ~0, segments double (8, 16, 32, ...),
+    and with an exact projection (every head coordinate kept) the curve matches the trainer within 1 %."""
+    exact_head = KernelOptions(class_trace=False, projection="subset", k=4096)
+    lr = 0.4 * load_state("digits-cnn", small, KernelOptions(method="exact", class_trace=False),
+                          trainable="head", cache=False).max_stable_lr(momentum)
+    cfg = SimConfig(lr=lr, momentum=momentum, batch_size=None, loss="mse")
+    res = relinearised_curves(build_finetune_model("digits-cnn", small.num_classes, 0), small, cfg, 60,
+                              RelinearisationOptions(kernel=exact_head), trainable="head")
+    real = _real(small, cfg, 60, trainable="head")
+    assert res.segment_ends == [8, 24, 56, 60] and res.rejected == 0
+    assert np.max(np.abs(res.loss - real.loss) / real.loss) < 0.01
+
+
+def test_divergence_is_reported_without_nan(small):
+    lr = 5.0 * load_state("digits-cnn", small, KernelOptions(), cache=False).max_stable_lr(0.0)
+    res = relinearised_curves(build_finetune_model("digits-cnn", small.num_classes, 0), small,
+                              SimConfig(lr=lr, momentum=0.0, batch_size=None, loss="mse"), 40,
+                              RelinearisationOptions(kernel=KernelOptions(k=256)))
+    assert res.diverged and res.note.startswith("diverged at step")
+    assert np.all(np.isfinite(res.loss)) and len(res.loss) == len(res.steps) < 41
+
+
+@pytest.mark.parametrize("kw, field", [({"tolerance": 0}, "tolerance"), ({"first_segment": 0}, "first_segment"),
+                                       ({"max_kernels": 0}, "max_kernels"), ({"max_segment": -1}, "max_segment"),
+                                       ({"kernel": KernelOptions(method="exact")}, "kernel.method")])
+def test_options_name_the_bad_field(kw, field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        RelinearisationOptions(**kw)
+
+
+def test_minibatches_are_refused(small):
+    with pytest.raises(ValueError, match="^batch_size:"):
+        relinearised_curves(build_finetune_model("digits-cnn", small.num_classes, 0), small,
+                            SimConfig(lr=0.01, batch_size=10, loss="mse"), 5)
+
+
+def test_cli_predict_relinearise(capsys):
+    args = ["predict", "--dataset", "digits-5to9:subset=60", "--model", "digits-cnn", "--lr", "0.002", "--loss",
+            "ce", "--momentum", "0.9", "--steps", "20", "--eps", "0.05", "--eps-mode", "relative", "--k", "256"]
+    code, out, _ = run_cli(args + ["--relinearise", "--json", "--validate"], capsys)
+    assert code == 0
+    d = json.loads(out)
+    assert d["method"] == "relinearised" and d["kernels"] >= 1 and d["kernel"]["class_trace"] is False
+    assert d["curve"]["steps"][-1] == 20 and d["max_stable_lr"] > 0
+    assert {r["criterion"] for r in d["validation"]["training_times"]} == {"loss", "error"}
+    code, _, err = run_cli(args + ["--relinearise", "--batch-size", "16"], capsys)
+    assert code == 2 and err.strip().startswith("error: batch_size:") and "Traceback" not in err
+    code, _, err = run_cli(args + ["--relinearise", "--relin-tolerance", "-1"], capsys)
+    assert code == 2 and "tolerance:" in err
