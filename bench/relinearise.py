@@ -1,14 +1,14 @@
 """Piecewise re-linearisation (ttp_ray.relinearise) on the accuracy grid's full-batch GD configs.
 
-The ground truth is the accuracy bench's: every GD config of ``bench/accuracy.py``'s seeded grid inside
-the stability limit (both datasets, both backbones, mse and ce, m in {0, 0.9}, lr in {0.05, 0.2, 0.6} x
-max_stable_lr(m), budget 150, eps 0.05 and 0.01 relative to the drop, criteria loss and error) was fine-tuned
-for real there, and its T_eps rows are read back from ``runs/bench/accuracy.csv`` (run that bench first).
+The ground truth is the accuracy bench's: every GD config of ``bench/accuracy.py``'s seeded grid (both
+datasets, both backbones, mse and ce, m in {0, 0.9}, lr in {0.05, 0.2, 0.6} x max_stable_lr(m), and 1.3x
+beyond the limit for the divergence flag; budget 150, eps 0.05 and 0.01 relative to the drop, criteria loss
+and error) was fine-tuned for real there, and its T_eps rows are read back from ``runs/bench/accuracy.csv`` (run that bench first).
 Here each config is predicted by re-linearisation and compared with the same real T_eps. Cost: per
 (dataset, backbone), one real fine-tune of the grid's most expensive kind (full batch, 150 steps) is timed in
 the same worker processes, and the ratio of the median prediction time to it is reported.
 
-Run: ``.venv/bin/python bench/relinearise.py`` (about 15 minutes here with 2 workers); writes the
+Run: ``.venv/bin/python bench/relinearise.py`` (about 25 minutes here with 2 workers); writes the
 ``relinearise`` section of docs/BENCHMARKS.md and runs/bench/relinearise.csv.
 """
 from __future__ import annotations
@@ -68,7 +68,7 @@ def main() -> None:
         report(acc, pd.read_csv(out_dir / "relinearise.csv"), json.loads((out_dir / "relinearise.json").read_text()))
         return
     budget = int(meta_acc["budget"])
-    gd = acc[(acc.regime == "GD") & (acc.method == "discrete-elr") & (acc.lr_fraction < 1.0)]
+    gd = acc[(acc.regime == "GD") & (acc.method == "discrete-elr")]  # the 1.3x configs too: divergence
     keys = gd.drop_duplicates(["dataset", "backbone", "loss", "momentum", "lr_fraction"])
     jobs = []
     for ds_name, backbone in keys[["dataset", "backbone"]].drop_duplicates().itertuples(index=False):
@@ -107,7 +107,7 @@ def main() -> None:
                              "kernel_seconds": res["kernel_seconds"], "note": res["note"]})
             print(f"{ds_name} {backbone} {cfg.loss} m={cfg.momentum} lr={rows[-1]['lr_fraction']}x: "
                   f"{res['kernels']} kernels, {res['seconds']:.1f} s, real/pred "
-                  f"{[(int(r['real_steps']), r['pred_steps']) for r in rows[-len(res['times']):]]}", flush=True)
+                  f"{[(r['real_steps'], r['pred_steps']) for r in rows[-len(res['times']):]]}", flush=True)
     df = pd.DataFrame(rows)
     df.to_csv(out_dir / "relinearise.csv", index=False)
     meta = {"tolerance": args.tolerance, "workers": args.workers, "budget": budget,
@@ -118,14 +118,15 @@ def main() -> None:
     report(acc, df, meta)
 
 
-def report(acc: pd.DataFrame, df: pd.DataFrame, meta: dict) -> None:
+def report(acc: pd.DataFrame, df_all: pd.DataFrame, meta: dict) -> None:
     inside = acc[acc.lr_fraction < 1.0]
+    df = df_all[df_all.lr_fraction < 1.0]
     base = inside[(inside.regime == "GD") & (inside.method == "discrete-elr")]
     sgd = inside[(inside.regime == "SGD") & (inside.method == "sde-rescaled")]
     lin = lambda d: d[d.lr_fraction * (1 + d.momentum) / (1 - d.momentum) <= 1.0]  # noqa: E731
     body = [f"Re-linearisation (`ttp_ray.relinearise`, tolerance {meta['tolerance']}, full-kernel sketch per segment) "
             f"on the {len(df.drop_duplicates(['dataset', 'backbone', 'loss', 'momentum', 'lr_fraction']))} "
-            "full-batch GD configs of the accuracy grid inside the limit, against the same real T_eps (rows of "
+            "full-batch GD configs of the accuracy grid inside the limit (and the 16 beyond it, for the divergence flag), against the same real T_eps (rows of "
             "runs/bench/accuracy.csv). Relative error |T̂ε − Tε|/Tε; counts are (config, criterion, ε) pairs.\n"]
     hdr = ["slice", "configs", "mean", "median", "Pearson"]
     table = [["GD, frozen kernel (discrete-elr, default)"] + fmt(summarise(base)),
@@ -142,15 +143,28 @@ def report(acc: pd.DataFrame, df: pd.DataFrame, meta: dict) -> None:
         srows.append([f"{b} / {l} / m={m} / {f}x", len(g), f"{100 * bg.rel_error.mean():.1f}%",
                       f"{100 * g.rel_error.mean():.1f}%", f"{g.drop_duplicates(['dataset', 'lr']).kernels.median():.0f}"])
     body.append(md_table(["slice", "pairs", "frozen mean", "re-linearised mean", "kernels (median)"], srows))
+    beyond = df_all[df_all.lr_fraction > 1.0].drop_duplicates(["dataset", "backbone", "loss", "momentum"])
+    if len(beyond):
+        both = df_all[(df_all.lr_fraction > 1.0) & ~df_all.pred_diverged & ~df_all.real_diverged]
+        fb = acc[(acc.lr_fraction > 1.0) & (acc.regime == "GD") & (acc.method == "discrete-elr")].drop_duplicates(
+            ["dataset", "backbone", "loss", "momentum"])
+        body.append("\n### Beyond the limit (lr = 1.3 x max_stable_lr, GD)\n")
+        body.append(md_table(["predictor", "configs predicted diverging", "real runs diverged",
+                              "T_eps error where neither diverged"],
+                             [["frozen kernel (discrete-elr)", f"{int(fb.pred_diverged.sum())}/{len(fb)}",
+                               f"{int(fb.real_diverged.sum())}/{len(fb)}", "n/a (no number beyond the limit)"],
+                              ["re-linearised", f"{int(beyond.pred_diverged.sum())}/{len(beyond)}",
+                               f"{int(beyond.real_diverged.sum())}/{len(beyond)}",
+                               " ".join(fmt(summarise(both))[1:2]) + f" over {len(both)} pairs"]]))
     cost = []
-    per = df.drop_duplicates(["dataset", "backbone", "loss", "momentum", "lr_fraction"])
+    per = df_all.drop_duplicates(["dataset", "backbone", "loss", "momentum", "lr_fraction"])
     for (d, b), g in per.groupby(["dataset", "backbone"]):
         ft = meta["finetune_seconds"].get(f"{d}/{b}")
         cost.append([f"{d} / {b}", f"{g.kernels.median():.0f} ({g.kernels.min()}-{g.kernels.max()})",
                      f"{g.seconds.median():.1f}", f"{ft:.1f}" if ft else "n/a",
                      f"{g.seconds.median() / ft:.2f}" if ft else "n/a"])
     body.append("\n### Cost per config (same run, same worker processes)\n")
-    body.append(md_table(["dataset / backbone", "kernels per config (median, range)", "prediction s (median)",
+    body.append(md_table(["dataset / backbone", "kernels per config (median, range; all lrs)", "prediction s (median)",
                           "one real fine-tune s (full batch, 150 steps)", "prediction / fine-tune"], cost))
     body.append(f"\nWhole bench {meta['total_seconds']:.0f} s with {meta['workers']} worker processes. "
                 "`--from-csv` regenerates these tables.")

@@ -92,6 +92,12 @@ def test_relinearise_report_on_made_up_rows(monkeypatch):
         rel.append({**base, "regime": "GD", "method": "relinearised", "momentum": m, "lr_fraction": f, "lr": f,
                     "real_steps": 10.0 + i, "pred_steps": (10.0 + i) * 1.2, "rel_error": 0.2, "kernels": 5 + i,
                     "seconds": 2.0})
+    acc.append({**acc[0], "lr_fraction": 1.3, "real_steps": 12.0, "pred_steps": None, "rel_error": None,
+                "pred_diverged": True, "real_diverged": False})
+    rel.append({**rel[0], "lr_fraction": 1.3, "real_steps": 12.0, "pred_steps": 15.0, "rel_error": 0.25,
+                "pred_diverged": False, "real_diverged": False})
+    acc = [{"pred_diverged": False, "real_diverged": False, **r} for r in acc]
+    rel = [{"pred_diverged": False, "real_diverged": False, **r} for r in rel]
     relinearise.report(pd.DataFrame(acc), pd.DataFrame(rel),
                        {"tolerance": 0.3, "finetune_seconds": {"d/b": 4.0}, "total_seconds": 1.0, "workers": 1,
                         "command": "python bench/relinearise.py"})
@@ -99,4 +105,6 @@ def test_relinearise_report_on_made_up_rows(monkeypatch):
     assert "| GD, frozen kernel (discrete-elr, default) | 3 | 40.0% |" in body
     assert "| GD, re-linearised | 3 | 20.0% |" in body
     assert "| whole grid: GD re-linearised + SGD sde-rescaled | 6 | 15.0% |" in body
-    assert "| d / b | 6 (5-7) | 2.0 | 4.0 | 0.50 |" in body
+    assert "| d / b | 6 (5-7) | 2.0 | 4.0 | 0.50 |" in body  # kernels of all four configs 5, 6, 7, 5: median 5.5
+    assert "| frozen kernel (discrete-elr) | 1/1 | 0/1 |" in body
+    assert "| re-linearised | 0/1 | 0/1 | 25.0% over 1 pairs |" in body

@@ -229,13 +229,14 @@ def relinearised_curves(model: torch.nn.Module, dataset, config: SimConfig, budg
                     break
                 seg_loss.append(lv)
                 seg_err.append(float(error_rate(F, y)))
-            if bad and (last or L == 1):
+            if bad and last:
                 diverged = True
                 break
-            if bad:
+            if bad and L > 1:
                 rejected += 1
                 L = max(1, L // 2)
                 continue
+            # a one-step segment is exact GD in weight space: the real network at w' decides divergence below
             d, nb = _vjp_params(apply, params, [bsum, b], x, bs)
             new_w = {k: params[k] - lr * (d[k] + (msum * buf[k] if buf is not None else 0.0)) for k in params}
             new_buf = {k: nb[k] + ((m ** L) * buf[k] if buf is not None else 0.0) for k in params}
