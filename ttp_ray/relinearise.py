@@ -8,8 +8,8 @@ grows up to 100x (cross-entropy on the batch-norm backbone) within 40 steps, and
 This module re-linearises along the predicted trajectory, like an ODE integrator with step-size control,
 where a "step" is a segment of L optimiser steps simulated on the kernel of its start point:
 
-1. at weights w_k (momentum buffer ``p_k``, a weight-space vector): F_k = f(w_k) and the kernel state
-   a sketch Z_k of the full kernel Θ_k ~ Z_k Z_k^T (:func:`ttp_ray.kernel.kernel_sketch`) -- one per accepted segment;
+1. at weights w_k (momentum buffer ``p_k``, a weight-space vector): F_k = f(w_k) and a sketch Z_k of the
+   full kernel, Θ_k ~ Z_k Z_k^T (:func:`ttp_ray.kernel.kernel_sketch`), one per accepted segment;
 2. simulate L steps of exact heavy ball on the linearisation at w_k, in function space:
    ``u <- m u + (1/N) Θ_k G(F)``, ``F <- F - lr u``, with ``u_0 = J_k p_k`` (one jvp), logging L_t and
    the error at every step;
@@ -18,9 +18,12 @@ where a "step" is a segment of L optimiser steps simulated on the kernel of its 
    ``w' = w_k - lr (sum_{s=1..L} m^s p_k + J_k^T sum_s b_s)`` and ``p' = m^L p_k + J_k^T b_L`` (one
    backward pass over the data with two cotangents);
 4. local error control: ``e = ||f(w') - f(w_k) - J_k (w' - w_k)|| / ||J_k (w' - w_k)||`` (one more jvp),
-   the real network against its own linearisation at the end of the segment. ``e > tolerance``: halve L and redo step 2 (no new kernel);
-   otherwise accept (the curve's point at the segment end is the real f(w')), and double L when
-   ``e < tolerance / 2``.
+   the real network against its own linearisation at the end of the segment. ``e > tolerance``: halve L
+   and redo step 2 (no new kernel); otherwise accept (the curve's point at the segment end is the real
+   f(w')), and double L when ``e < tolerance / 2``.
+
+Divergence: a segment whose simulated loss blows up is halved like any other; a one-step segment is exact
+GD, so the real network at w' decides, as in training (``finetune.DIVERGENCE_FACTOR``).
 
 With L = 1 the weights follow real GD exactly (the vjp is the true gradient), so the method interpolates
 between the frozen-kernel predictor (one segment) and training itself; ``max_kernels`` bounds the cost.
@@ -56,7 +59,7 @@ class RelinearisationOptions:
     tolerance: float = 0.3  # accepted local error ||f(w') - f(w_k) - J_k dw|| / ||J_k dw|| at a segment end
     first_segment: int = 8  # optimiser steps of the first segment
     max_segment: int = 0  # longest segment in steps; 0: the whole remaining budget
-    max_kernels: int = 24  # kernel states per config at most; then the rest of the budget is one segment
+    max_kernels: int = 24  # kernel sketches per config at most; then the rest of the budget is one segment
     # how each Θ_k is sketched: the full NC x NC kernel. With the class trace the weights, which move by the
     # true J^T, and the simulated outputs, which move by Θ_N (x) I_C, part ways segment by segment
     # (docs/ACCURACY.md: the real loss jumps at segment ends, up to 6x above training's at step 150)
