@@ -87,22 +87,36 @@ def relinearise_rows() -> List[list]:
         return [missing("re-linearised GD: T_hat_eps relative error and cost", sec, cmd)]
     import pandas as pd
 
-    every, a = pd.read_csv(csv), pd.read_csv(acc)
-    df = every[every.lr_fraction < 1.0]  # inside the limit, as the accuracy rows above
+    everything, a = pd.read_csv(csv), pd.read_csv(acc)
     sgd = a[(a.lr_fraction < 1.0) & (a.regime == "SGD") & (a.method == "sde-rescaled")]
+    fine = meta["finetune_seconds"]
+    if meta.get("only") == "flow" and meta.get("previous"):
+        fine = meta["previous"]["finetune_seconds"]  # the per-config rows and their fine-tunes: the previous run
+    every = everything[everything.method == "relinearised"]
+    df = every[every.lr_fraction < 1.0]  # inside the limit, as the accuracy rows above
     whole = pd.concat([df, sgd]).dropna(subset=["rel_error"])
     per = every.drop_duplicates(["dataset", "backbone", "loss", "momentum", "lr_fraction"])  # cost: every config
     ratios = []
     for (d, b), g in per.groupby(["dataset", "backbone"]):
-        ft = meta["finetune_seconds"].get(f"{d}/{b}")
+        ft = fine.get(f"{d}/{b}")
         if ft:
             ratios.append(f"{d}/{b} {g.seconds.median() / ft:.2f}x")
     command = meta.get("command", cmd)
-    return [["T_hat_eps vs real fine-tuning, GD re-linearised + SGD default, all configs inside the limit",
-             f"**mean {100 * whole.rel_error.mean():.1f}%, median {100 * whole.rel_error.median():.1f}%, Pearson "
-             f"{whole[['pred_steps', 'real_steps']].corr().iloc[0, 1]:.3f} ({len(whole)})**", sec, f"`{command}`"],
-            ["re-linearised prediction time / one real full-batch fine-tune (median over all 64 GD configs, the 1.3x ones included)",
-             "**" + ", ".join(ratios) + "**", sec, f"`{command}`"]]
+    cfg_command = meta["previous"].get("command", cmd) if meta.get("only") == "flow" and meta.get("previous") else command
+
+    def stats(d) -> str:
+        return (f"**mean {100 * d.rel_error.mean():.1f}%, median {100 * d.rel_error.median():.1f}%, Pearson "
+                f"{d[['pred_steps', 'real_steps']].corr().iloc[0, 1]:.3f} ({len(d)})**")
+
+    rows = [["T_hat_eps vs real fine-tuning, GD re-linearised per config + SGD default, all configs inside the limit",
+             stats(whole), sec, f"`{cfg_command}`"],
+            ["per-config re-linearised prediction time / one real full-batch fine-tune (median over all 64 GD configs, "
+             "the 1.3x ones included)", "**" + ", ".join(ratios) + "**", sec, f"`{cfg_command}`"]]
+    flow = everything[(everything.method == "flow-relinearised") & (everything.lr_fraction < 1.0)]
+    if len(flow):
+        rows.append(["the same with GD on one shared re-linearised flow path per (dataset, backbone, loss)",
+                     stats(pd.concat([flow, sgd]).dropna(subset=["rel_error"])), sec, f"`{command}`"])
+    return rows
 
 
 def cost_rows() -> List[list]:

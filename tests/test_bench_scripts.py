@@ -96,15 +96,21 @@ def test_relinearise_report_on_made_up_rows(monkeypatch):
                 "pred_diverged": True, "real_diverged": False})
     rel.append({**rel[0], "lr_fraction": 1.3, "real_steps": 12.0, "pred_steps": 15.0, "rel_error": 0.25,
                 "pred_diverged": False, "real_diverged": False})
+    rel += [{**r, "method": "flow-relinearised", "rel_error": 0.1, "kernels": 3, "seconds": 1.0} for r in rel]
     acc = [{"pred_diverged": False, "real_diverged": False, **r} for r in acc]
     rel = [{"pred_diverged": False, "real_diverged": False, **r} for r in rel]
     relinearise.report(pd.DataFrame(acc), pd.DataFrame(rel),
                        {"tolerance": 0.3, "finetune_seconds": {"d/b": 4.0}, "total_seconds": 1.0, "workers": 1,
+                        "flow_paths": {"d/b/mse": {"seconds": 8.0, "kernels": 4, "configs": 4}},
                         "command": "python bench/relinearise.py"})
     body = written["relinearise"]
     assert "| GD, frozen kernel (discrete-elr, default) | 3 | 40.0% |" in body
-    assert "| GD, re-linearised | 3 | 20.0% |" in body
-    assert "| whole grid: GD re-linearised + SGD sde-rescaled | 6 | 15.0% |" in body
-    assert "| d / b | 6 (5-7) | 2.0 | 4.0 | 0.50 |" in body  # kernels of all four configs 5, 6, 7, 5: median 5.5
+    assert "| GD, re-linearised per config | 3 | 20.0% |" in body
+    assert "| GD, re-linearised flow path (shared per loss) | 3 | 10.0% |" in body
+    assert "| whole grid: GD re-linearised per config + SGD sde-rescaled | 6 | 15.0% |" in body
+    # kernels of all four configs 5, 6, 7, 5: median 5.5
+    assert "| re-linearised per config | d / b | 6 (5-7) kernels per config | 2.0 | 4.0 | 0.50 |" in body
+    # the path (8 s) amortised over its 4 configs, plus 1 s of simulation each
+    assert "| re-linearised flow path (shared per loss) | d / b | 4 kernels for 4 configs | 3.0 | 4.0 | 0.75 |" in body
     assert "| frozen kernel (discrete-elr) | 1/1 | 0/1 |" in body
-    assert "| re-linearised | 0/1 | 0/1 | 25.0% over 1 pairs |" in body
+    assert "| re-linearised per config | 0/1 | 0/1 | 25.0% over 1 pairs |" in body

@@ -103,3 +103,27 @@ def test_cli_predict_relinearise(capsys):
     assert code == 2 and err.strip().startswith("error: batch_size:") and "Traceback" not in err
     code, _, err = run_cli(args + ["--relinearise", "--relin-tolerance", "-1"], capsys)
     assert code == 2 and "tolerance:" in err
+
+
+def test_flow_path_head_only_is_exact_and_shared_by_eta_eff(small):
+    """Head only, the kernel never moves: the path keeps few sketches, a heavy-ball config simulated on it
+    matches the trainer within 1 %, and two configs with the same lr/(1-m) read the same kernels."""
+    from ttp_ray.relinearise import FLOW_METHOD, flow_path, simulate_on_flow_path
+
+    exact_head = KernelOptions(class_trace=False, projection="subset", k=4096)
+    limit = load_state("digits-cnn", small, KernelOptions(method="exact", class_trace=False), trainable="head",
+                       cache=False)
+    fast = SimConfig(lr=0.3 * limit.max_stable_lr(0.9), momentum=0.9, batch_size=None, loss="mse")
+    same_tau = SimConfig(lr=fast.effective_lr * 0.2, momentum=0.8, batch_size=None, loss="mse")
+    path = flow_path(build_finetune_model("digits-cnn", small.num_classes, 0), small, "mse", fast.effective_lr * 60,
+                     0.5 * limit.max_stable_lr(0.0), RelinearisationOptions(kernel=exact_head), trainable="head")
+    assert path.taus[0] == 0 and np.all(np.diff(path.taus) > 0) and len(path.sketches) <= 8
+    assert path.index(0.0) == 0 and path.index(path.taus[-1] + 1.0) == len(path.taus) - 1
+    res = simulate_on_flow_path(path, [fast, same_tau], 60)
+    assert res[0].method == FLOW_METHOD and res[0].kernels == res[1].kernels
+    real = _real(small, fast, 60, trainable="head")
+    assert np.max(np.abs(res[0].loss - real.loss) / real.loss) < 0.01
+    with pytest.raises(ValueError, match="^batch_size:"):
+        simulate_on_flow_path(path, [SimConfig(lr=0.01, batch_size=10, loss="mse")], 5)
+    with pytest.raises(ValueError, match="tau_max"):
+        flow_path(build_finetune_model("digits-cnn", small.num_classes, 0), small, "mse", 0.0, 0.01)

@@ -30,13 +30,18 @@ between the frozen-kernel predictor (one segment) and training itself; ``max_ker
 The price is one kernel per accepted segment *per config*: the frozen-kernel predictor shares one
 eigendecomposition across a whole grid, this does not. Full-batch GD only (with minibatches a segment
 of the same length costs more than the training it predicts, on the embedded default).
+
+:func:`flow_path` and :func:`simulate_on_flow_path` share the drift between configs instead: one
+re-linearised gradient-flow path per (dataset, loss), read by each full-batch config at its own flow time
+tau = eta_eff t (METHOD.md §4). Measured (docs/ACCURACY.md): as accurate as the per-config predictor
+overall, better with cross-entropy, wrong for MSE at large effective lr (that drift is not on the flow).
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -47,9 +52,11 @@ from .kernel import KernelOptions, PerSampleGradients, kernel_sketch
 from .models import functional_model
 from .objectives import error_rate, loss_value, output_gradient
 
-__all__ = ["RelinearisationOptions", "RelinearisedResult", "relinearised_curves", "RELINEARISED_METHOD"]
+__all__ = ["RelinearisationOptions", "RelinearisedResult", "relinearised_curves", "RELINEARISED_METHOD",
+           "FlowPath", "flow_path", "simulate_on_flow_path", "FLOW_METHOD"]
 
 RELINEARISED_METHOD = "relinearised"
+FLOW_METHOD = "flow-relinearised"
 
 
 @dataclass(frozen=True)
@@ -97,10 +104,7 @@ class RelinearisedResult:
     seconds: float
     note: str = ""
     max_stable_lr: float = float("inf")  # 2(1+m)N/lambda_max of the kernel at w0 (METHOD.md §2)
-
-    @property
-    def method(self) -> str:
-        return RELINEARISED_METHOD
+    method: str = RELINEARISED_METHOD  # or FLOW_METHOD (simulated on a shared flow path)
 
 
 def _top_eigenvalue(z: torch.Tensor, iters: int = 50) -> float:
@@ -150,8 +154,12 @@ def _vjp_params(apply, params, cotangents: List[torch.Tensor], x: torch.Tensor, 
 
 def relinearised_curves(model: torch.nn.Module, dataset, config: SimConfig, budget_steps: int,
                         options: RelinearisationOptions = RelinearisationOptions(), *, trainable: str = "all",
-                        device: str = "cpu") -> RelinearisedResult:
+                        device: str = "cpu", on_kernel: Optional[Callable[[int, torch.Tensor], None]] = None
+                        ) -> RelinearisedResult:
     """Loss and error curves of full-batch GD (heavy ball) predicted by piecewise re-linearisation.
+
+    ``on_kernel(t, Z)``, if given, receives every kernel sketch and the step t it was taken at (a segment
+    start; :func:`flow_path` keeps them).
 
     ``model`` is not modified (a copy moves). ``config.batch_size`` must be None (or >= N).
     """
@@ -188,6 +196,8 @@ def relinearised_curves(model: torch.nn.Module, dataset, config: SimConfig, budg
                            class_probes=ko.class_probes, seed=ko.seed, memory_cap_mb=ko.memory_cap_mb,
                            batch_size=ko.batch_size)
         Z = sk.z.to(device=device, dtype=torch.float64)  # Θ_k ~ Z Z^T; no eigendecomposition needed here
+        if on_kernel is not None:
+            on_kernel(t, Z)
         kernel_s += time.perf_counter() - t0
         kernels += 1
         if kernels == 1:
@@ -276,3 +286,90 @@ def relinearised_curves(model: torch.nn.Module, dataset, config: SimConfig, budg
         config=config, steps=np.asarray(steps[:len(losses)], dtype=np.int64), loss=np.asarray(losses),
         error=np.asarray(errors), diverged=diverged, kernels=kernels, rejected=rejected, segment_ends=ends,
         kernel_seconds=kernel_s, seconds=time.perf_counter() - t_start, note=note, max_stable_lr=max_stable)
+
+
+# --------------------------------------------------------------------------------------------------
+# One re-linearised gradient-flow path per (dataset, loss), shared by every full-batch config.
+# METHOD.md §4's collapse: in flow time tau = eta_eff t every GD config follows the same gradient flow, so
+# the kernel it meets at step t is, to first order, the flow's kernel at tau = eta_eff t. The path is
+# re-linearised once (plain GD with a small reference lr stands in for the flow) and each config is then
+# simulated on the kernel of its own tau: the drift is paid for once per loss, not once per config.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FlowPath:
+    """Kernel sketches taken along one re-linearised gradient-flow path, keyed by flow time tau."""
+
+    loss: str
+    taus: np.ndarray  # (K,) ascending flow time of each sketch, taus[0] = 0
+    sketches: List[torch.Tensor]  # Z_k, Θ(tau_k) ~ Z_k Z_k^T (NC x k, or N x k with the class trace)
+    class_trace: bool
+    f0: torch.Tensor  # (N, C) outputs at w0
+    targets: torch.Tensor  # (N,)
+    reference_lr: float  # the plain-GD lr that traced the path
+    seconds: float
+    note: str = ""
+
+    def index(self, tau: float) -> int:
+        """The sketch in force at flow time ``tau`` (the last one taken at or before it)."""
+        return int(np.searchsorted(self.taus, tau, side="right") - 1)
+
+
+def flow_path(model: torch.nn.Module, dataset, loss: str, tau_max: float, reference_lr: float,
+              options: RelinearisationOptions = RelinearisationOptions(), *, trainable: str = "all",
+              device: str = "cpu") -> FlowPath:
+    """Trace the gradient flow to ``tau_max`` by re-linearised plain GD at ``reference_lr`` (small against the
+    stability limit, so GD is close to the flow) and keep every kernel sketch with its tau = lr t."""
+    if not (reference_lr > 0 and tau_max > 0):
+        raise ValueError(f"reference_lr, tau_max: must be > 0, got {reference_lr}, {tau_max}")
+    steps = int(math.ceil(tau_max / reference_lr))
+    taken: List[tuple] = []
+    res = relinearised_curves(model, dataset, SimConfig(lr=reference_lr, momentum=0.0, batch_size=None, loss=loss),
+                              steps, options, trainable=trainable, device=device,
+                              on_kernel=lambda t, z: taken.append((t * reference_lr, z)))
+    note = res.note if not res.diverged else f"the reference path diverged ({res.note}); later taus reuse its last kernel"
+    params, apply = functional_model(model.eval(), trainable)
+    return FlowPath(loss=loss, taus=np.array([t for t, _ in taken]), sketches=[z for _, z in taken],
+                    class_trace=options.kernel.class_trace,
+                    f0=_batched_outputs(apply, params, dataset.x.to(device), options.batch_size).cpu(),
+                    targets=torch.as_tensor(dataset.targets).long(), reference_lr=float(reference_lr),
+                    seconds=res.seconds, note=note)
+
+
+def simulate_on_flow_path(path: FlowPath, configs: Sequence[SimConfig], budget_steps: int) -> List[RelinearisedResult]:
+    """Exact heavy ball in function space for each full-batch config, on the path's kernel at its own
+    flow time: ``u <- m u + (1/N) Θ(eta_eff t) G(F)``, ``F <- F - lr u`` (METHOD.md §2-§4)."""
+    y = path.targets
+    n = int(path.f0.shape[0])
+    out = []
+    for cfg in configs:
+        if cfg.batch_size is not None and cfg.batch_size < n:
+            raise ValueError(f"batch_size: the flow path predicts full-batch GD only; got {cfg.batch_size} < N = {n}")
+        t0 = time.perf_counter()
+        lr, m, eta = float(cfg.lr), float(cfg.momentum), float(cfg.effective_lr)
+        F = path.f0.double().clone()
+        u = torch.zeros_like(F)
+        losses, errors = [float(loss_value(F, y, cfg.loss))], [float(error_rate(F, y))]
+        diverged = False
+        for t in range(budget_steps):
+            z = path.sketches[path.index(eta * t)]
+            G = output_gradient(F, y, cfg.loss)
+            if path.class_trace:
+                u = m * u + z @ (z.T @ G) / n
+            else:
+                u = m * u + (z @ (z.T @ G.reshape(-1))).reshape(G.shape) / n
+            F = F - lr * u
+            lv = float(loss_value(F, y, cfg.loss))
+            if not math.isfinite(lv) or lv > DIVERGENCE_FACTOR * max(losses[0], 1e-12):
+                diverged = True
+                break
+            losses.append(lv)
+            errors.append(float(error_rate(F, y)))
+        used = sorted({path.index(eta * s) for s in range(len(losses))})
+        out.append(RelinearisedResult(
+            config=cfg, steps=np.arange(len(losses)), loss=np.asarray(losses), error=np.asarray(errors),
+            diverged=diverged, kernels=len(used), rejected=0, segment_ends=[], kernel_seconds=0.0,
+            seconds=time.perf_counter() - t0, note=f"diverged at step {len(losses)}" if diverged else path.note,
+            method=FLOW_METHOD))
+    return out
