@@ -112,17 +112,17 @@ def main() -> None:
         ds = load_dataset(ds_name)
         state = load_state(backbone, ds, KernelOptions())  # the accuracy grid's lrs: fractions of its limit
         sub = keys[(keys.dataset == ds_name) & (keys.backbone == backbone)]
+        by_loss = {}
         for r in sub.itertuples(index=False):
             cfg = SimConfig(lr=r.lr_fraction * state.max_stable_lr(r.momentum), momentum=r.momentum,
                             batch_size=None, loss=r.loss)
             if not np.isclose(cfg.lr, r.lr, rtol=1e-9):
                 raise SystemExit(f"{ds_name}/{backbone}: lr {cfg.lr} differs from accuracy.csv's {r.lr}; rerun bench/accuracy.py")
+            by_loss.setdefault(cfg.loss, []).append(cfg)
             if args.only != "flow":
                 jobs.append(("predict", ds_name, backbone, cfg, budget, args.tolerance))
         if args.only != "config":
-            for loss in ("mse", "ce"):
-                cfgs = [SimConfig(lr=r.lr_fraction * state.max_stable_lr(r.momentum), momentum=r.momentum,
-                                  batch_size=None, loss=loss) for r in sub[sub.loss == loss].itertuples(index=False)]
+            for loss, cfgs in by_loss.items():
                 jobs.append(("flow", ds_name, backbone, (loss, FLOW_REFERENCE * state.max_stable_lr(0.0), cfgs),
                              budget, args.tolerance))
         ref = SimConfig(lr=0.2 * state.max_stable_lr(0.9), momentum=0.9, batch_size=None, loss="ce")

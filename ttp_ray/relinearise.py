@@ -38,6 +38,7 @@ overall, better with cross-entropy, wrong for MSE at large effective lr (that dr
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -121,6 +122,18 @@ def _top_eigenvalue(z: torch.Tensor, iters: int = 50) -> float:
     return lam
 
 
+def _sketch_product(z: torch.Tensor, G: torch.Tensor, class_trace: bool, n: int) -> torch.Tensor:
+    """``(1/N) Θ G`` with ``Θ ~ Z Z^T``: ``Z`` is ``N x k`` (class trace, Θ_N (x) I_C) or ``NC x k`` (rows i*C + c)."""
+    if class_trace:
+        return z @ (z.T @ G) / n
+    return (z @ (z.T @ G.reshape(-1))).reshape(G.shape) / n
+
+
+def _blew_up(loss: float, initial: float) -> bool:
+    """The trainer's divergence rule (``finetune.DIVERGENCE_FACTOR``), for a predicted loss."""
+    return not math.isfinite(loss) or loss > DIVERGENCE_FACTOR * max(initial, 1e-12)
+
+
 def _batched_outputs(apply, params, x: torch.Tensor, bs: int) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([apply(params, x[s:s + bs]) for s in range(0, x.shape[0], bs)]).double()
@@ -154,17 +167,16 @@ def _vjp_params(apply, params, cotangents: List[torch.Tensor], x: torch.Tensor, 
 
 def relinearised_curves(model: torch.nn.Module, dataset, config: SimConfig, budget_steps: int,
                         options: RelinearisationOptions = RelinearisationOptions(), *, trainable: str = "all",
-                        device: str = "cpu", on_kernel: Optional[Callable[[int, torch.Tensor], None]] = None
+                        device: str = "cpu",
+                        on_kernel: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None
                         ) -> RelinearisedResult:
     """Loss and error curves of full-batch GD (heavy ball) predicted by piecewise re-linearisation.
 
-    ``on_kernel(t, Z)``, if given, receives every kernel sketch and the step t it was taken at (a segment
-    start; :func:`flow_path` keeps them).
+    ``on_kernel(t, Z, F)``, if given, receives every kernel sketch, the outputs there and the step t it was
+    taken at (a segment start; :func:`flow_path` keeps them).
 
     ``model`` is not modified (a copy moves). ``config.batch_size`` must be None (or >= N).
     """
-    import copy
-
     t_start = time.perf_counter()
     n = len(dataset)
     if config.batch_size is not None and config.batch_size < n:
@@ -177,7 +189,7 @@ def relinearised_curves(model: torch.nn.Module, dataset, config: SimConfig, budg
     lr, m, loss = float(config.lr), float(config.momentum), config.loss
     bs = options.batch_size
     buf: Optional[Dict[str, torch.Tensor]] = None  # weight-space momentum buffer p_k
-    steps, losses, errors = [0], [], []
+    losses, errors = [], []  # at steps 0, 1, ..., t: the segments tile the budget from step 0
     ends: List[int] = []
     kernels = rejected = 0
     kernel_s = 0.0
@@ -196,30 +208,25 @@ def relinearised_curves(model: torch.nn.Module, dataset, config: SimConfig, budg
                            class_probes=ko.class_probes, seed=ko.seed, memory_cap_mb=ko.memory_cap_mb,
                            batch_size=ko.batch_size)
         Z = sk.z.to(device=device, dtype=torch.float64)  # Θ_k ~ Z Z^T; no eigendecomposition needed here
+        Fk = sk.f0.to(device=device, dtype=torch.float64)
         if on_kernel is not None:
-            on_kernel(t, Z)
+            on_kernel(t, Z, Fk)
         kernel_s += time.perf_counter() - t0
         kernels += 1
         if kernels == 1:
             lam_max = _top_eigenvalue(Z)
             max_stable = float("inf") if lam_max <= 0 else 2.0 * (1.0 + m) * n / lam_max  # METHOD.md §2
         params, apply = functional_model(net, trainable)
-        Fk = sk.f0.to(device=device, dtype=torch.float64)
         if l0 is None:
             l0 = float(loss_value(Fk, y, loss))
             losses.append(l0)
             errors.append(float(error_rate(Fk, y)))
         u0 = torch.zeros_like(Fk) if buf is None else _jvp_outputs(apply, params, buf, x, bs)
-
-        def theta_times(G: torch.Tensor) -> torch.Tensor:  # (1/N) Θ_k G
-            if ko.class_trace:
-                return Z @ (Z.T @ G) / n
-            return (Z @ (Z.T @ G.reshape(-1))).reshape(G.shape) / n
-
         last = kernels >= options.max_kernels  # the kernel budget is spent: this segment runs to the end
         remaining = budget_steps - t
-        L = remaining if last else min(seg, remaining, options.max_segment or remaining)
-        if last and L > min(seg, options.max_segment or remaining):
+        planned = min(seg, remaining, options.max_segment or remaining)
+        L = remaining if last else planned
+        if last and remaining > planned:
             note = f"max_kernels ({options.max_kernels}) reached: steps {t}..{budget_steps} share one kernel"
         while True:  # simulate a segment; shorten it until the real network agrees with its linearisation
             F, u = Fk.clone(), u0.clone()
@@ -230,13 +237,13 @@ def relinearised_curves(model: torch.nn.Module, dataset, config: SimConfig, budg
             bad = False
             for s in range(1, L + 1):
                 G = output_gradient(F, y, loss)
-                u = m * u + theta_times(G)
+                u = m * u + _sketch_product(Z, G, ko.class_trace, n)
                 F = F - lr * u
                 b = m * b + G / n
                 bsum += b
                 msum += m ** s
                 lv = float(loss_value(F, y, loss))
-                if not math.isfinite(lv) or lv > DIVERGENCE_FACTOR * max(l0, 1e-12):
+                if _blew_up(lv, l0):
                     bad = True
                     L = s
                     break
@@ -271,7 +278,7 @@ def relinearised_curves(model: torch.nn.Module, dataset, config: SimConfig, budg
                     p.copy_(new_w[name])
         buf = new_buf
         lv_end = float(loss_value(f_new, y, loss))
-        if not math.isfinite(lv_end) or lv_end > DIVERGENCE_FACTOR * max(l0, 1e-12):
+        if _blew_up(lv_end, l0):
             diverged = True
             note = f"diverged at step {t + L}"
             break
@@ -279,11 +286,10 @@ def relinearised_curves(model: torch.nn.Module, dataset, config: SimConfig, budg
         losses.extend(seg_loss[:-1] + [lv_end])
         errors.extend(seg_err[:-1] + [float(error_rate(f_new, y))])
         t += L
-        steps.extend(range(t - L + 1, t + 1))
         ends.append(t)
         seg = 2 * L if err < options.tolerance / 2 else L
     return RelinearisedResult(
-        config=config, steps=np.asarray(steps[:len(losses)], dtype=np.int64), loss=np.asarray(losses),
+        config=config, steps=np.arange(len(losses), dtype=np.int64), loss=np.asarray(losses),
         error=np.asarray(errors), diverged=diverged, kernels=kernels, rejected=rejected, segment_ends=ends,
         kernel_seconds=kernel_s, seconds=time.perf_counter() - t_start, note=note, max_stable_lr=max_stable)
 
@@ -327,12 +333,10 @@ def flow_path(model: torch.nn.Module, dataset, loss: str, tau_max: float, refere
     taken: List[tuple] = []
     res = relinearised_curves(model, dataset, SimConfig(lr=reference_lr, momentum=0.0, batch_size=None, loss=loss),
                               steps, options, trainable=trainable, device=device,
-                              on_kernel=lambda t, z: taken.append((t * reference_lr, z)))
+                              on_kernel=lambda t, z, f: taken.append((t * reference_lr, z, f)))
     note = res.note if not res.diverged else f"the reference path diverged ({res.note}); later taus reuse its last kernel"
-    params, apply = functional_model(model.eval(), trainable)
-    return FlowPath(loss=loss, taus=np.array([t for t, _ in taken]), sketches=[z for _, z in taken],
-                    class_trace=options.kernel.class_trace,
-                    f0=_batched_outputs(apply, params, dataset.x.to(device), options.batch_size).cpu(),
+    return FlowPath(loss=loss, taus=np.array([tau for tau, _, _ in taken]), sketches=[z for _, z, _ in taken],
+                    class_trace=options.kernel.class_trace, f0=taken[0][2].cpu(),  # outputs at w0
                     targets=torch.as_tensor(dataset.targets).long(), reference_lr=float(reference_lr),
                     seconds=res.seconds, note=note)
 
@@ -354,14 +358,10 @@ def simulate_on_flow_path(path: FlowPath, configs: Sequence[SimConfig], budget_s
         diverged = False
         for t in range(budget_steps):
             z = path.sketches[path.index(eta * t)]
-            G = output_gradient(F, y, cfg.loss)
-            if path.class_trace:
-                u = m * u + z @ (z.T @ G) / n
-            else:
-                u = m * u + (z @ (z.T @ G.reshape(-1))).reshape(G.shape) / n
+            u = m * u + _sketch_product(z, output_gradient(F, y, cfg.loss), path.class_trace, n)
             F = F - lr * u
             lv = float(loss_value(F, y, cfg.loss))
-            if not math.isfinite(lv) or lv > DIVERGENCE_FACTOR * max(losses[0], 1e-12):
+            if _blew_up(lv, losses[0]):
                 diverged = True
                 break
             losses.append(lv)
