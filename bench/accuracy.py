@@ -38,12 +38,14 @@ from ttp_ray.kernel import KernelOptions  # noqa: E402
 from ttp_ray.models import build_finetune_model  # noqa: E402
 from ttp_ray.predict import PredictSettings, load_state, predict_grid  # noqa: E402
 from ttp_ray.training_time import curve_training_times  # noqa: E402
+from ttp_ray.drift import DRIFT_METHOD, calibrate_drift, simulate_with_drift  # noqa: E402
 
 EPS = (0.05, 0.01)  # relative to the curve's own drop L_0 - L_T
 EPS_MODE = "relative"
 LR_FRACTIONS = (0.05, 0.2, 0.6, 1.3)  # of max_stable_lr(m); 1.3 is beyond the limit
 SGD_BATCH = 64
 SGD_LOG_EVERY = 5  # SGD curves are logged (full-set loss and error) every 5 steps
+REFERENCE_FRACTION = 0.6  # ode-drift: the real plain-GD run at this fraction of max_stable_lr(0) calibrates s(L)
 
 
 def gd_methods():
@@ -64,13 +66,15 @@ def sgd_methods(paths: int):
 
 
 def _finetune_job(job):
-    """One ground-truth run (in a worker process): the real trainer on the config's (lr, m, B, loss)."""
-    ds_name, backbone, _, cfg, budget = job
+    """One ground-truth run (in a worker process): the real trainer on the config's (lr, m, B, loss); the
+    drift reference (plain GD at REFERENCE_FRACTION) also keeps its outputs."""
+    ds_name, backbone, frac, cfg, budget = job
     ds = load_dataset(ds_name)
     model = build_finetune_model(backbone, ds.num_classes, 0)
     return finetune(model, ds, FinetuneConfig(
         lr=cfg.lr, momentum=cfg.momentum, batch_size=cfg.batch_size, loss=cfg.loss, steps=budget, seed=0,
-        log_every=1 if cfg.batch_size is None else SGD_LOG_EVERY))
+        log_every=1 if cfg.batch_size is None else SGD_LOG_EVERY),
+        record_outputs=cfg.batch_size is None and cfg.momentum == 0.0 and frac == REFERENCE_FRACTION)
 
 
 def relative_error(pred, real):
@@ -173,13 +177,44 @@ def main() -> None:
                                     "real_diverged": res.diverged, "pred_diverged": pred.diverged,
                                     "rel_error": relative_error(p_row["predicted_steps"], r_row["steps"]),
                                 })
+    # 3) GD with the kernel drift calibrated by one real run per (dataset, backbone, loss): the grid's own
+    #    plain-GD config at REFERENCE_FRACTION x max_stable_lr(0) (its rows are flagged, and left out of the summary)
+    drift_meta = {}
+    for ds_name in datasets:
+        for backbone in backbones:
+            prep = states[ds_name, backbone][""]
+            n = prep.n
+            for loss in ("mse", "ce"):
+                cfgs = [c for (d, b, c) in real if (d, b) == (ds_name, backbone) and c.batch_size is None and c.loss == loss]
+                ref = next(c for c in cfgs if c.momentum == 0.0 and real[ds_name, backbone, c][0] == REFERENCE_FRACTION)
+                ref_res = real[ds_name, backbone, ref][1]
+                t0 = time.perf_counter()
+                drift = calibrate_drift(prep.state, ref, ref_res.loss, ref_res.grad_norm_sq, ref_res.outputs)
+                sims = simulate_with_drift(prep.state, cfgs, budget, drift)
+                predict_seconds += time.perf_counter() - t0
+                drift_meta[f"{ds_name}/{backbone}/{loss}"] = {"seconds": time.perf_counter() - t0,
+                                                              "scale_min": float(drift.scale.min()),
+                                                              "scale_max": drift.max_scale}
+                for cfg, sim in zip(cfgs, sims):
+                    frac, res, times = real[ds_name, backbone, cfg]
+                    pred = curve_training_times(sim.steps, {"loss": sim.loss, "error": sim.error}, EPS, budget=budget,
+                                                eps_mode=EPS_MODE, diverged=sim.diverged)
+                    for p_row, r_row in zip(pred, times):
+                        rows.append({
+                            "dataset": ds_name, "backbone": backbone, "loss": cfg.loss, "momentum": cfg.momentum,
+                            "regime": "GD", "batch_size": n, "lr_fraction": frac, "lr": cfg.lr, "method": DRIFT_METHOD,
+                            "criterion": r_row["criterion"], "eps": r_row["eps"], "real_steps": r_row["steps"],
+                            "pred_steps": p_row["steps"], "real_diverged": res.diverged, "pred_diverged": sim.diverged,
+                            "rel_error": relative_error(p_row["steps"], r_row["steps"]), "reference": cfg == ref,
+                        })
     df = pd.DataFrame(rows)
+    df["reference"] = df["reference"].fillna(False).astype(bool) if "reference" in df else False
     out_dir = ROOT / "runs" / "bench"
     out_dir.mkdir(parents=True, exist_ok=True)
     df.to_csv(out_dir / "accuracy.csv", index=False)
     meta = {"datasets": datasets, "backbones": backbones, "budget": budget, "paths": args.paths,
             "train_seconds": train_seconds, "train_wall_seconds": train_wall, "workers": args.workers,
-            "predict_seconds": predict_seconds,
+            "predict_seconds": predict_seconds, "drift": drift_meta,
             "total_seconds": time.perf_counter() - t_all, "command": "python " + " ".join(["bench/accuracy.py"] + sys.argv[1:])}
     (out_dir / "accuracy.json").write_text(json.dumps(meta))
     report(df, meta)
@@ -187,7 +222,10 @@ def main() -> None:
 
 def report(df: pd.DataFrame, meta: dict) -> None:
     """Tables of docs/BENCHMARKS.md's accuracy section from the measured rows."""
-    inside = df[df.lr_fraction < 1.0].copy()
+    if "reference" not in df:
+        df = df.assign(reference=False)
+    # the drift reference's own rows are calibrated on themselves: left out of every summary
+    inside = df[(df.lr_fraction < 1.0) & ~df.reference.astype(bool)].copy()
     # effective lr as a fraction of the plain-GD limit 2N/lambda_max: eta/(1-m) / (2N/lambda) = f (1+m)/(1-m)
     inside["elr_fraction"] = inside.lr_fraction * (1 + inside.momentum) / (1 - inside.momentum)
     beyond = df[df.lr_fraction > 1.0].drop_duplicates(["dataset", "backbone", "loss", "momentum", "batch_size", "method"])
@@ -215,6 +253,30 @@ def report(df: pd.DataFrame, meta: dict) -> None:
                          [["overall"] + fmt(summarise(default)) + fmt(summarise(dlin))] + [
         [f"{r} / {l} / {b}"] + fmt(summarise(g)) + fmt(summarise(dlin[(dlin.regime == r) & (dlin.loss == l) & (dlin.backbone == b)]))
         for (r, l, b), g in default.groupby(["regime", "loss", "backbone"])]))
+    drift = inside[inside.method == DRIFT_METHOD]
+    if len(drift):
+        body.append(f"\n### GD with the kernel drift calibrated by one real run ({DRIFT_METHOD})\n")
+        body.append(f"`ttp_ray.drift`: per (dataset, backbone, loss), the real plain-GD run at {REFERENCE_FRACTION} x "
+                    "max_stable_lr(0) (a grid config, already fine-tuned above) gives the drift scale s(L) = real / frozen "
+                    "loss-decrease rate at its own outputs; every GD config's frozen ODE curve is read at the warped time "
+                    "dt'/dt = s(L). The reference config's rows are left out of every table (they are calibrated on "
+                    "themselves). Same (config, criterion, eps) pairs in each column:\n")
+        keys = ["dataset", "backbone", "loss", "momentum", "lr_fraction", "criterion", "eps"]
+        gd = inside[inside.regime == "GD"]
+        same = gd[gd.method.isin(["discrete-elr", "ode-elr"])].merge(drift[keys], on=keys)
+        body.append(md_table(["slice", "pairs", "discrete-elr (default)", "ode-elr (frozen ODE)", f"{DRIFT_METHOD}",
+                              f"{DRIFT_METHOD} median", f"{DRIFT_METHOD} Pearson"], [
+            [name, len(dg), f"{100 * same[(same.method == 'discrete-elr') & sel(same)].rel_error.mean():.1f}%",
+             f"{100 * same[(same.method == 'ode-elr') & sel(same)].rel_error.mean():.1f}%"] + fmt(summarise(dg))[1:]
+            for name, sel, dg in [("all GD", lambda d: d.index == d.index, drift)] + [
+                (f"{l} / {b} / m={m}", (lambda l, b, m: lambda d: (d.loss == l) & (d.backbone == b) & (d.momentum == m))(l, b, m), g)
+                for (l, b, m), g in drift.groupby(["loss", "backbone", "momentum"])]]))
+        combo = pd.concat([drift, inside[(inside.regime == "SGD") & (inside.method == "sde-rescaled")]])
+        base = inside[((inside.regime == "GD") & (inside.method == "discrete-elr"))
+                      | ((inside.regime == "SGD") & (inside.method == "sde-rescaled"))].merge(combo[keys + ["regime"]], on=keys + ["regime"])
+        body.append("\nWhole grid, " + DRIFT_METHOD + " for GD + sde-rescaled for SGD: mean {1}, median {2}, Pearson {3} "
+                    "({0} pairs); the defaults on the same pairs: mean {5}, median {6}, Pearson {7}.".format(
+                        *fmt(summarise(combo)), *fmt(summarise(base))))
     body.append("\n### Default methods by criterion, momentum and lr fraction\n")
     body.append(md_table(["slice"] + headers[1:], [
         [f"{c} / m={m} / {f}x"] + fmt(summarise(g)) for (c, m, f), g in default.groupby(["criterion", "momentum", "lr_fraction"])]))

@@ -227,6 +227,10 @@ def prediction_options(f):
                      help="--relinearise: accepted ||f(w') - f(w_k) - J_k dw|| / ||J_k dw|| per segment."),
         click.option("--max-kernels", type=int, default=r.max_kernels, show_default=True,
                      help="--relinearise: kernel sketches per prediction at most."),
+        click.option("--drift-reference", type=float, default=None, metavar="FRACTION",
+                     help="Full-batch GD: calibrate the kernel's drift on one real plain-GD fine-tune at FRACTION "
+                          "x max_stable_lr(0) (same loss and budget), then warp the frozen ODE (ttp_ray.drift). "
+                          "Costs one real fine-tune per (dataset, loss), which a grid of configs would share."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -256,6 +260,14 @@ def predict(**kw) -> None:
         raise InputError("relinearise: cannot be combined with --kernel-subset (it needs the full set's kernel)")
     if kw["relinearise"] and kw["batch_size"] is not None:
         raise InputError(f"batch_size: --relinearise simulates full-batch GD only; allowed: full, got {kw['batch_size']}")
+    if kw["drift_reference"] is not None:
+        f = kw["drift_reference"]
+        if not (0 < f <= 1):
+            raise InputError(f"drift_reference: must be a fraction of max_stable_lr(0) in (0, 1], got {f}")
+        if kw["batch_size"] is not None:
+            raise InputError(f"batch_size: --drift-reference predicts full-batch GD only; allowed: full, got {kw['batch_size']}")
+        if kw["relinearise"] or kw["kernel_subset"] is not None:
+            raise InputError("drift_reference: cannot be combined with --relinearise or --kernel-subset")
     ds, model = _load_inputs(kw)
     class_trace = kw["class_trace"]
     if class_trace is None:
@@ -275,6 +287,9 @@ def predict(**kw) -> None:
     else:
         prepared = load_state(kw["model"], ds, kopt, head_seed=kw["head_seed"], trainable=kw["trainable"],
                               device=kw["device"], cache=not kw["no_cache"])
+    if kw["drift_reference"] is not None:
+        _predict_with_drift(kw, ds, prepared)
+        return
     sim = SimOptions(method=kw["method"], momentum_mode=kw["momentum_mode"], noise=kw["noise"], paths=kw["paths"],
                      seed=kw["seed"], log_every=kw["log_every"])
     settings = PredictSettings(sim=sim, eps_mode=kw["eps_mode"])
@@ -333,10 +348,59 @@ def _emit_prediction(kw, ds, out: dict, detail: str) -> None:
                    f"predicted {v['predicted_steps']}, relative error {err}")
 
 
-def _predict_relinearised(kw, ds, model, kopt) -> None:
-    """``predict --relinearise``: the same output fields, from :func:`ttp_ray.relinearise.relinearised_curves`."""
+def _logged_points(count: int, log_every: int):
+    """Mask of the points of a per-step curve that ``--log-every`` keeps: every log_every-th, and the last one
+    reached (the budget, or the last before divergence)."""
     import numpy as np
 
+    keep = np.arange(count) % log_every == 0
+    keep[-1] = True
+    return keep
+
+
+def _predict_with_drift(kw, ds, prepared) -> None:
+    """``predict --drift-reference F``: one real reference run calibrates s(L), the frozen ODE is warped by it."""
+    import copy
+    import time
+
+    from .drift import calibrate_drift, simulate_with_drift
+    from .dynamics import SimConfig
+    from .finetune import FinetuneConfig, finetune, measure_step_time
+
+    cfg = SimConfig(lr=kw["lr"], momentum=kw["momentum"], batch_size=None, loss=kw["loss"])
+    ref = SimConfig(lr=kw["drift_reference"] * prepared.max_stable_lr(0.0), momentum=0.0, batch_size=None,
+                    loss=kw["loss"])
+    t0 = time.perf_counter()
+    real = finetune(copy.deepcopy(prepared.model), ds, FinetuneConfig(lr=ref.lr, loss=ref.loss, steps=kw["steps"],
+                                                                      trainable=kw["trainable"]),
+                    device=kw["device"], record_outputs=True)
+    ref_seconds = time.perf_counter() - t0
+    drift = calibrate_drift(prepared.state.to(device="cpu"), ref, real.loss, real.grad_norm_sq, real.outputs)
+    (res,) = simulate_with_drift(prepared.state, [cfg], kw["steps"], drift)
+    keep = _logged_points(len(res.steps), kw["log_every"])
+    steps, loss_c = res.steps[keep], res.loss[keep]
+    err_c = None if res.error is None else res.error[keep]
+    curves = {"loss": loss_c} if err_c is None else {"loss": loss_c, "error": err_c}
+    times = _curve_rows(steps, curves, kw, res.diverged)
+    step_time = measure_step_time(prepared.model, ds, None, kw["loss"], device=kw["device"], trainable=kw["trainable"])
+    out = {
+        **_prediction_header(kw, ds, cfg, res.diverged, res.loss, res.error, times, step_time),
+        "max_stable_lr": res.max_stable_lr, "method": res.method, "momentum_mode": res.momentum_mode,
+        "kernel": {k: v for k, v in prepared.state.meta.items() if isinstance(v, (int, float, str, bool, type(None)))},
+        "kernel_seconds": prepared.kernel_seconds, "kernel_cache_hit": prepared.cache_hit,
+        "simulate_seconds": res.seconds, "note": res.note,
+        "drift": {"reference_lr": ref.lr, "reference_fraction": kw["drift_reference"],
+                  "reference_diverged": bool(real.diverged), "reference_seconds": ref_seconds,
+                  "scale_min": float(drift.scale.min()), "scale_max": drift.max_scale},
+        "curve": {"steps": steps.tolist(), "loss": loss_c.tolist(), "error": None if err_c is None else err_c.tolist()},
+    }
+    _emit_prediction(kw, ds, out, f"method {res.method}: drift s(L) in [{drift.scale.min():.2f}, {drift.max_scale:.2f}] "
+                                  f"from a real reference run at lr {ref.lr:.4g} ({ref_seconds:.1f} s), kernel "
+                                  f"{prepared.kernel_seconds:.2f} s, simulation {res.seconds:.2f} s")
+
+
+def _predict_relinearised(kw, ds, model, kopt) -> None:
+    """``predict --relinearise``: the same output fields, from :func:`ttp_ray.relinearise.relinearised_curves`."""
     from .dynamics import SimConfig
     from .finetune import measure_step_time
     from .relinearise import RelinearisationOptions, relinearised_curves
@@ -347,8 +411,7 @@ def _predict_relinearised(kw, ds, model, kopt) -> None:
         raise InputError(str(e)) from None
     cfg = SimConfig(lr=kw["lr"], momentum=kw["momentum"], batch_size=None, loss=kw["loss"])
     res = relinearised_curves(model, ds, cfg, kw["steps"], opts, trainable=kw["trainable"], device=kw["device"])
-    keep = np.arange(len(res.steps)) % kw["log_every"] == 0
-    keep[-1] = True  # the last point reached (the budget, or the last before divergence) is always logged
+    keep = _logged_points(len(res.steps), kw["log_every"])
     steps, loss_c, err_c = res.steps[keep], res.loss[keep], res.error[keep]
     times = _curve_rows(steps, {"loss": loss_c, "error": err_c}, kw, res.diverged)
     step_time = measure_step_time(model, ds, None, kw["loss"], device=kw["device"], trainable=kw["trainable"])

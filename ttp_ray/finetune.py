@@ -72,6 +72,10 @@ class FinetuneResult:
     total_seconds: float
     device: str
     extra: Dict[str, float] = field(default_factory=dict)
+    # full batch only: ||grad_w L(w_t)||^2 at every step t that took a gradient (0 .. T-1; None for minibatches).
+    # Along gradient flow dL/dtau = -||grad L||^2: the real loss-decrease rate (ttp_ray.drift calibrates on it)
+    grad_norm_sq: Optional[np.ndarray] = None
+    outputs: Optional[np.ndarray] = None  # (steps, N, C) float32 f(w_t) at every step, when record_outputs (full batch)
 
     @property
     def batch_size(self) -> int:
@@ -95,8 +99,11 @@ def evaluate(model: torch.nn.Module, dataset: ImageDataset, loss: str, *, device
 
 
 def finetune(model: FinetuneModel, dataset: ImageDataset, config: FinetuneConfig, *, device="cpu",
-             eval_batch_size: int = 2048) -> FinetuneResult:
-    """Fine-tune ``model`` in place with SGD(lr, momentum), batch norm frozen; log full-set curves."""
+             eval_batch_size: int = 2048, record_outputs: bool = False) -> FinetuneResult:
+    """Fine-tune ``model`` in place with SGD(lr, momentum), batch norm frozen; log full-set curves.
+
+    ``record_outputs`` (full batch only) keeps f(w_t) at every step (``FinetuneResult.outputs``; N C floats a
+    step), which :func:`ttp_ray.drift.calibrate_drift` reads."""
     t_start = time.perf_counter()
     n = len(dataset)
     config.validate(n)
@@ -117,6 +124,8 @@ def finetune(model: FinetuneModel, dataset: ImageDataset, config: FinetuneConfig
     steps: List[int] = []
     losses: List[float] = []
     errors: List[float] = []
+    grad_sq: List[float] = []
+    outs: List[np.ndarray] = []
     diverged = False
     step_seconds = 0.0
     l0 = None
@@ -143,10 +152,13 @@ def finetune(model: FinetuneModel, dataset: ImageDataset, config: FinetuneConfig
             loss = loss_value(out, y_all, config.loss)
             if logging_now and not log(t, float(loss.detach()), float(error_rate(out.detach().double(), y_all))):
                 break
+            if record_outputs:
+                outs.append(out.detach().float().cpu().numpy())
             if t == config.steps:
                 break
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            grad_sq.append(float(sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None)))
             opt.step()
             step_seconds += time.perf_counter() - t0
         else:
@@ -175,6 +187,8 @@ def finetune(model: FinetuneModel, dataset: ImageDataset, config: FinetuneConfig
         config=config, n=n, steps=np.asarray(steps, dtype=np.int64), loss=np.asarray(losses),
         error=np.asarray(errors), diverged=diverged, step_time_s=step_seconds / n_steps,
         train_seconds=step_seconds, total_seconds=time.perf_counter() - t_start, device=str(device),
+        grad_norm_sq=np.asarray(grad_sq) if full_batch else None,
+        outputs=np.stack(outs) if outs else None,
     )
 
 
