@@ -114,6 +114,8 @@ BAD = [
     (dict(simulation={"eps_mode": "percent"}), "simulation.eps_mode"),
     (dict(simulation={"definition": "plateau"}), "simulation.window"),
     (dict(simulation={"method": "sde", "momentum_mode": "heavy_ball"}), "simulation.momentum_mode"),
+    (dict(simulation={"drift_reference": 1.5}), "simulation.drift_reference"),
+    (dict(simulation={"drift_reference": "half"}), "simulation.drift_reference"),
     (dict(cost={"step_time_steps": 0}), "cost.step_time_steps"),
     (dict(ground_truth={"seeds": [-1]}), "ground_truth.seeds"),
     (dict(ground_truth={"every": 0}), "ground_truth.every"),
@@ -378,3 +380,47 @@ def test_kernel_subset_shard_is_predicted_by_extrapolation():
     assert work.info()["n"] == 896
     df = next(work.predict_shard(s) for s in plan.shards()).predictions.to_pandas()
     assert set(df.method) == {"subset-extrapolated"} and df.predicted_steps.notna().all()
+
+
+def test_drift_reference_refuses_kernel_subset():
+    import yaml
+    from ttp_ray.sweep.spec import SpecError, parse_spec
+
+    d = yaml.safe_load(_SUBSET_SPEC)
+    d["simulation"] = {"drift_reference": 0.6}
+    with pytest.raises(SpecError, match="^simulation.drift_reference: .*allowed: null with kernel.subset"):
+        parse_spec(d)
+
+
+def test_drift_reference_warps_full_batch_configs_once_per_loss():
+    """simulation.drift_reference: one real reference run per (loss, budget) in the dataset's work, shared by
+    every full-batch config of that loss (method ode-drift); minibatch configs keep their simulator."""
+    import yaml
+    from ttp_ray.drift import DRIFT_METHOD
+    from ttp_ray.sweep.driver import plan_sweep, preflight
+    from ttp_ray.sweep.spec import parse_spec
+    from ttp_ray.sweep.work import DatasetWork, WorkerJob
+
+    spec = parse_spec(yaml.safe_load("""
+name: t
+model: digits-cnn
+datasets: [digits-5to9:subset=100]
+losses: [mse, ce]
+lr: {fraction_of_max_stable: [0.1, 0.5, 1.2]}
+momentum: [0.0, 0.9]
+batch_size: [full, 20]
+budget: {steps: 30}
+kernel: {k: 64}
+simulation: {paths: 2, drift_reference: 0.6}
+resources: {shard_size: 8}
+"""))
+    assert spec.simulation.drift_reference == 0.6
+    plan = plan_sweep(spec, preflight(spec))
+    work = DatasetWork(WorkerJob(spec, spec.datasets[0].label))
+    import pandas as pd
+    df = pd.concat([work.predict_shard(s).predictions.to_pandas() for s in plan.shards()])
+    assert sorted(work._drifts) == [("ce", 30), ("mse", 30)]  # one reference run per loss, for all shards
+    full = df[df.full_batch]
+    assert set(full.method) == {DRIFT_METHOD} and DRIFT_METHOD not in set(df[~df.full_batch].method)
+    assert full[full.lr_fraction > 1].diverged.all()  # beyond the limit: still flagged
+    assert full[full.lr_fraction < 1].predicted_steps.notna().any()

@@ -26,7 +26,8 @@ from .models import FinetuneModel, build_finetune_model
 from .state import KernelState
 from .training_time import CRITERIA, EPS_MODES, TIME_DEFINITIONS, curve_training_times
 
-__all__ = ["PredictSettings", "PreparedState", "PredictedConfig", "load_state", "predict_grid", "predict_one"]
+__all__ = ["PredictSettings", "PreparedState", "PredictedConfig", "load_state", "predict_grid", "predict_one",
+           "predicted_configs"]
 
 
 @dataclass(frozen=True)
@@ -139,8 +140,13 @@ def predict_grid(prepared, configs: Sequence[SimConfig], *, budget_steps: int, e
     for c in configs:
         if c.batch_size is not None and c.batch_size > n:
             raise ValueError(f"batch_size: must be in 1..{n} (the dataset size) or 'full', got {c.batch_size}")
-    sim = settings.sim
-    results = simulate(state, list(configs), budget_steps, sim)
+    return predicted_configs(simulate(state, list(configs), budget_steps, settings.sim), n, budget_steps=budget_steps,
+                             eps_list=eps_list, settings=settings)
+
+
+def predicted_configs(results: Sequence[SimResult], n: int, *, budget_steps: int, eps_list: Sequence[float],
+                      settings: PredictSettings = PredictSettings()) -> List[PredictedConfig]:
+    """T̂ε rows read off simulated curves (any simulator's :class:`SimResult`, e.g. ``ttp_ray.drift``'s)."""
     out = []
     for res in results:
         if not np.all(np.isfinite(res.loss)):  # the dynamics promise NaN-free curves; never pass one on

@@ -21,7 +21,10 @@ Every field, its default and its allowed values (``*`` marks the required ones):
                    seed: 0, dtype: float64, memory_cap_mb: 512, batch_size: null, head_seed: 0,
                    trainable: all, cache: true}
     simulation:   {method: auto, momentum_mode: auto, noise: rescaled, paths: 8, seed: 0, log_every: 1,
-                   eps_mode: absolute, definition: threshold, window: 0}
+                   eps_mode: absolute, definition: threshold, window: 0, drift_reference: null}
+                                       # drift_reference F in (0, 1]: full-batch configs predicted with the
+                                       # kernel drift of one real plain-GD run at F x max_stable_lr(0) per
+                                       # (dataset, loss, budget) (ttp_ray.drift); null: the frozen kernel
     cost:         {step_time_steps: 5, step_time_max_batch: 1024}
     ground_truth: off | on | {enabled: false, seeds: [0], every: null, max_configs: null, where: {},
                    log_every: null, cpus: 1, gpus: auto, max_retries: 1}
@@ -158,6 +161,9 @@ class SimulationSpec:
     eps_mode: str = "absolute"
     definition: str = "threshold"
     window: int = 0
+    # full-batch configs: calibrate the kernel's drift on one real plain-GD fine-tune at this fraction of
+    # max_stable_lr(0) per (dataset, loss, budget) and warp the frozen ODE (ttp_ray.drift); None: off
+    drift_reference: Optional[float] = None
 
     def sim_options(self):
         from ..dynamics import SimOptions
@@ -567,6 +573,11 @@ def _parse_simulation(value: Any) -> SimulationSpec:
             kw[key] = _integer(v, p, "an integer >= 1", 1)
         elif key in ("seed", "window"):
             kw[key] = _integer(v, p, "an integer >= 0", 0)
+        elif key == "drift_reference" and v is not None:
+            f = _number(v, p, "null or a fraction of max_stable_lr(0) in (0, 1]")
+            if not 0 < f <= 1:
+                _fail(p, f"{_show(v)} is not allowed", "null or a fraction of max_stable_lr(0) in (0, 1]")
+            kw[key] = f
     spec = SimulationSpec(**kw)
     if spec.definition == "plateau" and spec.window <= 0:
         _fail("simulation.window", "must be a positive number of steps with definition plateau", "an integer >= 1")
@@ -713,6 +724,8 @@ def parse_spec(data: Any) -> SweepSpec:
             _fail("batch_size", "kernel.subset predicts full-batch GD only", "[full] with kernel.subset")
         if tuple(spec.criteria) != ("loss",):
             _fail("criteria", "kernel.subset gives a loss curve only", "[loss] with kernel.subset")
+        if spec.simulation.drift_reference is not None:
+            _fail("simulation.drift_reference", "needs the full set's kernel, not kernel.subset", "null with kernel.subset")
     return spec
 
 

@@ -69,6 +69,7 @@ class DatasetWork:
         self.job = job
         self._prepared = None
         self._step_times: Dict[Tuple[int, str], float] = {}
+        self._drifts: Dict[Tuple[str, int], Any] = {}  # (loss, budget) -> ttp_ray.drift.KernelDrift
         self._settings = job.spec.simulation.settings(job.spec.criteria)
 
     # ------------------------------------------------------------------------------ state
@@ -144,15 +145,58 @@ class DatasetWork:
             self._step_times[key] = t * b / timed
         return self._step_times[key]
 
+    def drift(self, loss: str, budget: int):
+        """The kernel drift of one real plain-GD fine-tune at ``simulation.drift_reference`` x max_stable_lr(0)
+        for ``budget`` steps, calibrated once per (loss, budget) in this actor (``ttp_ray.drift``)."""
+        import copy
+
+        from ..dynamics import SimConfig
+        from ..drift import calibrate_drift
+        from ..finetune import FinetuneConfig, finetune
+
+        key = (loss, int(budget))
+        if key not in self._drifts:
+            p, spec = self.prepared, self.job.spec
+            ref = SimConfig(lr=spec.simulation.drift_reference * p.max_stable_lr(0.0), momentum=0.0, batch_size=None,
+                            loss=loss)
+            real = finetune(copy.deepcopy(p.model), p.dataset, FinetuneConfig(lr=ref.lr, loss=loss, steps=int(budget),
+                                                                              trainable=spec.kernel.trainable),
+                            device=self.job.device, record_outputs=True)
+            self._drifts[key] = calibrate_drift(p.state.to(device="cpu"), ref, real.loss, real.grad_norm_sq, real.outputs)
+        return self._drifts[key]
+
+    def _predict(self, sim_cfgs, budget: int):
+        """One vectorised prediction of ``sim_cfgs``; with ``simulation.drift_reference`` the full-batch configs
+        are warped by their loss's drift instead (``ttp_ray.drift``), the others simulated as usual."""
+        from ..drift import simulate_with_drift
+        from ..predict import predict_grid, predict_subset_grid, predicted_configs
+
+        spec, p = self.job.spec, self.prepared
+        eps = list(spec.eps)
+        if spec.simulation.drift_reference is None:
+            grid = predict_grid if spec.kernel.subset is None else predict_subset_grid
+            return grid(p, sim_cfgs, budget_steps=budget, eps_list=eps, settings=self._settings)
+        out: List[Any] = [None] * len(sim_cfgs)
+        full = [i for i, c in enumerate(sim_cfgs) if c.batch_size is None or c.batch_size >= p.n]
+        rest = [i for i in range(len(sim_cfgs)) if i not in set(full)]
+        for loss in sorted({sim_cfgs[i].loss for i in full}):
+            idx = [i for i in full if sim_cfgs[i].loss == loss]
+            res = simulate_with_drift(p.state, [sim_cfgs[i] for i in idx], budget, self.drift(loss, budget))
+            for i, pc in zip(idx, predicted_configs(res, p.n, budget_steps=budget, eps_list=eps, settings=self._settings)):
+                out[i] = pc
+        if rest:
+            for i, pc in zip(rest, predict_grid(p, [sim_cfgs[i] for i in rest], budget_steps=budget, eps_list=eps,
+                                                settings=self._settings)):
+                out[i] = pc
+        return out
+
     # ------------------------------------------------------------------------------ shards
     def predict_shard(self, shard: Shard) -> ShardOutput:
         """Predict every config of ``shard`` (grouped by budget, one vectorised call per budget)."""
-        from ..predict import predict_grid, predict_subset_grid
         from .output import as_table, curve_table
 
         self._maybe_crash(shard)
         t0 = time.perf_counter()
-        spec = self.job.spec
         p = self.prepared
         rows: List[Dict[str, Any]] = []
         curves: List[Dict[str, Any]] = []
@@ -160,9 +204,8 @@ class DatasetWork:
         for budget, cfgs in _by_budget(shard.configs):
             lrs = [resolve_lr(c, p.max_stable_lr) for c in cfgs]
             sim_cfgs = [sim_config(c, lr) for c, lr in zip(cfgs, lrs)]
-            grid = predict_grid if spec.kernel.subset is None else predict_subset_grid
-            predicted = grid(p, sim_cfgs, budget_steps=budget, eps_list=list(spec.eps), settings=self._settings)
-            sims += len({pc.result.group for pc in predicted})
+            predicted = self._predict(sim_cfgs, budget)
+            sims += len({(pc.result.method, pc.result.group) for pc in predicted})
             for c, pc in zip(cfgs, predicted):
                 rows += self._prediction_rows(shard, c, pc)
                 curves.append(_curve(c.config_id, "predicted", None, pc.result.steps, pc.result.loss,
