@@ -36,7 +36,7 @@ from ttp_ray.dynamics import SimConfig, SimOptions  # noqa: E402
 from ttp_ray.finetune import FinetuneConfig, finetune  # noqa: E402
 from ttp_ray.kernel import KernelOptions  # noqa: E402
 from ttp_ray.models import build_finetune_model  # noqa: E402
-from ttp_ray.predict import PredictSettings, load_state, predict_grid  # noqa: E402
+from ttp_ray.predict import PredictSettings, load_state, predict_grid, predicted_configs  # noqa: E402
 from ttp_ray.training_time import curve_training_times  # noqa: E402
 from ttp_ray.drift import DRIFT_METHOD, calibrate_drift, simulate_with_drift  # noqa: E402
 
@@ -75,6 +75,23 @@ def _finetune_job(job):
         lr=cfg.lr, momentum=cfg.momentum, batch_size=cfg.batch_size, loss=cfg.loss, steps=budget, seed=0,
         log_every=1 if cfg.batch_size is None else SGD_LOG_EVERY),
         record_outputs=cfg.batch_size is None and cfg.momentum == 0.0 and frac == REFERENCE_FRACTION)
+
+
+def _prediction_rows(real, ds_name, backbone, regime, n, method, cfgs, preds):
+    """One row per (config, criterion, eps): the prediction against the config's real T_eps."""
+    rows = []
+    for cfg, pred in zip(cfgs, preds):
+        frac, res, times = real[ds_name, backbone, cfg]
+        for p_row, r_row in zip(pred.rows, times):
+            rows.append({
+                "dataset": ds_name, "backbone": backbone, "loss": cfg.loss, "momentum": cfg.momentum,
+                "regime": regime, "batch_size": cfg.batch_size or n, "lr_fraction": frac, "lr": cfg.lr,
+                "method": method, "criterion": r_row["criterion"], "eps": r_row["eps"],
+                "real_steps": r_row["steps"], "pred_steps": p_row["predicted_steps"],
+                "real_diverged": res.diverged, "pred_diverged": pred.diverged,
+                "rel_error": relative_error(p_row["predicted_steps"], r_row["steps"]),
+            })
+    return rows
 
 
 def relative_error(pred, real):
@@ -165,18 +182,7 @@ def main() -> None:
                         preds = predict_grid(prep, cfgs, budget_steps=budget, eps_list=EPS,
                                              settings=PredictSettings(sim=opt, eps_mode=EPS_MODE))
                         predict_seconds += time.perf_counter() - t0
-                        for cfg, pred in zip(cfgs, preds):
-                            frac, res, times = real[ds_name, backbone, cfg]
-                            for p_row, r_row in zip(pred.rows, times):
-                                rows.append({
-                                    "dataset": ds_name, "backbone": backbone, "loss": cfg.loss,
-                                    "momentum": cfg.momentum, "regime": regime, "batch_size": cfg.batch_size or n,
-                                    "lr_fraction": frac, "lr": cfg.lr, "method": tag + name,
-                                    "criterion": r_row["criterion"], "eps": r_row["eps"],
-                                    "real_steps": r_row["steps"], "pred_steps": p_row["predicted_steps"],
-                                    "real_diverged": res.diverged, "pred_diverged": pred.diverged,
-                                    "rel_error": relative_error(p_row["predicted_steps"], r_row["steps"]),
-                                })
+                        rows += _prediction_rows(real, ds_name, backbone, regime, n, tag + name, cfgs, preds)
     # 3) GD with the kernel drift calibrated by one real run per (dataset, backbone, loss): the grid's own
     #    plain-GD config at REFERENCE_FRACTION x max_stable_lr(0) (its rows are flagged, and left out of the summary)
     drift_meta = {}
@@ -195,18 +201,10 @@ def main() -> None:
                 drift_meta[f"{ds_name}/{backbone}/{loss}"] = {"seconds": time.perf_counter() - t0,
                                                               "scale_min": float(drift.scale.min()),
                                                               "scale_max": drift.max_scale}
-                for cfg, sim in zip(cfgs, sims):
-                    frac, res, times = real[ds_name, backbone, cfg]
-                    pred = curve_training_times(sim.steps, {"loss": sim.loss, "error": sim.error}, EPS, budget=budget,
-                                                eps_mode=EPS_MODE, diverged=sim.diverged)
-                    for p_row, r_row in zip(pred, times):
-                        rows.append({
-                            "dataset": ds_name, "backbone": backbone, "loss": cfg.loss, "momentum": cfg.momentum,
-                            "regime": "GD", "batch_size": n, "lr_fraction": frac, "lr": cfg.lr, "method": DRIFT_METHOD,
-                            "criterion": r_row["criterion"], "eps": r_row["eps"], "real_steps": r_row["steps"],
-                            "pred_steps": p_row["steps"], "real_diverged": res.diverged, "pred_diverged": sim.diverged,
-                            "rel_error": relative_error(p_row["steps"], r_row["steps"]), "reference": cfg == ref,
-                        })
+                preds = predicted_configs(sims, n, budget_steps=budget, eps_list=EPS,
+                                          settings=PredictSettings(eps_mode=EPS_MODE))
+                rows += [{**r, "reference": r["momentum"] == 0.0 and r["lr_fraction"] == REFERENCE_FRACTION}
+                         for r in _prediction_rows(real, ds_name, backbone, "GD", n, DRIFT_METHOD, cfgs, preds)]
     df = pd.DataFrame(rows)
     df["reference"] = df["reference"].fillna(False).astype(bool) if "reference" in df else False
     out_dir = ROOT / "runs" / "bench"

@@ -63,7 +63,7 @@ def test_head_only_drift_is_one(small, loss):
     np.testing.assert_allclose(drift.scale, 1.0, atol=1e-6)
     # unnormalised, the quotient itself is 1: N^2 ||grad L||^2 = G^T Θ G (the conventions agree)
     G = output_gradient(torch.as_tensor(real.outputs[7], dtype=torch.float64), prep.state.targets, loss)
-    assert len(small) ** 2 * real.grad_norm_sq[7] == pytest.approx(kernel_quadratic(prep.state, G), rel=1e-6)
+    assert len(small) ** 2 * real.grad_norm_sq[7] == pytest.approx(kernel_quadratic(prep.state)(G), rel=1e-6)
 
 
 def test_warp_with_constant_scale_rescales_time(small):

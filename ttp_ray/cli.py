@@ -360,22 +360,17 @@ def _logged_points(count: int, log_every: int):
 
 def _predict_with_drift(kw, ds, prepared) -> None:
     """``predict --drift-reference F``: one real reference run calibrates s(L), the frozen ODE is warped by it."""
-    import copy
     import time
 
-    from .drift import calibrate_drift, simulate_with_drift
+    from .drift import reference_drift, simulate_with_drift
     from .dynamics import SimConfig
-    from .finetune import FinetuneConfig, finetune, measure_step_time
+    from .finetune import measure_step_time
 
     cfg = SimConfig(lr=kw["lr"], momentum=kw["momentum"], batch_size=None, loss=kw["loss"])
-    ref = SimConfig(lr=kw["drift_reference"] * prepared.max_stable_lr(0.0), momentum=0.0, batch_size=None,
-                    loss=kw["loss"])
     t0 = time.perf_counter()
-    real = finetune(copy.deepcopy(prepared.model), ds, FinetuneConfig(lr=ref.lr, loss=ref.loss, steps=kw["steps"],
-                                                                      trainable=kw["trainable"]),
-                    device=kw["device"], record_outputs=True)
+    drift, real = reference_drift(prepared.model, ds, prepared.state, kw["loss"], kw["drift_reference"], kw["steps"],
+                                  trainable=kw["trainable"], device=kw["device"])
     ref_seconds = time.perf_counter() - t0
-    drift = calibrate_drift(prepared.state.to(device="cpu"), ref, real.loss, real.grad_norm_sq, real.outputs)
     (res,) = simulate_with_drift(prepared.state, [cfg], kw["steps"], drift)
     keep = _logged_points(len(res.steps), kw["log_every"])
     steps, loss_c = res.steps[keep], res.loss[keep]
@@ -389,13 +384,13 @@ def _predict_with_drift(kw, ds, prepared) -> None:
         "kernel": {k: v for k, v in prepared.state.meta.items() if isinstance(v, (int, float, str, bool, type(None)))},
         "kernel_seconds": prepared.kernel_seconds, "kernel_cache_hit": prepared.cache_hit,
         "simulate_seconds": res.seconds, "note": res.note,
-        "drift": {"reference_lr": ref.lr, "reference_fraction": kw["drift_reference"],
+        "drift": {"reference_lr": real.config.lr, "reference_fraction": kw["drift_reference"],
                   "reference_diverged": bool(real.diverged), "reference_seconds": ref_seconds,
                   "scale_min": float(drift.scale.min()), "scale_max": drift.max_scale},
         "curve": {"steps": steps.tolist(), "loss": loss_c.tolist(), "error": None if err_c is None else err_c.tolist()},
     }
     _emit_prediction(kw, ds, out, f"method {res.method}: drift s(L) in [{drift.scale.min():.2f}, {drift.max_scale:.2f}] "
-                                  f"from a real reference run at lr {ref.lr:.4g} ({ref_seconds:.1f} s), kernel "
+                                  f"from a real reference run at lr {real.config.lr:.4g} ({ref_seconds:.1f} s), kernel "
                                   f"{prepared.kernel_seconds:.2f} s, simulation {res.seconds:.2f} s")
 
 

@@ -25,18 +25,21 @@ size too). ODE with the effective learning rate only: a warp of a discrete map w
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .dynamics import SimConfig, SimOptions, SimResult, simulate
+from .finetune import FinetuneConfig, FinetuneResult, finetune
 from .objectives import output_gradient
 
 __all__ = ["DriftOptions", "KernelDrift", "calibrate_drift", "warp_curves", "simulate_with_drift", "kernel_quadratic",
+           "reference_drift",
            "DRIFT_METHOD"]
 
 DRIFT_METHOD = "ode-drift"
@@ -98,14 +101,18 @@ def _long_ode(state, configs: Sequence[SimConfig], horizon: int, options: DriftO
     return simulate(state, configs, horizon, SimOptions(method="ode", momentum_mode="elr", log_every=every))
 
 
-def kernel_quadratic(state, G: torch.Tensor) -> float:
-    """``G^T Θ0 G`` for an ``(N, C)`` output gradient, with Θ0 the state's eigendecomposition
-    (class trace: ``Θ_N (x) I_C``, so the classes add up)."""
-    V = state.eigvecs.to(torch.float64)
-    lam = state.eigvals.to(torch.float64).clamp_min(0)
-    G = G.to(torch.float64)
-    proj = V.T @ G if state.class_trace else (V.T @ G.reshape(-1)).unsqueeze(1)  # (r, C) or (r, 1)
-    return float((lam.unsqueeze(1) * proj.pow(2)).sum())
+def kernel_quadratic(state) -> Callable[[torch.Tensor], float]:
+    """``G -> G^T Θ0 G`` for ``(N, C)`` output gradients, with Θ0 the state's eigendecomposition (class
+    trace: ``Θ_N (x) I_C``, so the classes add up); the eigenpairs are converted once, on the CPU."""
+    V = state.eigvecs.to(device="cpu", dtype=torch.float64)
+    lam = state.eigvals.to(device="cpu", dtype=torch.float64).clamp_min(0).unsqueeze(1)
+
+    def quadratic(G: torch.Tensor) -> float:
+        G = G.to(device="cpu", dtype=torch.float64)
+        proj = V.T @ G if state.class_trace else (V.T @ G.reshape(-1)).unsqueeze(1)  # (r, C) or (r, 1)
+        return float((lam * proj.pow(2)).sum())
+
+    return quadratic
 
 
 def calibrate_drift(state, reference: SimConfig, loss: np.ndarray, grad_norm_sq: np.ndarray, outputs: np.ndarray,
@@ -128,12 +135,13 @@ def calibrate_drift(state, reference: SimConfig, loss: np.ndarray, grad_norm_sq:
     m = min(len(grad_norm_sq), len(outputs), len(loss))
     if m < 2:
         raise ValueError("reference: needs at least two steps with gradients")
-    y = state.targets.long()
+    y = state.targets.long().cpu()
     n = state.n
+    quadratic = kernel_quadratic(state)
     s = np.empty(m)
     for t in range(m):
         G = output_gradient(torch.as_tensor(outputs[t], dtype=torch.float64), y, reference.loss)
-        s[t] = n * n * float(grad_norm_sq[t]) / max(kernel_quadratic(state, G), 1e-300)
+        s[t] = n * n * float(grad_norm_sq[t]) / max(quadratic(G), 1e-300)
     s = _running_median(s / s[0], options.smooth)
     s[0] = 1.0  # at w0 the frozen kernel is the real one by definition (the smoothing must not move it)
     levels = np.asarray(loss[:m], dtype=np.float64)
@@ -141,6 +149,19 @@ def calibrate_drift(state, reference: SimConfig, loss: np.ndarray, grad_norm_sq:
     return KernelDrift(loss=reference.loss, levels=levels[order], scale=np.maximum(s[order], 1e-6),
                        reference={"lr": float(reference.lr), "momentum": float(reference.momentum), "steps": float(m)},
                        seconds=time.perf_counter() - t0)
+
+
+def reference_drift(model, dataset, state, loss: str, fraction: float, budget_steps: int, *, trainable: str = "all",
+                    device: str = "cpu", options: DriftOptions = DriftOptions()) -> Tuple[KernelDrift, FinetuneResult]:
+    """Run the reference for real (plain full-batch GD at ``fraction`` x max_stable_lr(0) of ``state``, ``budget_steps``
+    steps, on a copy of ``model``) and calibrate ``s(L)`` on it; returns the drift and the run."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction: must be a fraction of max_stable_lr(0) in (0, 1], got {fraction}")
+    ref = SimConfig(lr=fraction * state.max_stable_lr(0.0), momentum=0.0, batch_size=None, loss=loss)
+    real = finetune(copy.deepcopy(model), dataset, FinetuneConfig(lr=ref.lr, loss=loss, steps=int(budget_steps),
+                                                                  trainable=trainable),
+                    device=device, record_outputs=True)
+    return calibrate_drift(state, ref, real.loss, real.grad_norm_sq, real.outputs, options), real
 
 
 def warp_curves(lin: SimResult, drift: KernelDrift, budget_steps: int, options: DriftOptions = DriftOptions()

@@ -148,21 +148,13 @@ class DatasetWork:
     def drift(self, loss: str, budget: int):
         """The kernel drift of one real plain-GD fine-tune at ``simulation.drift_reference`` x max_stable_lr(0)
         for ``budget`` steps, calibrated once per (loss, budget) in this actor (``ttp_ray.drift``)."""
-        import copy
-
-        from ..dynamics import SimConfig
-        from ..drift import calibrate_drift
-        from ..finetune import FinetuneConfig, finetune
+        from ..drift import reference_drift
 
         key = (loss, int(budget))
         if key not in self._drifts:
             p, spec = self.prepared, self.job.spec
-            ref = SimConfig(lr=spec.simulation.drift_reference * p.max_stable_lr(0.0), momentum=0.0, batch_size=None,
-                            loss=loss)
-            real = finetune(copy.deepcopy(p.model), p.dataset, FinetuneConfig(lr=ref.lr, loss=loss, steps=int(budget),
-                                                                              trainable=spec.kernel.trainable),
-                            device=self.job.device, record_outputs=True)
-            self._drifts[key] = calibrate_drift(p.state.to(device="cpu"), ref, real.loss, real.grad_norm_sq, real.outputs)
+            self._drifts[key] = reference_drift(p.model, p.dataset, p.state, loss, spec.simulation.drift_reference,
+                                                budget, trainable=spec.kernel.trainable, device=self.job.device)[0]
         return self._drifts[key]
 
     def _predict(self, sim_cfgs, budget: int):
@@ -177,8 +169,9 @@ class DatasetWork:
             grid = predict_grid if spec.kernel.subset is None else predict_subset_grid
             return grid(p, sim_cfgs, budget_steps=budget, eps_list=eps, settings=self._settings)
         out: List[Any] = [None] * len(sim_cfgs)
-        full = [i for i, c in enumerate(sim_cfgs) if c.batch_size is None or c.batch_size >= p.n]
-        rest = [i for i in range(len(sim_cfgs)) if i not in set(full)]
+        is_full = [c.batch_size is None or c.batch_size >= p.n for c in sim_cfgs]
+        full = [i for i, f in enumerate(is_full) if f]
+        rest = [i for i, f in enumerate(is_full) if not f]
         for loss in sorted({sim_cfgs[i].loss for i in full}):
             idx = [i for i in full if sim_cfgs[i].loss == loss]
             res = simulate_with_drift(p.state, [sim_cfgs[i] for i in idx], budget, self.drift(loss, budget))
