@@ -36,9 +36,10 @@ from ttp_ray.dynamics import SimConfig, SimOptions  # noqa: E402
 from ttp_ray.finetune import FinetuneConfig, finetune  # noqa: E402
 from ttp_ray.kernel import KernelOptions  # noqa: E402
 from ttp_ray.models import build_finetune_model  # noqa: E402
-from ttp_ray.predict import PredictSettings, load_state, predict_grid, predicted_configs  # noqa: E402
+from ttp_ray.predict import PredictSettings  # noqa: E402
+from ttp_ray.predictors import PredictionInputs, get_predictor  # noqa: E402
 from ttp_ray.training_time import curve_training_times  # noqa: E402
-from ttp_ray.drift import DRIFT_METHOD, calibrate_drift, simulate_with_drift  # noqa: E402
+from ttp_ray.drift import DRIFT_METHOD  # noqa: E402
 
 EPS = (0.05, 0.01)  # relative to the curve's own drop L_0 - L_T
 EPS_MODE = "relative"
@@ -143,7 +144,8 @@ def main() -> None:
         ds = load_dataset(ds_name)
         size[ds_name] = len(ds)
         for backbone in backbones:
-            states[ds_name, backbone] = {tag: load_state(backbone, ds, k) for tag, k in kernels.items()}
+            states[ds_name, backbone] = {tag: get_predictor("frozen").prepare(PredictionInputs(backbone, ds, k))
+                                         for tag, k in kernels.items()}
             default = states[ds_name, backbone][""]
             for loss in ("mse", "ce"):
                 for momentum in (0.0, 0.9):
@@ -179,30 +181,29 @@ def main() -> None:
                             continue  # the full kernel is compared on the default methods only
                         opt = SimOptions(**{**opt.__dict__, "log_every": log_every})
                         t0 = time.perf_counter()
-                        preds = predict_grid(prep, cfgs, budget_steps=budget, eps_list=EPS,
+                        preds = prep.predict(cfgs, budget_steps=budget, eps_list=EPS,
                                              settings=PredictSettings(sim=opt, eps_mode=EPS_MODE))
                         predict_seconds += time.perf_counter() - t0
                         rows += _prediction_rows(real, ds_name, backbone, regime, n, tag + name, cfgs, preds)
     # 3) GD with the kernel drift calibrated by one real run per (dataset, backbone, loss): the grid's own
     #    plain-GD config at REFERENCE_FRACTION x max_stable_lr(0) (its rows are flagged, and left out of the summary)
     drift_meta = {}
+    drift_predictor = get_predictor("drift", reference_fraction=REFERENCE_FRACTION)
     for ds_name in datasets:
         for backbone in backbones:
-            prep = states[ds_name, backbone][""]
+            prep = drift_predictor.rebind(states[ds_name, backbone][""])  # the same kernel state, drift-warped
             n = prep.n
             for loss in ("mse", "ce"):
                 cfgs = [c for (d, b, c) in real if (d, b) == (ds_name, backbone) and c.batch_size is None and c.loss == loss]
                 ref = next(c for c in cfgs if c.momentum == 0.0 and real[ds_name, backbone, c][0] == REFERENCE_FRACTION)
                 ref_res = real[ds_name, backbone, ref][1]
                 t0 = time.perf_counter()
-                drift = calibrate_drift(prep.state, ref, ref_res.loss, ref_res.grad_norm_sq, ref_res.outputs)
-                sims = simulate_with_drift(prep.state, cfgs, budget, drift)
+                drift = drift_predictor.use_reference(prep, loss, budget, ref, ref_res)  # the grid's own run
+                preds = prep.predict(cfgs, budget_steps=budget, eps_list=EPS, settings=PredictSettings(eps_mode=EPS_MODE))
                 predict_seconds += time.perf_counter() - t0
                 drift_meta[f"{ds_name}/{backbone}/{loss}"] = {"seconds": time.perf_counter() - t0,
                                                               "scale_min": float(drift.scale.min()),
                                                               "scale_max": drift.max_scale}
-                preds = predicted_configs(sims, n, budget_steps=budget, eps_list=EPS,
-                                          settings=PredictSettings(eps_mode=EPS_MODE))
                 rows += [{**r, "reference": r["momentum"] == 0.0 and r["lr_fraction"] == REFERENCE_FRACTION}
                          for r in _prediction_rows(real, ds_name, backbone, "GD", n, DRIFT_METHOD, cfgs, preds)]
     df = pd.DataFrame(rows)

@@ -155,14 +155,15 @@ def stratified_sample(configs, k: Optional[int], seed: int) -> List:
 
 
 def finetune_configs(spec, plan, max_stable: Dict[str, Dict[str, float]], sample) -> List[dict]:
+    from ttp_ray.stability import max_stable_lr
     from ttp_ray.sweep.plan import GroundTruthRun, resolve_lr
     from ttp_ray.sweep.work import GroundTruthJob, run_ground_truth
 
     rows = []
     for i, c in enumerate(sample):
         msl = max_stable[c.dataset]
-        lr = resolve_lr(c, lambda m: msl[repr(float(m))])
-        job = GroundTruthJob(spec, GroundTruthRun(c, 0), lr, msl[repr(float(c.momentum))])
+        lr = resolve_lr(c, lambda m: max_stable_lr(*msl, m))
+        job = GroundTruthJob(spec, GroundTruthRun(c, 0), lr, max_stable_lr(*msl, c.momentum))
         t0, c0 = time.perf_counter(), time.process_time()
         out = run_ground_truth(job)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -240,7 +241,7 @@ def main(argv=None) -> None:
         # ---------------------------------------------------------------- prediction
         log(f"prediction: {n_cfg} configs over {labels}, local Ray with {args.num_cpus} CPU(s)")
         warm = timed_sweep(prediction_spec(spec, cache=True), root, "warm", args.num_cpus)  # stores the kernel
-        max_stable = {k: v["max_stable_lr"] for k, v in warm["datasets"].items()}
+        max_stable = {k: v["limit"] for k, v in warm["datasets"].items()}
         grid = {"computed": [], "cached": []}
         for i in range(repeats):
             for variant in ("computed", "cached"):

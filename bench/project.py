@@ -80,19 +80,20 @@ ENGINE_CLASS = {("discrete", "mse"): "GD-MSE", ("discrete", "ce"): "GD-CE", ("sd
 
 def engine_counts(spec, dplan) -> Dict[str, Dict[str, float]]:
     """Configs per engine class and their Euler-Maruyama substeps, as ``simulate`` will resolve them."""
-    from ttp_ray.dynamics import _hess_bound, _resolve
+    from ttp_ray.dynamics import resolve_plan
+    from ttp_ray.stability import elr_stability_ratio, max_stable_lr
     from ttp_ray.sweep.plan import resolve_lr, sim_config
 
     n = dplan.size.n
     opt = spec.simulation.sim_options()
     out: Dict[str, Dict[str, float]] = {}
     for c in dplan.configs:
-        cfg = sim_config(c, resolve_lr(c, lambda m: 2.0 * (1.0 + m) * n))  # lambda_max = 1: exact for fractions
-        pl = _resolve(cfg, opt, n, 1.0)
+        cfg = sim_config(c, resolve_lr(c, lambda m: max_stable_lr(1.0, n, m)))  # lambda_max = 1: exact for fractions
+        pl = resolve_plan(cfg, opt, n, 1.0)
         cls = ENGINE_CLASS[(pl.method, pl.loss)]
         sub = 1
         if pl.method == "sde":
-            x = pl.eta_eff * _hess_bound(pl.loss) / n
+            x = elr_stability_ratio(pl.eta_eff, 1.0, n, pl.loss)
             sub = 1 if x < 2.0 else int(math.ceil(x))
         d = out.setdefault(cls, {"configs": 0, "step_units": 0.0})
         d["configs"] += 1

@@ -139,7 +139,13 @@ def test_predict_cli_with_drift_reference(capsys):
     assert d["drift"]["reference_fraction"] == 0.6 and d["drift"]["scale_min"] > 0
     assert d["drift"]["reference_lr"] == pytest.approx(0.6 * d["max_stable_lr"] / 1.9)  # max_stable_lr(0) = limit(m) / (1 + m)
     assert {r["criterion"] for r in d["training_times"]} == {"loss", "error"}
-    code, _, err = run_cli(args + ["--drift-reference", "0.6", "--batch-size", "16"], capsys)
-    assert code == 2 and err.strip().startswith("error: batch_size:") and "Traceback" not in err
+    assert d["predictor"] == "drift" and d["extra_work"]["finetune_steps"] == 30
+    # one rule for predict and sweeps: a config the drift predictor does not simulate goes to its fallback
+    code, out, err = run_cli(args + ["--predictor", "drift", "--batch-size", "16", "--json"], capsys)
+    assert code == 0 and "Traceback" not in err
+    d = json.loads(out)
+    assert d["method"] in ("sde", "minibatch") and "drift" not in d and d["extra_work"] == {}
+    code, _, err = run_cli(args + ["--drift-reference", "0.6", "--relinearise"], capsys)
+    assert code == 2 and err.strip().startswith("error: predictor:")
     code, _, err = run_cli(args + ["--drift-reference", "1.5"], capsys)
     assert code == 2 and err.strip().startswith("error: drift_reference:")

@@ -195,126 +195,152 @@ def finetune(**kw) -> None:
 
 
 def prediction_options(f):
-    """Kernel and dynamics options of ``predict`` (defaults are those of KernelOptions / SimOptions)."""
-    from .dynamics import METHODS, MOMENTUM_MODES, NOISE_MODELS
+    """Kernel, dynamics and predictor options of ``predict`` (defaults are those of the core dataclasses)."""
+    from .dynamics import METHODS, MOMENTUM_MODES, NOISE_MODELS, SimOptions
     from .kernel import KernelOptions
+    from .predictors import DEFAULT_PREDICTOR, PREDICTORS
     from .relinearise import RelinearisationOptions
 
-    d = KernelOptions()
-    r = RelinearisationOptions()
+    d, r, s = KernelOptions(), RelinearisationOptions(), SimOptions()
     opts = [
-        click.option("--method", type=click.Choice(METHODS), default="auto", show_default=True,
+        click.option("--predictor", type=click.Choice(list(PREDICTORS)), default=None,
+                     help=f"How to predict (ttp_ray.predictors) [default: {DEFAULT_PREDICTOR}]: frozen kernel; subset "
+                          "(spectrum extrapolated from --subset-size samples); drift (one real reference run warps "
+                          "the frozen ODE); relinearised (per config); flow (one re-linearised path per loss). "
+                          "Configs a predictor does not simulate go to its fallback (frozen)."),
+        click.option("--method", type=click.Choice(METHODS), default=s.method, show_default=True,
                      help="Dynamics: ode, discrete (GD), sde, minibatch (SGD); auto picks discrete / sde."),
-        click.option("--momentum-mode", type=click.Choice(MOMENTUM_MODES), default="auto", show_default=True,
+        click.option("--momentum-mode", type=click.Choice(MOMENTUM_MODES), default=s.momentum_mode, show_default=True,
                      help="elr: lr/(1-m) (paper); heavy_ball: exact momentum."),
-        click.option("--noise", type=click.Choice(NOISE_MODELS), default="rescaled", show_default=True,
+        click.option("--noise", type=click.Choice(NOISE_MODELS), default=s.noise, show_default=True,
                      help="SDE noise: rescaled by L_t/L_0 (paper) or constant (ablation)."),
-        click.option("--paths", type=int, default=8, show_default=True, help="SDE / minibatch sample paths."),
+        click.option("--paths", type=int, default=s.paths, show_default=True, help="SDE / minibatch sample paths."),
         click.option("--kernel-method", type=click.Choice(["sketch", "exact"]), default=d.method, show_default=True),
         click.option("--projection", default=d.projection, show_default=True, help="Sketch projection kind."),
         click.option("--k", "sketch_k", type=int, default=d.k, show_default=True, help="Sketch width k."),
         click.option("--class-trace/--full-kernel", default=None,
                      help="Class-trace kernel Theta_N (x) I_C instead of the full NC x NC kernel "
-                          "[default: class trace; full kernel with --relinearise]."),
+                          "[default: class trace; the full kernel for the relinearised and flow predictors]."),
         click.option("--kernel-seed", type=int, default=d.seed, show_default=True),
         click.option("--no-cache", is_flag=True, help="Recompute the kernel even if a cached state exists."),
         click.option("--validate", is_flag=True, help="Also fine-tune for real and print the relative error."),
-        click.option("--relinearise", is_flag=True,
-                     help="Full-batch GD only: re-linearise along the predicted trajectory (one kernel per "
-                          "segment, segments sized by local error control; ttp_ray.relinearise). Costs a "
-                          "sizeable fraction of the fine-tuning it predicts."),
+        click.option("--subset-size", type=int, default=None, metavar="N0",
+                     help="subset predictor: the kernel of a seeded subset of N0 samples (METHOD.md §7)."),
+        click.option("--subset-alpha", type=float, default=None,
+                     help="subset predictor: exponent correction alpha [default: ttp_ray.subset.DEFAULT_ALPHA]."),
+        click.option("--reference-fraction", type=float, default=None, metavar="FRACTION",
+                     help="drift / flow predictors: the reference run's lr as a fraction of max_stable_lr(0) "
+                          "[default: the predictor's]."),
         click.option("--relin-tolerance", type=float, default=r.tolerance, show_default=True,
-                     help="--relinearise: accepted ||f(w') - f(w_k) - J_k dw|| / ||J_k dw|| per segment."),
+                     help="relinearised / flow: accepted ||f(w') - f(w_k) - J_k dw|| / ||J_k dw|| per segment."),
         click.option("--max-kernels", type=int, default=r.max_kernels, show_default=True,
-                     help="--relinearise: kernel sketches per prediction at most."),
-        click.option("--drift-reference", type=float, default=None, metavar="FRACTION",
-                     help="Full-batch GD: calibrate the kernel's drift on one real plain-GD fine-tune at FRACTION "
-                          "x max_stable_lr(0) (same loss and budget), then warp the frozen ODE (ttp_ray.drift). "
-                          "Costs one real fine-tune per (dataset, loss), which a grid of configs would share."),
+                     help="relinearised / flow: kernel sketches per prediction at most."),
+        # old spellings, kept as aliases (a deprecation note is printed)
+        click.option("--relinearise", is_flag=True, hidden=True, help="Deprecated: --predictor relinearised."),
+        click.option("--drift-reference", type=float, default=None, hidden=True,
+                     help="Deprecated: --predictor drift --reference-fraction F."),
+        click.option("--kernel-subset", type=int, default=None, hidden=True,
+                     help="Deprecated: --predictor subset --subset-size N0."),
+        click.option("--kernel-subset-alpha", type=float, default=None, hidden=True,
+                     help="Deprecated: --subset-alpha."),
     ]
     for opt in reversed(opts):
         f = opt(f)
     return f
 
 
+_ALIASES = {  # old flag -> (predictor, its option, the new spelling)
+    "relinearise": ("relinearised", None, "--predictor relinearised"),
+    "drift_reference": ("drift", "reference_fraction", "--predictor drift --reference-fraction F"),
+    "kernel_subset": ("subset", "size", "--predictor subset --subset-size N0"),
+}
+
+
+def _chosen_predictor(kw):
+    """The predictor ``predict`` runs: ``--predictor`` and its options, or an old spelling (with a note)."""
+    from .predictors import get_predictor
+    from .relinearise import RelinearisationOptions
+
+    name, options, notes = kw["predictor"], {}, []
+    for flag, (alias, option, spelling) in _ALIASES.items():
+        value = kw[flag]
+        if value is None or value is False:
+            continue
+        if name is not None and name != alias:
+            raise InputError(f"predictor: --{flag.replace('_', '-')} selects {alias!r}, cannot be combined with {name!r}")
+        name = alias
+        if option is not None:
+            options[option] = value
+        notes.append(f"note: --{flag.replace('_', '-')} is deprecated; use {spelling}")
+    if kw["kernel_subset_alpha"] is not None:
+        kw["subset_alpha"] = kw["kernel_subset_alpha"]
+        notes.append("note: --kernel-subset-alpha is deprecated; use --subset-alpha")
+    if name == "subset":
+        options.setdefault("size", kw["subset_size"] if kw["subset_size"] is not None else 0)
+        if kw["subset_alpha"] is not None:
+            options["alpha"] = kw["subset_alpha"]
+    if name in ("drift", "flow") and kw["reference_fraction"] is not None:
+        options.setdefault("reference_fraction", kw["reference_fraction"])
+    if name in ("relinearised", "flow"):
+        options["options"] = RelinearisationOptions(tolerance=kw["relin_tolerance"], max_kernels=kw["max_kernels"])
+    return get_predictor(name, **options), notes
+
+
 @cli.command()
 @common_run_options
 @prediction_options
-@click.option("--kernel-subset", type=int, default=None,
-              help="Kernel of a seeded subset of N0 samples only; the full set's spectrum is extrapolated "
-                   "(METHOD.md §7; mse, full-batch GD; loss curve only).")
-@click.option("--kernel-subset-alpha", type=float, default=None,
-              help="Exponent correction alpha of --kernel-subset [default: ttp_ray.subset.DEFAULT_ALPHA].")
 def predict(**kw) -> None:
     """Predict the loss/error curve and T_eps without training (Algorithm 1); --validate trains too."""
     from .dynamics import SimConfig, SimOptions
     from .finetune import measure_step_time
     from .kernel import KernelOptions
-    from .predict import PredictSettings, load_state, load_subset_state, predict_one, predict_subset_one
+    from .predict import PredictSettings
+    from .predictors import PredictionInputs
 
     if kw["paths"] <= 0:
         raise InputError(f"paths: must be a positive integer, got {kw['paths']}")
     if kw["sketch_k"] <= 0:
         raise InputError(f"k: must be a positive integer, got {kw['sketch_k']}")
-    if kw["relinearise"] and kw["kernel_subset"] is not None:
-        raise InputError("relinearise: cannot be combined with --kernel-subset (it needs the full set's kernel)")
-    if kw["relinearise"] and kw["batch_size"] is not None:
-        raise InputError(f"batch_size: --relinearise simulates full-batch GD only; allowed: full, got {kw['batch_size']}")
-    if kw["drift_reference"] is not None:
-        f = kw["drift_reference"]
-        if not (0 < f <= 1):
-            raise InputError(f"drift_reference: must be a fraction of max_stable_lr(0) in (0, 1], got {f}")
-        if kw["batch_size"] is not None:
-            raise InputError(f"batch_size: --drift-reference predicts full-batch GD only; allowed: full, got {kw['batch_size']}")
-        if kw["relinearise"] or kw["kernel_subset"] is not None:
-            raise InputError("drift_reference: cannot be combined with --relinearise or --kernel-subset")
-    ds, model = _load_inputs(kw)
+    predictor, notes = _chosen_predictor(kw)
+    ds, _ = _load_inputs(kw)
     class_trace = kw["class_trace"]
     if class_trace is None:
-        class_trace = False if kw["relinearise"] else KernelOptions().class_trace
+        class_trace = False if predictor.needs_full_kernel else KernelOptions().class_trace
     kopt = KernelOptions(method=kw["kernel_method"], projection=kw["projection"], k=kw["sketch_k"],
                          class_trace=class_trace, seed=kw["kernel_seed"])
-    if kw["relinearise"]:
-        _predict_relinearised(kw, ds, model, kopt)
-        return
-    if kw["kernel_subset"] is not None:  # issue 5: extrapolate the full set's spectrum from a subset
-        from .subset import DEFAULT_ALPHA, SubsetOptions
-
-        alpha = DEFAULT_ALPHA if kw["kernel_subset_alpha"] is None else kw["kernel_subset_alpha"]
-        prepared = load_subset_state(kw["model"], ds, kw["kernel_subset"], kopt, options=SubsetOptions(alpha=alpha),
-                                     head_seed=kw["head_seed"], trainable=kw["trainable"], device=kw["device"],
-                                     cache=not kw["no_cache"])
-    else:
-        prepared = load_state(kw["model"], ds, kopt, head_seed=kw["head_seed"], trainable=kw["trainable"],
-                              device=kw["device"], cache=not kw["no_cache"])
-    if kw["drift_reference"] is not None:
-        _predict_with_drift(kw, ds, prepared)
-        return
+    cfg = SimConfig(lr=kw["lr"], momentum=kw["momentum"], batch_size=kw["batch_size"], loss=kw["loss"])
+    prepared = predictor.prepare(PredictionInputs(model=kw["model"], dataset=ds, kernel=kopt, head_seed=kw["head_seed"],
+                                                  trainable=kw["trainable"], device=kw["device"],
+                                                  cache=not kw["no_cache"], allow_download=kw["download"]))
     sim = SimOptions(method=kw["method"], momentum_mode=kw["momentum_mode"], noise=kw["noise"], paths=kw["paths"],
                      seed=kw["seed"], log_every=kw["log_every"])
     settings = PredictSettings(sim=sim, eps_mode=kw["eps_mode"])
-    cfg = SimConfig(lr=kw["lr"], momentum=kw["momentum"], batch_size=kw["batch_size"], loss=kw["loss"])
-    predict_fn = predict_one if kw["kernel_subset"] is None else predict_subset_one
-    pred = predict_fn(prepared, cfg, budget_steps=kw["steps"], eps_list=kw["eps_list"], settings=settings)
+    (pred,) = prepared.predict([cfg], budget_steps=kw["steps"], eps_list=kw["eps_list"], settings=settings)
     res = pred.result
     step_time = measure_step_time(prepared.model, ds, kw["batch_size"], kw["loss"], device=kw["device"],
                                   trainable=kw["trainable"])
     times = [{"criterion": r["criterion"], "eps": r["eps"], "steps": r["predicted_steps"],
               "fraction": r["predicted_fraction"]} for r in pred.rows]
+    meta = prepared.state.meta
     out = {
         **_prediction_header(kw, ds, cfg, res.diverged, res.loss, res.error, times, step_time),
-        "max_stable_lr": res.max_stable_lr, "method": res.method, "momentum_mode": res.momentum_mode,
-        "kernel": {k: v for k, v in prepared.state.meta.items() if isinstance(v, (int, float, str, bool, type(None)))},
+        "predictor": predictor.name, "max_stable_lr": res.max_stable_lr, "method": res.method,
+        "momentum_mode": res.momentum_mode,
+        "kernel": {"class_trace": kopt.class_trace,
+                   **{k: v for k, v in meta.items() if isinstance(v, (int, float, str, bool, type(None)))}},
         "kernel_seconds": prepared.kernel_seconds, "kernel_cache_hit": prepared.cache_hit,
-        "simulate_seconds": res.seconds, "note": res.note,
+        "simulate_seconds": res.seconds, "note": res.note, "extra_work": dict(prepared.work),
+        **res.extras,
         "curve": {"steps": res.steps.tolist(), "loss": res.loss.tolist(),
                   "error": None if res.error is None else res.error.tolist()},
     }
-    if kw["kernel_subset"] is not None:
-        out["kernel_subset"] = prepared.spectrum.summary()
-    _emit_prediction(kw, ds, out, f"method {out['method']} ({out['momentum_mode']}), kernel {out['kernel_seconds']:.2f} s"
-                                  f"{' (cached)' if out['kernel_cache_hit'] else ''}, simulation "
-                                  f"{out['simulate_seconds']:.3f} s")
+    if predictor.name == "subset":
+        out["kernel_subset"] = prepared.base.spectrum.summary()
+    _emit_prediction(kw, ds, out, f"predictor {predictor.name}, method {out['method']} ({out['momentum_mode']}), "
+                                  f"kernel {out['kernel_seconds']:.2f} s{' (cached)' if out['kernel_cache_hit'] else ''}, "
+                                  f"simulation {out['simulate_seconds']:.3f} s{'; ' + res.note if res.note else ''}")
+    for line in notes:
+        click.echo(line, err=True)
 
 
 def _prediction_header(kw, ds, cfg, diverged: bool, loss, error, times, step_time: float) -> dict:
@@ -346,83 +372,6 @@ def _emit_prediction(kw, ds, out: dict, detail: str) -> None:
         err = "n/a" if v["relative_error"] is None else f"{100 * v['relative_error']:.1f}%"
         click.echo(f"  real T_eps[{v['criterion']}, eps={v['eps']:g}] = {v['actual_steps']}, "
                    f"predicted {v['predicted_steps']}, relative error {err}")
-
-
-def _logged_points(count: int, log_every: int):
-    """Mask of the points of a per-step curve that ``--log-every`` keeps: every log_every-th, and the last one
-    reached (the budget, or the last before divergence)."""
-    import numpy as np
-
-    keep = np.arange(count) % log_every == 0
-    keep[-1] = True
-    return keep
-
-
-def _predict_with_drift(kw, ds, prepared) -> None:
-    """``predict --drift-reference F``: one real reference run calibrates s(L), the frozen ODE is warped by it."""
-    import time
-
-    from .drift import reference_drift, simulate_with_drift
-    from .dynamics import SimConfig
-    from .finetune import measure_step_time
-
-    cfg = SimConfig(lr=kw["lr"], momentum=kw["momentum"], batch_size=None, loss=kw["loss"])
-    t0 = time.perf_counter()
-    drift, real = reference_drift(prepared.model, ds, prepared.state, kw["loss"], kw["drift_reference"], kw["steps"],
-                                  trainable=kw["trainable"], device=kw["device"])
-    ref_seconds = time.perf_counter() - t0
-    (res,) = simulate_with_drift(prepared.state, [cfg], kw["steps"], drift)
-    keep = _logged_points(len(res.steps), kw["log_every"])
-    steps, loss_c = res.steps[keep], res.loss[keep]
-    err_c = None if res.error is None else res.error[keep]
-    curves = {"loss": loss_c} if err_c is None else {"loss": loss_c, "error": err_c}
-    times = _curve_rows(steps, curves, kw, res.diverged)
-    step_time = measure_step_time(prepared.model, ds, None, kw["loss"], device=kw["device"], trainable=kw["trainable"])
-    out = {
-        **_prediction_header(kw, ds, cfg, res.diverged, res.loss, res.error, times, step_time),
-        "max_stable_lr": res.max_stable_lr, "method": res.method, "momentum_mode": res.momentum_mode,
-        "kernel": {k: v for k, v in prepared.state.meta.items() if isinstance(v, (int, float, str, bool, type(None)))},
-        "kernel_seconds": prepared.kernel_seconds, "kernel_cache_hit": prepared.cache_hit,
-        "simulate_seconds": res.seconds, "note": res.note,
-        "drift": {"reference_lr": real.config.lr, "reference_fraction": kw["drift_reference"],
-                  "reference_diverged": bool(real.diverged), "reference_seconds": ref_seconds,
-                  "scale_min": float(drift.scale.min()), "scale_max": drift.max_scale},
-        "curve": {"steps": steps.tolist(), "loss": loss_c.tolist(), "error": None if err_c is None else err_c.tolist()},
-    }
-    _emit_prediction(kw, ds, out, f"method {res.method}: drift s(L) in [{drift.scale.min():.2f}, {drift.max_scale:.2f}] "
-                                  f"from a real reference run at lr {real.config.lr:.4g} ({ref_seconds:.1f} s), kernel "
-                                  f"{prepared.kernel_seconds:.2f} s, simulation {res.seconds:.2f} s")
-
-
-def _predict_relinearised(kw, ds, model, kopt) -> None:
-    """``predict --relinearise``: the same output fields, from :func:`ttp_ray.relinearise.relinearised_curves`."""
-    from .dynamics import SimConfig
-    from .finetune import measure_step_time
-    from .relinearise import RelinearisationOptions, relinearised_curves
-
-    try:
-        opts = RelinearisationOptions(tolerance=kw["relin_tolerance"], max_kernels=kw["max_kernels"], kernel=kopt)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    cfg = SimConfig(lr=kw["lr"], momentum=kw["momentum"], batch_size=None, loss=kw["loss"])
-    res = relinearised_curves(model, ds, cfg, kw["steps"], opts, trainable=kw["trainable"], device=kw["device"])
-    keep = _logged_points(len(res.steps), kw["log_every"])
-    steps, loss_c, err_c = res.steps[keep], res.loss[keep], res.error[keep]
-    times = _curve_rows(steps, {"loss": loss_c, "error": err_c}, kw, res.diverged)
-    step_time = measure_step_time(model, ds, None, kw["loss"], device=kw["device"], trainable=kw["trainable"])
-    out = {
-        **_prediction_header(kw, ds, cfg, res.diverged, res.loss, res.error, times, step_time),
-        "max_stable_lr": res.max_stable_lr, "method": res.method, "momentum_mode": "heavy_ball",
-        "kernel": {"kind": kopt.method, "class_trace": kopt.class_trace, "projection": kopt.projection,
-                   "k": kopt.k, "seed": kopt.seed},
-        "kernel_seconds": res.kernel_seconds, "kernel_cache_hit": False,
-        "simulate_seconds": res.seconds - res.kernel_seconds, "note": res.note,
-        "kernels": res.kernels, "rejected_segments": res.rejected, "segment_ends": res.segment_ends,
-        "curve": {"steps": steps.tolist(), "loss": loss_c.tolist(), "error": err_c.tolist()},
-    }
-    _emit_prediction(kw, ds, out, f"method relinearised: {res.kernels} kernels ({res.rejected} segments redone), "
-                                  f"kernels {res.kernel_seconds:.2f} s, whole prediction {res.seconds:.2f} s"
-                                  f"{'; ' + res.note if res.note else ''}")
 
 
 def _validate_against_training(kw, ds, predicted: dict) -> dict:

@@ -113,14 +113,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from .objectives import check_loss, loss_value, error_rate
 from .sampling import batch_schedule
+from .stability import elr_stability_ratio, max_stable_lr
 from .state import KernelState
 
 __all__ = [
@@ -139,6 +140,11 @@ __all__ = [
     "distinct_simulations",
     "effective_batch_size",
     "curve_values",
+    "SimulationPlan",
+    "resolve_plan",
+    "flow_factors",
+    "gd_factors",
+    "heavy_ball_factors",
 ]
 
 METHODS = ("auto", "ode", "discrete", "sde", "minibatch")
@@ -252,6 +258,7 @@ class SimResult:
     group: int  # index of the shared simulation (see simulation_groups)
     seconds: float  # wall time of the engine that produced it, shared evenly among its configs
     note: str = ""
+    extras: Dict[str, Any] = field(default_factory=dict)  # what a predictor adds (e.g. its drift, its kernels)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,7 +304,7 @@ def _r(x: float) -> float:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class SimulationPlan:
     method: str
     mode: str
     loss: str
@@ -318,11 +325,11 @@ class _Plan:
         return ("sde", self.loss, _r(self.temperature))
 
 
-def _hess_bound(loss: str) -> float:
-    return 1.0 if loss == "mse" else 0.5
-
-
-def _resolve(cfg: SimConfig, opt: SimOptions, n: Optional[int], lambda_max: Optional[float]) -> _Plan:
+def resolve_plan(cfg: SimConfig, opt: SimOptions, n: Optional[int], lambda_max: Optional[float]) -> SimulationPlan:
+    """The one resolution of a config into what is simulated (docs/METHOD.md §3, §11): the method (``auto``:
+    discrete for full batch, sde or minibatch otherwise), ELR (``eta / (1 - m)``, no momentum) or exact heavy
+    ball, with the fallbacks where the ELR map is unstable; ``n`` and ``lambda_max`` of the kernel simulated
+    (a normalised spectrum, eigenvalues ``lambda / N``, passes ``n = 1``)."""
     full = cfg.is_full_batch(n)
     method = opt.method
     notes = []
@@ -346,13 +353,13 @@ def _resolve(cfg: SimConfig, opt: SimOptions, n: Optional[int], lambda_max: Opti
     eta_eff = cfg.effective_lr
     if mode == "elr" and cfg.momentum > 0 and opt.elr_fallback and method in ("discrete", "minibatch", "sde"):
         if lambda_max is not None and n is not None and lambda_max > 0:
-            x = eta_eff * lambda_max * _hess_bound(cfg.loss) / n
+            x = elr_stability_ratio(eta_eff, lambda_max, n, cfg.loss)
             if x >= 2.0 and method == "sde":
                 # Euler-Maruyama would need ceil(x) substeps per step, and the ELR is off there (App. E):
                 # exact heavy-ball SGD on the linear model is both cheaper and exact
                 method, mode = "minibatch", "heavy_ball"
                 notes.append(f"elr unstable (eta_eff*lambda_max*h/N = {x:.3g} >= 2): sde -> exact minibatch heavy ball")
-            elif x >= 2.0 and cfg.lr <= 2.0 * (1.0 + cfg.momentum) * n / lambda_max:
+            elif x >= 2.0 and cfg.lr <= max_stable_lr(lambda_max, n, cfg.momentum):
                 mode = "heavy_ball"
                 notes.append(f"elr map unstable (eta_eff*lambda_max*h/N = {x:.3g} >= 2) but heavy ball is stable: exact heavy ball")
     if mode == "elr":
@@ -363,10 +370,10 @@ def _resolve(cfg: SimConfig, opt: SimOptions, n: Optional[int], lambda_max: Opti
     temp = 0.0
     if method == "sde":
         temp = eta_eff / effective_batch_size(batch, n, opt.fpc)
-    return _Plan(method, mode, cfg.loss, eta, mom, batch, eta_eff, temp, "; ".join(notes))
+    return SimulationPlan(method, mode, cfg.loss, eta, mom, batch, eta_eff, temp, "; ".join(notes))
 
 
-def _group_plans(plans: Sequence[_Plan], opt: SimOptions) -> List[List[int]]:
+def _group_plans(plans: Sequence[SimulationPlan], opt: SimOptions) -> List[List[int]]:
     by_key: Dict[tuple, List[int]] = {}
     for i, p in enumerate(plans):
         by_key.setdefault(p.key(), []).append(i)
@@ -408,7 +415,7 @@ def simulation_groups(
     ``lambda_max`` decides the ELR fallback to heavy ball. Pass both (``state.n``, ``state.lambda_max``)
     for the count :func:`simulate` will actually run."""
     opt = _as_options(options)
-    plans = [_resolve(c, opt, n, lambda_max) for c in configs]
+    plans = [resolve_plan(c, opt, n, lambda_max) for c in configs]
     return _group_plans(plans, opt)
 
 
@@ -685,10 +692,23 @@ def _mat2_pow(m11, m12, m21, m22, e: int):
     return r11, r12, r21, r22
 
 
-def _hb_modes(out: torch.Tensor, first: int, lam: torch.Tensor, n: int, eta: float, mom: float, steps: np.ndarray) -> None:
+def flow_factors(out: torch.Tensor, neg_tau_over_n: torch.Tensor, lam: torch.Tensor) -> None:
+    """Residual factor of every mode under gradient flow, ``exp(-tau lambda_k / N)`` (docs/METHOD.md §2),
+    into ``out`` ``(len(tau), r)``, from ``-tau / N`` and the eigenvalues ``lambda_k`` of Θ."""
+    torch.exp(torch.outer(neg_tau_over_n, lam), out=out)
+
+
+def gd_factors(out: torch.Tensor, steps: torch.Tensor, lam: torch.Tensor, n: float, eta: float) -> None:
+    """Residual factor of every mode under discrete GD, ``(1 - eta lambda_k / N)^t`` (docs/METHOD.md §2), into
+    ``out`` ``(len(steps), r)``; ``steps`` a column ``(L, 1)`` of float64 step counts."""
+    torch.pow((1.0 - eta * lam / n).unsqueeze(0), steps, out=out)
+
+
+def heavy_ball_factors(out: torch.Tensor, first: int, lam: torch.Tensor, n: float, eta: float, mom: float,
+                       steps: np.ndarray) -> None:
     """Residual factor of every mode under heavy ball at logged points ``first .. first + len(out)``
-    into ``out``: ``(a, b) <- [[1 - eta lam/N, eta m], [-lam/N, m]] (a, b)`` from ``(1, 0)``, jumping
-    between logged steps by matrix powers."""
+    into ``out`` (docs/METHOD.md §3): ``(a, b) <- [[1 - eta lam/N, eta m], [-lam/N, m]] (a, b)`` from
+    ``(1, 0)``, jumping between logged steps by matrix powers."""
     x = lam / n
     m11, m12, m21, m22 = 1.0 - eta * x, torch.full_like(x, eta * mom), -x, torch.full_like(x, mom)
     a, b = torch.ones_like(x), torch.zeros_like(x)
@@ -705,7 +725,7 @@ def _hb_modes(out: torch.Tensor, first: int, lam: torch.Tensor, n: int, eta: flo
             out[j - first] = a
 
 
-def _run_mse_closed(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[_Plan]) -> Dict[int, tuple]:
+def _run_mse_closed(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[SimulationPlan]) -> Dict[int, tuple]:
     """mse with method ode or discrete: rows of residual factors, loss in closed form, error by lifts."""
     steps = ctx.steps
     L = len(steps)
@@ -726,23 +746,21 @@ def _run_mse_closed(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[_P
             ntau = torch.as_tensor(-uniq / n, dtype=torch.float64, device=dev)  # exp(-tau lam / N)
 
             def fill(out, s, ntau=ntau):
-                torch.exp(torch.outer(ntau[s:s + out.shape[0]], lam), out=out)
+                flow_factors(out, ntau[s:s + out.shape[0]], lam)
 
             producers.append((len(uniq), fill))
             for k, i in enumerate(idx):
                 row_of[i] = (len(producers) - 1, inv[k * L:(k + 1) * L])
         elif pl.mode == "elr":
-            base = (1.0 - pl.eta * lam / n).unsqueeze(0)
-
-            def fill(out, s, base=base):
-                torch.pow(base, tsteps[s:s + out.shape[0]], out=out)
+            def fill(out, s, eta=pl.eta):
+                gd_factors(out, tsteps[s:s + out.shape[0]], lam, n, eta)
 
             producers.append((L, fill))
             for i in idx:
                 row_of[i] = (len(producers) - 1, np.arange(L))
         else:
             def fill(out, s, eta=pl.eta, mom=pl.mom):
-                _hb_modes(out, s, lam, n, eta, mom, steps)
+                heavy_ball_factors(out, s, lam, n, eta, mom, steps)
 
             producers.append((L, fill))
             for i in idx:
@@ -793,7 +811,7 @@ def _run_mse_closed(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[_P
 # --------------------------------------------------------------------------------------------------
 
 
-def _run_ce_discrete(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[_Plan]) -> Dict[int, tuple]:
+def _run_ce_discrete(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[SimulationPlan]) -> Dict[int, tuple]:
     basis = ctx.eigc
     steps = ctx.steps
     logged, pos = ctx.logged, ctx.pos
@@ -895,7 +913,7 @@ def _ce_rhs_and_jac(ctx: _Ctx):
     return fun, jac, jac_approx
 
 
-def _run_ce_ode(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[_Plan]) -> Dict[int, tuple]:
+def _run_ce_ode(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[SimulationPlan]) -> Dict[int, tuple]:
     from scipy.integrate import BDF, DOP853, LSODA, RK23, RK45, Radau
 
     opt = ctx.opt
@@ -1033,7 +1051,7 @@ def _path_generators(seed: int, paths: int) -> List[torch.Generator]:
     return [torch.Generator(device="cpu").manual_seed(int(seed) + p) for p in range(paths)]
 
 
-def _run_sde(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[_Plan]) -> Dict[int, tuple]:
+def _run_sde(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[SimulationPlan]) -> Dict[int, tuple]:
     opt = ctx.opt
     basis = ctx.eigc
     N, C, d, q = ctx.n, ctx.c, basis.d, basis.q
@@ -1044,7 +1062,7 @@ def _run_sde(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[_Plan]) -
     for gid, idx in jobs:
         pl = plans[idx[0]]
         e_min = min(plans[i].eta_eff for i in idx)
-        x = e_min * lam_max * _hess_bound(pl.loss) / N
+        x = elr_stability_ratio(e_min, lam_max, N, pl.loss)
         nsub = 1 if x < 2.0 else int(math.ceil(x))
         h = e_min / nsub
         interp, need = {}, set()
@@ -1169,7 +1187,7 @@ def _interp_rec(rec: np.ndarray, lo: np.ndarray, fr: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
-def _run_minibatch(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[_Plan]) -> Dict[int, tuple]:
+def _run_minibatch(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[SimulationPlan]) -> Dict[int, tuple]:
     opt = ctx.opt
     basis = ctx.eigc if opt.features == "eigen" else _sketch_basis(ctx.state, ctx.cdtype)
     N, C, d, q = ctx.n, ctx.c, basis.d, basis.q
@@ -1235,7 +1253,7 @@ def _minibatch_eval(ctx: _Ctx, basis: _Basis, A: torch.Tensor, loss: str, want_e
 # --------------------------------------------------------------------------------------------------
 
 
-def _finish(cfg: SimConfig, plan: _Plan, steps: np.ndarray, lp: np.ndarray, ep: Optional[np.ndarray], ctx: _Ctx,
+def _finish(cfg: SimConfig, plan: SimulationPlan, steps: np.ndarray, lp: np.ndarray, ep: Optional[np.ndarray], ctx: _Ctx,
             gid: int, seconds: float) -> SimResult:
     opt = ctx.opt
     thr = ctx.thr(cfg.loss)
@@ -1299,7 +1317,7 @@ def simulate(
             raise TypeError(f"configs: expected SimConfig, got {type(c).__name__}")
     steps = logged_steps(int(budget_steps), opt.log_every)
     ctx = _Ctx(state, opt, steps)
-    plans = [_resolve(c, opt, ctx.n, ctx.lambda_max) for c in configs]
+    plans = [resolve_plan(c, opt, ctx.n, ctx.lambda_max) for c in configs]
     groups = _group_plans(plans, opt)
     engines = {}
     for gid, idx in enumerate(groups):

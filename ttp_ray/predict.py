@@ -27,7 +27,7 @@ from .state import KernelState
 from .training_time import CRITERIA, EPS_MODES, TIME_DEFINITIONS, curve_training_times
 
 __all__ = ["PredictSettings", "PreparedState", "PredictedConfig", "load_state", "predict_grid", "predict_one",
-           "predicted_configs"]
+           "predicted_configs", "prediction_rows", "check_request"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,9 @@ class PreparedState:
     dataset_name: str
     kernel_seconds: float  # wall time to obtain the state now (cache load or computation)
     cache_hit: bool
+    kernel: KernelOptions = field(default_factory=KernelOptions)  # how the state was computed
+    trainable: str = "all"
+    device: str = "cpu"
 
     @property
     def n(self) -> int:
@@ -85,7 +88,7 @@ def load_state(model: str, dataset, kernel: KernelOptions = KernelOptions(), *, 
     hit = bool(state.meta.get("cache", {}).get("hit", False))
     name = dataset if isinstance(dataset, str) else ds.name
     return PreparedState(state=state, model=net, dataset=ds, model_name=model, dataset_name=str(name),
-                         kernel_seconds=seconds, cache_hit=hit)
+                         kernel_seconds=seconds, cache_hit=hit, kernel=kernel, trainable=trainable, device=device)
 
 
 @dataclass
@@ -101,8 +104,10 @@ class PredictedConfig:
         return self.result.diverged
 
 
-def _rows(res: SimResult, n: int, budget_steps: int, eps_list: Sequence[float], settings: PredictSettings
-          ) -> List[Dict[str, object]]:
+def prediction_rows(res: SimResult, n: int, budget_steps: int, eps_list: Sequence[float], settings: PredictSettings,
+                    extra: Optional[Dict[str, object]] = None) -> List[Dict[str, object]]:
+    """The T̂ε rows of one predicted curve (one per criterion and eps): the columns every predictor shares, plus
+    ``extra`` (a predictor's own columns, e.g. the subset's ``kernel_subset``)."""
     c = res.config
     curves = {"loss": res.loss, "error": res.error}
     curves = {k: v for k, v in curves.items() if k in settings.criteria and v is not None}
@@ -121,8 +126,20 @@ def _rows(res: SimResult, n: int, budget_steps: int, eps_list: Sequence[float], 
             "diverged": bool(res.diverged), "predicted_final_loss": final_loss,
             "predicted_final_error": final_error, "max_stable_lr": float(res.max_stable_lr),
             "method": res.method, "momentum_mode": res.momentum_mode, "simulate_seconds": float(res.seconds),
+            **(extra or {}),
         })
     return rows
+
+
+def check_request(n: int, configs: Sequence[SimConfig], budget_steps: int, eps_list: Sequence[float]) -> None:
+    """One-line ``ValueError`` naming the field for a budget, an eps list or a batch size no predictor takes."""
+    if budget_steps <= 0:
+        raise ValueError(f"budget_steps: must be a positive integer, got {budget_steps}")
+    if not eps_list or any(e <= 0 for e in eps_list):
+        raise ValueError(f"eps: every value must be > 0, got {list(eps_list)}")
+    for c in configs:
+        if c.batch_size is not None and c.batch_size > n:
+            raise ValueError(f"batch_size: must be in 1..{n} (the dataset size) or 'full', got {c.batch_size}")
 
 
 def predict_grid(prepared, configs: Sequence[SimConfig], *, budget_steps: int, eps_list: Sequence[float],
@@ -132,26 +149,21 @@ def predict_grid(prepared, configs: Sequence[SimConfig], *, budget_steps: int, e
     ``prepared`` is a :class:`PreparedState` or a bare :class:`KernelState`.
     """
     state = prepared.state if isinstance(prepared, PreparedState) else prepared
-    if budget_steps <= 0:
-        raise ValueError(f"budget_steps: must be a positive integer, got {budget_steps}")
-    if not eps_list or any(e <= 0 for e in eps_list):
-        raise ValueError(f"eps: every value must be > 0, got {list(eps_list)}")
     n = state.n
-    for c in configs:
-        if c.batch_size is not None and c.batch_size > n:
-            raise ValueError(f"batch_size: must be in 1..{n} (the dataset size) or 'full', got {c.batch_size}")
+    check_request(n, configs, budget_steps, eps_list)
     return predicted_configs(simulate(state, list(configs), budget_steps, settings.sim), n, budget_steps=budget_steps,
                              eps_list=eps_list, settings=settings)
 
 
 def predicted_configs(results: Sequence[SimResult], n: int, *, budget_steps: int, eps_list: Sequence[float],
-                      settings: PredictSettings = PredictSettings()) -> List[PredictedConfig]:
+                      settings: PredictSettings = PredictSettings(), extra: Optional[Dict[str, object]] = None
+                      ) -> List[PredictedConfig]:
     """T̂ε rows read off simulated curves (any simulator's :class:`SimResult`, e.g. ``ttp_ray.drift``'s)."""
     out = []
     for res in results:
         if not np.all(np.isfinite(res.loss)):  # the dynamics promise NaN-free curves; never pass one on
             raise RuntimeError(f"dynamics returned a non-finite loss for {res.config}")
-        out.append(PredictedConfig(res.config, res, _rows(res, n, budget_steps, eps_list, settings)))
+        out.append(PredictedConfig(res.config, res, prediction_rows(res, n, budget_steps, eps_list, settings, extra)))
     return out
 
 
@@ -233,21 +245,14 @@ def predict_subset_grid(prepared: PreparedSubset, configs: Sequence[SimConfig], 
     the full set's eigenvectors); mse and full-batch GD only (``ValueError`` naming ``loss`` /
     ``batch_size`` otherwise)."""
     spec = prepared.spectrum if isinstance(prepared, PreparedSubset) else prepared
-    if budget_steps <= 0:
-        raise ValueError(f"budget_steps: must be a positive integer, got {budget_steps}")
-    if not eps_list or any(e <= 0 for e in eps_list):
-        raise ValueError(f"eps: every value must be > 0, got {list(eps_list)}")
+    check_request(spec.n, configs, budget_steps, eps_list)
     if "loss" not in settings.criteria:
         raise ValueError(f"criteria: subset extrapolation predicts the loss curve only, got {list(settings.criteria)}")
     results = simulate_spectrum(spec, list(configs), budget_steps, settings.sim, method_name=SUBSET_METHOD)
-    out = []
-    for res in results:
-        dyn = "ode" if settings.sim.method == "ode" else "discrete"
-        rows = _rows(res, spec.n, budget_steps, eps_list, settings)
-        for r in rows:
-            r.update(dynamics=dyn, kernel_subset=int(spec.n0), subset_alpha=float(spec.alpha))
-        out.append(PredictedConfig(res.config, res, rows))
-    return out
+    extra = {"dynamics": "ode" if settings.sim.method == "ode" else "discrete", "kernel_subset": int(spec.n0),
+             "subset_alpha": float(spec.alpha)}
+    return predicted_configs(results, spec.n, budget_steps=budget_steps, eps_list=eps_list, settings=settings,
+                             extra=extra)
 
 
 def predict_subset_one(prepared: PreparedSubset, config: SimConfig, *, budget_steps: int, eps_list: Sequence[float],

@@ -52,6 +52,7 @@ from .finetune import DIVERGENCE_FACTOR
 from .kernel import KernelOptions, PerSampleGradients, kernel_sketch
 from .models import functional_model
 from .objectives import error_rate, loss_value, output_gradient
+from .stability import max_stable_lr
 
 __all__ = ["RelinearisationOptions", "RelinearisedResult", "relinearised_curves", "RELINEARISED_METHOD",
            "FlowPath", "flow_path", "simulate_on_flow_path", "FLOW_METHOD"]
@@ -215,7 +216,7 @@ def relinearised_curves(model: torch.nn.Module, dataset, config: SimConfig, budg
         kernels += 1
         if kernels == 1:
             lam_max = _top_eigenvalue(Z)
-            max_stable = float("inf") if lam_max <= 0 else 2.0 * (1.0 + m) * n / lam_max  # METHOD.md §2
+            max_stable = max_stable_lr(lam_max, n, m)  # of the first sketch's lambda_max (power iteration)
         params, apply = functional_model(net, trainable)
         if l0 is None:
             l0 = float(loss_value(Fk, y, loss))

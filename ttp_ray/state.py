@@ -19,6 +19,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from .stability import max_stable_lr
+
 __all__ = ["KernelState"]
 
 
@@ -42,9 +44,9 @@ class KernelState:
         return float(self.eigvals[0]) if self.eigvals.numel() else 0.0
 
     def max_stable_lr(self, momentum: float = 0.0) -> float:
-        """Largest stable lr of discrete GD on the linearised MSE model: 2(1+m) N / lambda_max (METHOD.md §2)."""
-        lam = self.lambda_max
-        return float("inf") if lam <= 0 else 2.0 * (1.0 + momentum) * self.n / lam
+        """Largest stable lr of discrete GD on the linearised MSE model (:func:`ttp_ray.stability.max_stable_lr`)
+        at this kernel's ``lambda_max`` (class-trace or full, as the state was computed)."""
+        return max_stable_lr(self.lambda_max, self.n, momentum)
 
     def residual(self) -> torch.Tensor:
         """Initial residual ``Y - F0`` as an ``(N, C)`` array."""

@@ -82,7 +82,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .dynamics import SimConfig, SimOptions, SimResult, logged_steps
+from .dynamics import (SimConfig, SimOptions, SimResult, flow_factors, gd_factors, heavy_ball_factors, logged_steps,
+                       resolve_plan)
+from .stability import max_stable_lr
 from .state import KernelState
 
 __all__ = [
@@ -323,33 +325,6 @@ def extrapolate_projections(subset_proj: Sequence[float], count: int, total_mass
 # --------------------------------------------------------------------------------------------------
 
 
-def _elr_plan(cfg: SimConfig, opt: SimOptions, lmax: float) -> Tuple[str, str, float, float, str]:
-    """(method, momentum_mode, eta, momentum) to simulate, mirroring :mod:`ttp_ray.dynamics`."""
-    notes = []
-    method = opt.method
-    if method == "auto":
-        method = "discrete"
-    elif method in ("sde", "minibatch"):
-        notes.append(f"full batch: {method} -> discrete")
-        method = "discrete"
-    mode = opt.momentum_mode
-    if mode == "auto":
-        mode = "elr"
-    if mode == "heavy_ball" and method == "ode":
-        raise ValueError("momentum_mode: 'heavy_ball' is exact only for the discrete method, not 'ode'")
-    if cfg.momentum == 0.0:
-        mode = "elr"
-    eta_eff = cfg.effective_lr
-    if mode == "elr" and cfg.momentum > 0 and opt.elr_fallback and method == "discrete" and lmax > 0:
-        x = eta_eff * lmax
-        if x >= 2.0 and cfg.lr <= 2.0 * (1.0 + cfg.momentum) / lmax:
-            mode = "heavy_ball"
-            notes.append(f"elr map unstable (eta_eff*lambda_max/N = {x:.3g} >= 2) but heavy ball is stable: "
-                         "exact heavy ball")
-    eta, mom = (eta_eff, 0.0) if mode == "elr" else (cfg.lr, cfg.momentum)
-    return method, mode, eta, mom, "; ".join(notes)
-
-
 def mse_loss_fn(eigvals: Sequence[float], projections: Sequence[float], rest: float = 0.0, *, lr: float,
                 momentum: float = 0.0, method: str = "discrete", momentum_mode: str = "elr",
                 chunk_elems: int = 4_000_000) -> Callable[[Sequence[int]], np.ndarray]:
@@ -375,40 +350,31 @@ def mse_loss_fn(eigvals: Sequence[float], projections: Sequence[float], rest: fl
         raise ValueError("momentum_mode: 'heavy_ball' is exact only for the discrete method, not 'ode'")
     eta = lr / (1.0 - momentum) if momentum_mode == "elr" else lr
     keep = q > 0
-    lam, q = lam[keep], q[keep]
+    lam_t = torch.as_tensor(lam[keep], dtype=torch.float64)
+    q_t = torch.as_tensor(q[keep], dtype=torch.float64)
+    heavy = momentum_mode == "heavy_ball" and momentum > 0
 
-    def closed(steps: Sequence[int]) -> np.ndarray:
-        t = np.asarray(steps, dtype=np.float64).reshape(-1)
-        out = np.zeros(t.size)
-        chunk = max(1, chunk_elems // max(t.size, 1))
-        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-            for s in range(0, lam.size, chunk):
-                l_, q_ = lam[s:s + chunk], q[s:s + chunk]
-                if method == "ode":
-                    logf = -2.0 * eta * l_  # log phi^2 per unit time
-                else:
-                    logf = 2.0 * np.log(np.abs(1.0 - eta * l_))  # -inf where eta l = 1 exactly
-                e = np.outer(t, logf)
-                e[:, ~np.isfinite(logf)] = -np.inf
-                e[t == 0, :] = 0.0  # phi(0) = 1 whatever the mode
-                out += np.exp(e) @ q_
-        return 0.5 * (out + rest)
-
-    def stepped(steps: Sequence[int]) -> np.ndarray:
+    def loss_at(steps: Sequence[int]) -> np.ndarray:
+        # L_t = 1/2 [sum_k q_k phi_k(t)^2 + rest] with the residual factors phi_k of ttp_ray.dynamics, over
+        # normalised eigenvalues (lambda_k / N: the factors of a set of N = 1)
         t = np.asarray(steps, dtype=np.int64).reshape(-1)
         order = np.argsort(t, kind="stable")
+        grid = np.concatenate([[0], t[order]])  # heavy ball walks from step 0
         out = np.empty(t.size)
-        a, b = np.ones_like(lam), np.zeros_like(lam)
-        cur = 0
-        with np.errstate(over="ignore", invalid="ignore"):
-            for idx in order:
-                while cur < t[idx]:
-                    a, b = (1.0 - eta * lam) * a + eta * momentum * b, momentum * b - lam * a
-                    cur += 1
-                out[idx] = 0.5 * (float(q @ (a * a)) + rest)
+        chunk = max(1, chunk_elems // max(lam_t.numel(), 1))
+        for s in range(1, grid.size, chunk):
+            rows = grid[s:s + chunk]
+            phi = torch.empty(rows.size, lam_t.numel(), dtype=torch.float64)
+            if heavy:
+                heavy_ball_factors(phi, s, lam_t, 1.0, eta, momentum, grid)
+            elif method == "ode":
+                flow_factors(phi, torch.as_tensor(-eta * rows.astype(np.float64)), lam_t)
+            else:
+                gd_factors(phi, torch.as_tensor(rows, dtype=torch.float64).unsqueeze(1), lam_t, 1.0, eta)
+            out[order[s - 1:s - 1 + rows.size]] = 0.5 * (((phi * phi) @ q_t).numpy() + rest)
         return out
 
-    return stepped if momentum_mode == "heavy_ball" and momentum > 0 else closed
+    return loss_at
 
 
 @dataclass(frozen=True)
@@ -427,9 +393,8 @@ class Spectrum:
         return float(self.eigvals[0]) if self.eigvals.size else 0.0
 
     def max_stable_lr(self, momentum: float = 0.0) -> float:
-        """``2 (1 + m) / (lambda_max / N)`` (METHOD.md §2)."""
-        lm = self.lambda_max
-        return float("inf") if lm <= 0 else 2.0 * (1.0 + momentum) / lm
+        """``2 (1 + m) / (lambda_max / N)`` (:func:`ttp_ray.stability.max_stable_lr` of normalised eigenvalues)."""
+        return max_stable_lr(self.lambda_max, 1.0, momentum)
 
     @property
     def initial_loss(self) -> float:
@@ -638,7 +603,8 @@ def simulate_spectrum(spectrum: Spectrum, configs: Sequence[SimConfig], budget_s
     l0 = spectrum.initial_loss
     thr = opt.blowup_factor * max(l0, 1e-300)
     for i, cfg in enumerate(configs):
-        method, mode, eta, mom, note = _elr_plan(cfg, opt, spectrum.lambda_max)
+        plan = resolve_plan(cfg, opt, 1, spectrum.lambda_max)  # normalised eigenvalues: the limits of N = 1
+        method, mode, eta, mom, note = plan.method, plan.mode, plan.eta, plan.mom, plan.note
         key = (method, mode, float(f"{eta:.12g}"), float(f"{mom:.12g}"))
         t0 = time.perf_counter()
         if key not in cache:

@@ -304,15 +304,16 @@ class _Sweep:
                 run.inflight[i] += 1
 
     def _submit_ground_truth(self, run: _DatasetRun) -> None:
+        from ..stability import max_stable_lr
         from .actors import ground_truth_task, task_options
         from .work import GroundTruthJob
 
         gt = self.spec.ground_truth
         opts = task_options(gt.cpus, self.view["_gt_gpus"], gt.max_retries)
-        msl = run.info["max_stable_lr"]
+        lam, n = run.info["limit"]
         for g in run.gt_pending:
-            limit = msl[repr(float(g.config.momentum))]
-            lr = resolve_lr(g.config, lambda m: msl[repr(float(m))])
+            limit = max_stable_lr(lam, n, g.config.momentum)
+            lr = resolve_lr(g.config, lambda m: max_stable_lr(lam, n, m))
             job = GroundTruthJob(self.spec, g, lr, limit)
             self.refs[ground_truth_task.options(**opts).remote(job)] = ("gt", run.label, g, -1)
         run.gt_pending = []

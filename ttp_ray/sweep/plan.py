@@ -207,7 +207,9 @@ def _placeholder_sim_configs(spec: SweepSpec, configs: Sequence[PlannedConfig], 
     """SimConfigs for grouping before any kernel: a fraction f becomes lr = f * 2(1+m)N/lambda with
     lambda = 1. Groups are invariant to that common scale, and with it the ELR fallback test
     (eta_eff lambda h / N >= 2) is exact for fraction grids."""
-    return [sim_config(c, resolve_lr(c, lambda m: 2.0 * (1.0 + m) * n)) for c in configs]
+    from ..stability import max_stable_lr
+
+    return [sim_config(c, resolve_lr(c, lambda m: max_stable_lr(1.0, n, m))) for c in configs]
 
 
 def _groups(spec: SweepSpec, configs: Sequence[PlannedConfig], n: int) -> List[List[int]]:

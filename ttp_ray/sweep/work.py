@@ -22,7 +22,7 @@ from .plan import GroundTruthRun, PlannedConfig, Shard, resolve_lr, sim_config
 from .spec import SweepSpec
 
 __all__ = ["WorkerJob", "DatasetWork", "ShardOutput", "GroundTruthJob", "GroundTruthOutput", "run_ground_truth",
-           "pick_device"]
+           "pick_device", "spec_predictor"]
 
 
 def pick_device(preference: str, has_gpu: bool) -> str:
@@ -69,37 +69,33 @@ class DatasetWork:
         self.job = job
         self._prepared = None
         self._step_times: Dict[Tuple[int, str], float] = {}
-        self._drifts: Dict[Tuple[str, int], Any] = {}  # (loss, budget) -> ttp_ray.drift.KernelDrift
         self._settings = job.spec.simulation.settings(job.spec.criteria)
 
     # ------------------------------------------------------------------------------ state
     @property
     def prepared(self):
+        """The spec's predictor prepared on this dataset (``ttp_ray.predictors``): kernel state computed once
+        (or loaded from the disk cache), and what the predictor shares across shards."""
         if self._prepared is None:
-            from ..predict import load_state, load_subset_state
+            from ..predictors import PredictionInputs
 
             spec, k = self.job.spec, self.job.spec.kernel
-            common = dict(head_seed=k.head_seed, trainable=k.trainable, device=self.job.device, cache=k.cache)
-            if k.subset is not None:  # METHOD.md §7: subset kernel, full set's spectrum extrapolated
-                from ..subset import DEFAULT_ALPHA, SubsetOptions
-
-                alpha = DEFAULT_ALPHA if k.subset_alpha is None else k.subset_alpha
-                self._prepared = load_subset_state(spec.model, self.job.entry.ref, k.subset, k.options(),
-                                                   options=SubsetOptions(alpha=alpha), **common)
-            else:
-                self._prepared = load_state(spec.model, self.job.entry.ref, k.options(), **common)
-            if self.job.device != "cpu" and k.subset is None:  # the kernel comes back on the CPU; simulate there
-                self._prepared.state = self._prepared.state.to(self.job.device)
+            inputs = PredictionInputs(model=spec.model, dataset=self.job.entry.ref, kernel=k.options(),
+                                      head_seed=k.head_seed, trainable=k.trainable, device=self.job.device,
+                                      cache=k.cache)
+            self._prepared = spec_predictor(spec).prepare(inputs)
+            base = self._prepared.base
+            if self.job.device != "cpu" and hasattr(base, "kernel"):  # the kernel comes back on the CPU; simulate there
+                base.state = base.state.to(self.job.device)
         return self._prepared
 
     def info(self) -> Dict[str, Any]:
-        """Facts of the state the driver records and needs (max_stable_lr per momentum, for lr fractions)."""
+        """Facts of the state the driver records and needs (n and lambda_max: the stability limits of lr fractions)."""
         p = self.prepared
         meta = p.state.meta
         return {
-            "n": p.n, "num_classes": int(p.state.num_classes), "lambda_max": p.state.lambda_max,
-            "rank": int(p.state.eigvals.numel()),
-            "max_stable_lr": {repr(float(m)): p.max_stable_lr(m) for m in self.job.spec.momentum},
+            "n": p.n, "num_classes": int(p.state.num_classes), "lambda_max": p.lambda_max, "limit": list(p.limit),
+            "rank": int(p.state.eigvals.numel()), "predictor": p.predictor.name,
             "kernel_seconds": float(meta.get("total_seconds", p.kernel_seconds)),
             "kernel_load_seconds": float(p.kernel_seconds), "kernel_cache_hit": bool(p.cache_hit),
             "kernel_method": meta.get("method"), "device": self.job.device, "host": socket.gethostname(),
@@ -121,7 +117,7 @@ class DatasetWork:
         c, trace = int(state.num_classes), bool(state.class_trace)
         parts = [("subset_kernel" if self.job.spec.kernel.subset is not None else "kernel", state_spectrum(state))]
         if self.job.spec.kernel.subset is not None:
-            parts.append(("extrapolated", p.spectrum))
+            parts.append(("extrapolated", p.base.spectrum))
         rows = []
         for kind, sp in parts:  # Spectrum holds lambda_k / n and p_k / n
             n = int(sp.n)
@@ -145,44 +141,6 @@ class DatasetWork:
             self._step_times[key] = t * b / timed
         return self._step_times[key]
 
-    def drift(self, loss: str, budget: int):
-        """The kernel drift of one real plain-GD fine-tune at ``simulation.drift_reference`` x max_stable_lr(0)
-        for ``budget`` steps, calibrated once per (loss, budget) in this actor (``ttp_ray.drift``)."""
-        from ..drift import reference_drift
-
-        key = (loss, int(budget))
-        if key not in self._drifts:
-            p, spec = self.prepared, self.job.spec
-            self._drifts[key] = reference_drift(p.model, p.dataset, p.state, loss, spec.simulation.drift_reference,
-                                                budget, trainable=spec.kernel.trainable, device=self.job.device)[0]
-        return self._drifts[key]
-
-    def _predict(self, sim_cfgs, budget: int):
-        """One vectorised prediction of ``sim_cfgs``; with ``simulation.drift_reference`` the full-batch configs
-        are warped by their loss's drift instead (``ttp_ray.drift``), the others simulated as usual."""
-        from ..drift import simulate_with_drift
-        from ..predict import predict_grid, predict_subset_grid, predicted_configs
-
-        spec, p = self.job.spec, self.prepared
-        eps = list(spec.eps)
-        if spec.simulation.drift_reference is None:
-            grid = predict_grid if spec.kernel.subset is None else predict_subset_grid
-            return grid(p, sim_cfgs, budget_steps=budget, eps_list=eps, settings=self._settings)
-        out: List[Any] = [None] * len(sim_cfgs)
-        is_full = [c.batch_size is None or c.batch_size >= p.n for c in sim_cfgs]
-        full = [i for i, f in enumerate(is_full) if f]
-        rest = [i for i, f in enumerate(is_full) if not f]
-        for loss in sorted({sim_cfgs[i].loss for i in full}):
-            idx = [i for i in full if sim_cfgs[i].loss == loss]
-            res = simulate_with_drift(p.state, [sim_cfgs[i] for i in idx], budget, self.drift(loss, budget))
-            for i, pc in zip(idx, predicted_configs(res, p.n, budget_steps=budget, eps_list=eps, settings=self._settings)):
-                out[i] = pc
-        if rest:
-            for i, pc in zip(rest, predict_grid(p, [sim_cfgs[i] for i in rest], budget_steps=budget, eps_list=eps,
-                                                settings=self._settings)):
-                out[i] = pc
-        return out
-
     # ------------------------------------------------------------------------------ shards
     def predict_shard(self, shard: Shard) -> ShardOutput:
         """Predict every config of ``shard`` (grouped by budget, one vectorised call per budget)."""
@@ -197,7 +155,8 @@ class DatasetWork:
         for budget, cfgs in _by_budget(shard.configs):
             lrs = [resolve_lr(c, p.max_stable_lr) for c in cfgs]
             sim_cfgs = [sim_config(c, lr) for c, lr in zip(cfgs, lrs)]
-            predicted = self._predict(sim_cfgs, budget)
+            predicted = p.predict(sim_cfgs, budget_steps=budget, eps_list=list(self.job.spec.eps),
+                                  settings=self._settings)
             sims += len({(pc.result.method, pc.result.group) for pc in predicted})
             for c, pc in zip(cfgs, predicted):
                 rows += self._prediction_rows(shard, c, pc)
@@ -236,6 +195,20 @@ class DatasetWork:
             os.write(fd, f"{os.getpid()} {shard.key}\n".encode())
             os.close(fd)
             os._exit(1)
+
+
+def spec_predictor(spec: SweepSpec):
+    """The predictor a spec selects (``ttp_ray.predictors``): ``kernel.subset`` -> subset, ``simulation.drift_reference``
+    -> drift, else the default."""
+    from ..predictors import get_predictor
+    from ..subset import DEFAULT_ALPHA
+
+    k, sim = spec.kernel, spec.simulation
+    if k.subset is not None:  # METHOD.md §7: subset kernel, full set's spectrum extrapolated
+        return get_predictor("subset", size=k.subset, alpha=DEFAULT_ALPHA if k.subset_alpha is None else k.subset_alpha)
+    if sim.drift_reference is not None:
+        return get_predictor("drift", reference_fraction=sim.drift_reference)
+    return get_predictor()
 
 
 def _by_budget(configs: Sequence[PlannedConfig]):

@@ -1,0 +1,414 @@
+"""One seam for every predictor: prepare once per (model, dataset), predict a batch of configs.
+
+A :class:`Predictor` is a frozen dataclass of its own options (every default stated) that says which configs
+it simulates itself (:meth:`Predictor.unsupported`), which predictor takes the others (``fallback``), what
+extra work it costs beyond the Θ0 sketch (``extra_work``), and how to simulate a batch of configs on a
+:class:`PreparedPredictor`. ``prepare`` does the per-dataset work once (F0 and the Θ eigendecomposition, or
+the subset's extrapolated spectrum); the prepared object then predicts shard after shard, caching what it
+shares across configs (the drift of one reference run per (loss, budget), one flow path per (loss, budget)).
+
+``ttp-ray predict --predictor NAME``, the sweep's ``predictor:`` field and the benches select through
+:data:`PREDICTORS` and :func:`get_predictor`; rows are built by one function,
+:func:`ttp_ray.predict.prediction_rows`.
+
+========================  ===============================================================  ==========
+name                      what it simulates                                                 fallback
+========================  ===============================================================  ==========
+``frozen``                the linearised dynamics on the frozen kernel Θ0 (§2–§4)           —
+``subset``                MSE GD on a spectrum extrapolated from a subset's kernel (§7)      —
+``drift``                 full-batch GD: frozen ODE warped by one real run's drift (§9)      frozen
+``relinearised``          full-batch GD, re-linearised per config along its path (§10)       frozen
+``flow``                  full-batch GD on one re-linearised flow path per loss (§10)        frozen
+========================  ===============================================================  ==========
+"""
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .drift import DRIFT_METHOD, DriftOptions, KernelDrift, calibrate_drift, reference_drift, simulate_with_drift
+from .dynamics import SimConfig, SimResult, simulate
+from .kernel import KernelOptions
+from .predict import (PredictedConfig, PredictSettings, check_request, load_state, load_subset_state,
+                      predicted_configs)
+from .relinearise import (FLOW_METHOD, RelinearisationOptions, RelinearisedResult, flow_path, relinearised_curves,
+                          simulate_on_flow_path)
+from .stability import max_stable_lr
+from .subset import DEFAULT_ALPHA, SUBSET_METHOD, SubsetOptions, simulate_spectrum
+
+__all__ = [
+    "PredictionInputs",
+    "Predictor",
+    "PreparedPredictor",
+    "FrozenKernel",
+    "SubsetExtrapolation",
+    "DriftWarp",
+    "Relinearised",
+    "FlowRelinearised",
+    "PREDICTORS",
+    "DEFAULT_PREDICTOR",
+    "get_predictor",
+]
+
+
+@dataclass(frozen=True)
+class PredictionInputs:
+    """What a predictor prepares from: one backbone on one dataset; every default stated."""
+
+    model: str  # backbone name (``ttp-ray models``)
+    dataset: Any  # a dataset reference (``ttp-ray datasets``) or an ImageDataset
+    kernel: KernelOptions = field(default_factory=KernelOptions)
+    head_seed: int = 0
+    trainable: str = "all"  # 'all' | 'head'
+    device: str = "cpu"
+    cache: bool = True  # kernel states from and to the disk cache
+    allow_download: bool = False
+
+
+@dataclass
+class PreparedPredictor:
+    """A predictor bound to one (model, dataset): the state it predicts from and what it shares across configs.
+
+    ``base`` is a :class:`~ttp_ray.predict.PreparedState` (frozen Θ0) or a
+    :class:`~ttp_ray.predict.PreparedSubset` (extrapolated spectrum); ``shared`` holds what a predictor computes
+    once per (loss, budget) and every config reuses; ``work`` counts the extra work done beyond the Θ0 sketch.
+    """
+
+    predictor: "Predictor"
+    base: Any
+    shared: Dict[Any, Any] = field(default_factory=dict)
+    work: Dict[str, float] = field(default_factory=dict)
+
+    # ---- the facts every caller reads
+    @property
+    def n(self) -> int:
+        return int(self.base.n)
+
+    @property
+    def limit(self) -> Tuple[float, float]:
+        """``(lambda_max, N)`` the stability limit is computed from: the kernel's, or a normalised spectrum's
+        ``(lambda_max / N, 1)`` (so that every caller computes the very same limit)."""
+        spectrum = getattr(self.base, "spectrum", None)
+        if spectrum is not None:
+            return float(spectrum.lambda_max), 1.0
+        return float(self.base.state.lambda_max), float(self.base.state.n)
+
+    @property
+    def lambda_max(self) -> float:
+        """``lambda_max`` of Θ on the full set (not divided by N)."""
+        lam, n = self.limit
+        return lam * self.n / n
+
+    def max_stable_lr(self, momentum: float = 0.0) -> float:
+        """``2(1+m) N / lambda_max`` (:func:`ttp_ray.stability.max_stable_lr`)."""
+        return max_stable_lr(*self.limit, momentum)
+
+    @property
+    def state(self):
+        return self.base.state
+
+    @property
+    def model(self):
+        return self.base.model
+
+    @property
+    def dataset(self):
+        return self.base.dataset
+
+    @property
+    def kernel_seconds(self) -> float:
+        return float(self.base.kernel_seconds)
+
+    @property
+    def cache_hit(self) -> bool:
+        return bool(self.base.cache_hit)
+
+    def count(self, what: str, amount: float) -> None:
+        """Add ``amount`` to the extra work counter ``what`` (e.g. ``finetune_steps``, ``per_sample_gradients``)."""
+        self.work[what] = self.work.get(what, 0.0) + float(amount)
+
+    # ---- the one entry point
+    def predict(self, configs: Sequence[SimConfig], *, budget_steps: int, eps_list: Sequence[float],
+                settings: PredictSettings = PredictSettings()) -> List[PredictedConfig]:
+        """T̂ε rows of every config: the predictor simulates those it supports, its ``fallback`` the others
+        (one-line ``ValueError`` naming the field where there is none); results in the order of ``configs``."""
+        configs = list(configs)
+        check_request(self.n, configs, budget_steps, eps_list)
+        pred = self.predictor
+        reasons = [pred.unsupported(c, self.n, settings) for c in configs]
+        own = [i for i, r in enumerate(reasons) if r is None]
+        rest = [i for i, r in enumerate(reasons) if r is not None]
+        if rest and pred.fallback is None:
+            raise ValueError(reasons[rest[0]])
+        results: List[Optional[SimResult]] = [None] * len(configs)
+        for idx, by in ((own, pred), (rest, get_predictor(pred.fallback) if rest else None)):
+            if idx:
+                for i, res in zip(idx, by.simulate(self, [configs[i] for i in idx], int(budget_steps), settings)):
+                    results[i] = res
+        thinned = [_thin(r, settings.sim.log_every, int(budget_steps)) for r in results]
+        return predicted_configs(thinned, self.n, budget_steps=budget_steps, eps_list=eps_list, settings=settings,
+                                 extra=pred.row_fields(self, settings))
+
+
+class Predictor(ABC):
+    """A way to predict curves of configs on one (model, dataset); subclasses are frozen dataclasses of options."""
+
+    name: ClassVar[str]
+    fallback: ClassVar[Optional[str]] = None  # predicts the configs this one does not support
+    extra_work: ClassVar[str] = "none beyond the Θ0 sketch"  # what it costs per (dataset, backbone), in words
+    needs_full_kernel: ClassVar[bool] = False  # default kernel: the full NC x NC sketch instead of the class trace
+
+    def unsupported(self, config: SimConfig, n: int, settings: PredictSettings) -> Optional[str]:
+        """None when this predictor simulates ``config`` itself, else a one-line reason naming the field."""
+        return None
+
+    def prepare(self, inputs: PredictionInputs) -> PreparedPredictor:
+        """The per-dataset state (F0 and the Θ0 eigendecomposition, from the disk cache when there)."""
+        base = load_state(inputs.model, inputs.dataset, inputs.kernel, head_seed=inputs.head_seed,
+                          trainable=inputs.trainable, device=inputs.device, cache=inputs.cache,
+                          allow_download=inputs.allow_download)
+        return PreparedPredictor(self, base)
+
+    def rebind(self, prepared: PreparedPredictor) -> PreparedPredictor:
+        """This predictor on the per-dataset state another one prepared (no new kernel); shared work is not carried."""
+        if isinstance(self, SubsetExtrapolation) != hasattr(prepared.base, "spectrum"):
+            raise ValueError(f"predictor: {self.name!r} cannot reuse the state prepared for {prepared.predictor.name!r}")
+        return PreparedPredictor(self, prepared.base)
+
+    @abstractmethod
+    def simulate(self, prepared: PreparedPredictor, configs: List[SimConfig], budget_steps: int,
+                 settings: PredictSettings) -> List[SimResult]:
+        """Curves of ``configs`` (all supported), in their order."""
+
+    def row_fields(self, prepared: PreparedPredictor, settings: PredictSettings) -> Dict[str, Any]:
+        """Columns this predictor adds to every prediction row (beyond the common ones)."""
+        return {}
+
+    def options(self) -> Dict[str, Any]:
+        """This predictor's options as plain values (for output and provenance)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+
+
+def _full_batch_only(name: str, config: SimConfig, n: int) -> Optional[str]:
+    if config.is_full_batch(n):
+        return None
+    return f"batch_size: the {name} predictor simulates full-batch GD only (B = N = {n}), got {config.batch_size}"
+
+
+def _thin(res: SimResult, log_every: int, budget_steps: int) -> SimResult:
+    """Keep the logged points ``0, log_every, ..., budget`` (and the last one reached) of a per-step curve."""
+    if log_every <= 1 or len(res.steps) < 2 or res.steps[1] - res.steps[0] != 1:
+        return res
+    keep = res.steps % log_every == 0
+    keep[-1] = True
+
+    def cut(a):
+        return None if a is None else (a[..., keep] if a.ndim > 1 else a[keep])
+
+    return replace(res, steps=res.steps[keep], loss=res.loss[keep], error=cut(res.error),
+                   loss_spread=cut(res.loss_spread), error_spread=cut(res.error_spread))
+
+
+def _as_sim_result(r: RelinearisedResult, group: int) -> SimResult:
+    """A re-linearised curve in the common result type (deterministic, one path)."""
+    return SimResult(config=r.config, steps=np.asarray(r.steps), loss=np.asarray(r.loss), error=np.asarray(r.error),
+                     loss_spread=None, error_spread=None, diverged=bool(r.diverged), blew_up=bool(r.diverged),
+                     max_stable_lr=float(r.max_stable_lr), method=r.method, momentum_mode="heavy_ball", paths=1,
+                     group=group, seconds=float(r.seconds), note=r.note,
+                     extras={"kernels": r.kernels, "rejected_segments": r.rejected, "segment_ends": list(r.segment_ends),
+                             "kernel_seconds": float(r.kernel_seconds)})
+
+
+# --------------------------------------------------------------------------------------------- the predictors
+
+@dataclass(frozen=True)
+class FrozenKernel(Predictor):
+    """The linearised dynamics on the frozen kernel Θ0 (docs/METHOD.md §2–§4): ``settings.sim`` says how
+    (discrete map, ODE, SDE, minibatch; ELR or heavy ball). Every config type; no extra work."""
+
+    name: ClassVar[str] = "frozen"
+
+    def simulate(self, prepared, configs, budget_steps, settings):
+        return simulate(prepared.state, configs, budget_steps, settings.sim)
+
+
+@dataclass(frozen=True)
+class SubsetExtrapolation(Predictor):
+    """MSE full-batch GD on the full set's spectrum extrapolated from the kernel of ``size`` samples
+    (docs/METHOD.md §7); loss curve only. The kernel costs a subset's sketch and one forward pass over the set."""
+
+    name: ClassVar[str] = "subset"
+    extra_work: ClassVar[str] = "one forward pass over the full set (the kernel is the subset's)"
+    size: int = 0  # N0, samples whose kernel is computed (required: 0 < N0 < N)
+    alpha: float = DEFAULT_ALPHA  # exponent correction of the spectrum
+    seed: int = 0  # which class-balanced subset
+
+    def __post_init__(self):
+        if not (isinstance(self.size, int) and self.size > 0):
+            raise ValueError(f"kernel_subset: must be a positive number of samples below the dataset size, got {self.size}")
+        SubsetOptions(alpha=self.alpha)  # its own checks
+
+    def unsupported(self, config, n, settings):
+        if config.loss != "mse":
+            return f"loss: subset extrapolation (METHOD.md §7) predicts the mse loss only, got {config.loss!r}"
+        return _full_batch_only("subset", config, n)
+
+    def prepare(self, inputs):
+        base = load_subset_state(inputs.model, inputs.dataset, self.size, inputs.kernel,
+                                 options=SubsetOptions(alpha=self.alpha), subset_seed=self.seed,
+                                 head_seed=inputs.head_seed, trainable=inputs.trainable, device=inputs.device,
+                                 cache=inputs.cache, allow_download=inputs.allow_download)
+        prepared = PreparedPredictor(self, base)
+        prepared.count("forward_samples", base.n)
+        return prepared
+
+    def simulate(self, prepared, configs, budget_steps, settings):
+        if "loss" not in settings.criteria:
+            raise ValueError(f"criteria: subset extrapolation predicts the loss curve only, got {list(settings.criteria)}")
+        return simulate_spectrum(prepared.base.spectrum, configs, budget_steps, settings.sim, method_name=SUBSET_METHOD)
+
+    def row_fields(self, prepared, settings):
+        spectrum = prepared.base.spectrum
+        return {"dynamics": "ode" if settings.sim.method == "ode" else "discrete", "kernel_subset": int(spectrum.n0),
+                "subset_alpha": float(spectrum.alpha)}
+
+
+@dataclass(frozen=True)
+class DriftWarp(Predictor):
+    """Full-batch GD: the frozen ODE (ELR) read at a warped time, the warp calibrated by one real plain-GD run at
+    ``reference_fraction`` x max_stable_lr(0) per (loss, budget) (docs/METHOD.md §9). Minibatch configs: frozen."""
+
+    name: ClassVar[str] = "drift"
+    fallback: ClassVar[Optional[str]] = "frozen"
+    extra_work: ClassVar[str] = "one real full-batch fine-tune of the budget per (loss, budget)"
+    reference_fraction: float = 0.6  # the reference run's lr, as a fraction of max_stable_lr(0)
+    options: DriftOptions = field(default_factory=DriftOptions)
+
+    def __post_init__(self):
+        f = self.reference_fraction
+        if not (isinstance(f, (int, float)) and 0 < f <= 1):
+            raise ValueError(f"drift_reference: must be a fraction of max_stable_lr(0) in (0, 1], got {f}")
+
+    def unsupported(self, config, n, settings):
+        return _full_batch_only("drift", config, n)
+
+    def use_reference(self, prepared: PreparedPredictor, loss: str, budget_steps: int, reference: SimConfig,
+                      run) -> KernelDrift:
+        """Calibrate the drift of (loss, budget) on a real full-batch run already made (a
+        :class:`~ttp_ray.finetune.FinetuneResult` with ``grad_norm_sq`` and ``outputs``) instead of running one."""
+        drift = calibrate_drift(prepared.state, reference, run.loss, run.grad_norm_sq, run.outputs, self.options)
+        prepared.shared[("drift", loss, int(budget_steps))] = (drift, run)
+        return drift
+
+    def drift(self, prepared: PreparedPredictor, loss: str, budget_steps: int) -> Tuple[KernelDrift, Any]:
+        """The drift of (loss, budget), its reference run made once per prepared predictor."""
+        key = ("drift", loss, int(budget_steps))
+        if key not in prepared.shared:
+            t0 = time.perf_counter()
+            drift, run = reference_drift(prepared.model, prepared.dataset, prepared.state, loss, self.reference_fraction,
+                                         budget_steps, trainable=prepared.base.trainable, device=prepared.base.device,
+                                         options=self.options)
+            drift.seconds = time.perf_counter() - t0
+            prepared.shared[key] = (drift, run)
+            prepared.count("finetune_steps", budget_steps)
+            prepared.count("per_sample_gradients", budget_steps * prepared.n)
+        return prepared.shared[key]
+
+    def simulate(self, prepared, configs, budget_steps, settings):
+        out: List[Optional[SimResult]] = [None] * len(configs)
+        for loss in sorted({c.loss for c in configs}):
+            idx = [i for i, c in enumerate(configs) if c.loss == loss]
+            drift, run = self.drift(prepared, loss, budget_steps)
+            info = {"drift": {"reference_lr": float(drift.reference.get("lr", math.nan)),
+                              "reference_fraction": self.reference_fraction, "reference_diverged": bool(run.diverged),
+                              "reference_seconds": float(drift.seconds), "scale_min": float(drift.scale.min()),
+                              "scale_max": drift.max_scale}}
+            for i, res in zip(idx, simulate_with_drift(prepared.state, [configs[i] for i in idx], budget_steps, drift,
+                                                       self.options)):
+                out[i] = replace(res, extras={**res.extras, **info})
+        return out  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Relinearised(Predictor):
+    """Full-batch GD re-linearised along each config's own predicted path: a kernel sketch per segment, segments
+    sized by local error control (docs/METHOD.md §10). About a fine-tune's cost per config. Minibatch: frozen."""
+
+    name: ClassVar[str] = "relinearised"
+    fallback: ClassVar[Optional[str]] = "frozen"
+    extra_work: ClassVar[str] = "per config: a kernel sketch per segment (up to max_kernels) and its forward passes"
+    needs_full_kernel: ClassVar[bool] = True
+    options: RelinearisationOptions = field(default_factory=RelinearisationOptions)
+
+    def unsupported(self, config, n, settings):
+        return _full_batch_only("relinearised", config, n)
+
+    def simulate(self, prepared, configs, budget_steps, settings):
+        opts = replace(self.options, kernel=prepared.base.kernel)
+        out = []
+        for i, cfg in enumerate(configs):
+            r = relinearised_curves(prepared.model, prepared.dataset, cfg, budget_steps, opts,
+                                    trainable=prepared.base.trainable, device=prepared.base.device)
+            prepared.count("kernel_sketches", r.kernels + r.rejected)
+            out.append(_as_sim_result(r, i))
+        return out
+
+
+@dataclass(frozen=True)
+class FlowRelinearised(Predictor):
+    """Full-batch GD on one re-linearised gradient-flow path per (loss, budget), traced by plain GD at
+    ``reference_fraction`` x max_stable_lr(0) and shared by every config through its flow time
+    ``tau = eta_eff t`` (docs/METHOD.md §10). Minibatch: frozen."""
+
+    name: ClassVar[str] = "flow"
+    fallback: ClassVar[Optional[str]] = "frozen"
+    extra_work: ClassVar[str] = "one re-linearised path per (loss, budget): kernel sketches along it"
+    needs_full_kernel: ClassVar[bool] = True
+    reference_fraction: float = 0.5
+    options: RelinearisationOptions = field(default_factory=RelinearisationOptions)
+
+    def unsupported(self, config, n, settings):
+        return _full_batch_only("flow", config, n)
+
+    def simulate(self, prepared, configs, budget_steps, settings):
+        tau_max = max(c.effective_lr for c in configs) * budget_steps
+        out: List[Optional[SimResult]] = [None] * len(configs)
+        for loss in sorted({c.loss for c in configs}):
+            idx = [i for i, c in enumerate(configs) if c.loss == loss]
+            key = ("flow", loss, round(tau_max, 12))
+            if key not in prepared.shared:
+                ref_lr = self.reference_fraction * prepared.max_stable_lr(0.0)
+                prepared.shared[key] = flow_path(prepared.model, prepared.dataset, loss, tau_max, ref_lr,
+                                                 replace(self.options, kernel=prepared.base.kernel),
+                                                 trainable=prepared.base.trainable, device=prepared.base.device)
+                prepared.count("kernel_sketches", len(prepared.shared[key].sketches))
+            path = prepared.shared[key]
+            for i, r in zip(idx, simulate_on_flow_path(path, [configs[i] for i in idx], budget_steps)):
+                out[i] = replace(_as_sim_result(r, i), max_stable_lr=prepared.max_stable_lr(configs[i].momentum))
+        return out  # type: ignore[return-value]
+
+
+PREDICTORS: Dict[str, type] = {p.name: p for p in (FrozenKernel, SubsetExtrapolation, DriftWarp, Relinearised,
+                                                   FlowRelinearised)}
+DEFAULT_PREDICTOR = "frozen"
+
+
+def get_predictor(name: Union[str, Predictor, None] = None, **options: Any) -> Predictor:
+    """The predictor ``name`` (default :data:`DEFAULT_PREDICTOR`) with ``options``; one-line ``ValueError``
+    naming ``predictor`` or the option otherwise."""
+    if isinstance(name, Predictor):
+        return name
+    name = DEFAULT_PREDICTOR if name is None else name
+    if name not in PREDICTORS:
+        raise ValueError(f"predictor: {name!r} is not one of {', '.join(PREDICTORS)}")
+    cls = PREDICTORS[name]
+    allowed = [f.name for f in fields(cls)]
+    bad = sorted(set(options) - set(allowed))
+    if bad:
+        raise ValueError(f"predictor.{bad[0]}: not an option of {name!r}; allowed: {', '.join(allowed) or 'none'}")
+    return cls(**options)
