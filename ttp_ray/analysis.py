@@ -7,7 +7,7 @@ state, no display needed, so they render headless (Agg) in the CLI and inline in
 here imports Ray, torch (except :func:`fit_spectrum`, which reuses :func:`ttp_ray.subset.fit_power_law`) or
 click; ``ttp-ray rank | validate | plot`` (:mod:`ttp_ray.analysis_cli`) are thin layers over it.
 
-Formulas (METHOD.md §5, §7):
+Formulas (METHOD.md §5, §7, §12):
 
 * predicted cost ``Ĉ = T̂ε × step_time_s`` (column ``predicted_cost_s`` of the sweep; the step time is
   measured for (model, dataset, B, loss) on the actor's device);

@@ -1,4 +1,4 @@
-"""Kernel drift calibrated by one real reference run, applied as a time warp (full-batch GD; METHOD.md §2, §4).
+"""Kernel drift calibrated by one real reference run, applied as a time warp (full-batch GD; METHOD.md §9, §2, §4).
 
 The frozen-kernel predictor (:mod:`ttp_ray.dynamics`) keeps Θ at its value at w0. On the embedded default
 the kernel moves (docs/ACCURACY.md, "Modelling the drift"): with cross-entropy on the batch-norm backbone

@@ -1,5 +1,5 @@
 """Linearised training dynamics on a :class:`~ttp_ray.state.KernelState`, vectorised over many
-configurations (METHOD.md §2–4, supplement Algorithm 1, App. C, E, Prop. 1, 2). Pure torch/numpy/scipy:
+configurations (METHOD.md §2–4, §11, supplement Algorithm 1, App. C, E, Prop. 1, 2). Pure torch/numpy/scipy:
 nothing here knows about Ray.
 
 Conventions (shared with :mod:`ttp_ray.objectives` and the real trainer)
@@ -22,7 +22,7 @@ Methods (``SimOptions.method``)
 -------------------------------
 ``ode``        gradient flow ``dF/dt = -(eta_eff/N) Theta G(F)``. In ``tau = eta_eff t`` the flow does not
                depend on the config at all, so *every* config of a loss shares one trajectory (the
-               time-rescaling collapse, METHOD §4), read off at ``tau = eta_eff t``.
+               time-rescaling collapse, METHOD.md §4), read off at ``tau = eta_eff t``.
                mse: closed form (Prop. 2) ``L_t = (1/2N)[sum_k p_k exp(-2 eta_eff lambda_k t / N) + rest]``,
                ``p_k = ||v_k^T (Y - F0)||^2``, ``rest = ||Y - F0||^2 - sum_k p_k`` (residual outside the
                eigenvectors' span: constant). ce: one stiff integration of
@@ -85,12 +85,12 @@ by exact heavy ball instead (noted in ``SimResult.note``), rather than reported 
 would need ``ceil(eta_eff lambda_max h / N)`` substeps per step there (slow), and exact heavy-ball SGD on
 the linear model is what the ELR approximates.
 
-Divergence: ``max_stable_lr = 2(1+m) N / lambda_max`` (METHOD §2) is reported for every config; a config
+Divergence: ``max_stable_lr = 2(1+m) N / lambda_max`` (METHOD.md §2, §13) is reported for every config; a config
 with ``lr`` above it is ``diverged``, and so is one whose simulated loss becomes non-finite or exceeds
 ``blowup_factor * L_0`` (``blew_up``; its curves stop at the last logged point before that, so no
 NaN/inf, and no value above the threshold, reaches a result). For ce the limit is conservative (the
 softmax Hessian is <= 1/2, so the linear ce model tolerates up to twice that); such configs are still
-reported as diverging (METHOD §2), with their (finite) curves.
+reported as diverging (METHOD.md §2), with their (finite) curves.
 
 Collapse: :func:`simulation_groups` / :func:`distinct_simulations` give the distinct simulations a grid
 needs (ode: one per loss; discrete: one per ``eta_eff`` (elr) or ``(lr, m)`` (heavy ball); sde: one per

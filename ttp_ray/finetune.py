@@ -1,6 +1,6 @@
 """Ground truth: real fine-tuning with ``torch.optim.SGD`` and the full training-set curves it yields.
 
-What is measured (METHOD.md §1, §5): at steps 0, log_every, 2*log_every, ..., T the loss and error of
+What is measured (METHOD.md §1, §5, §13): at steps 0, log_every, 2*log_every, ..., T the loss and error of
 the model on the *whole* training set (batch norm frozen, no augmentation), the mean wall time of an
 optimiser step (forward + backward + update on one batch), and divergence (a non-finite loss, or one
 above ``DIVERGENCE_FACTOR`` times the initial loss) which stops the run instead of crashing it.

@@ -1,4 +1,4 @@
-"""Piecewise re-linearisation: follow the network's kernel as it moves (full-batch GD; METHOD.md §2).
+"""Piecewise re-linearisation: follow the network's kernel as it moves (full-batch GD; METHOD.md §10, §2).
 
 The linearised predictor (:mod:`ttp_ray.dynamics`) keeps Θ at its value at w0. Measured on the embedded
 default (docs/ACCURACY.md, ``bench/kernel_drift.py``), Θ does not stay there outside the linear regime:
@@ -33,7 +33,7 @@ of the same length costs more than the training it predicts, on the embedded def
 
 :func:`flow_path` and :func:`simulate_on_flow_path` share the drift between configs instead: one
 re-linearised gradient-flow path per (dataset, loss), read by each full-batch config at its own flow time
-tau = eta_eff t (METHOD.md §4). Measured (docs/ACCURACY.md): as accurate as the per-config predictor
+tau = eta_eff t (METHOD.md §4, §10). Measured (docs/ACCURACY.md): as accurate as the per-config predictor
 overall, better with cross-entropy, wrong for MSE at large effective lr (that drift is not on the flow).
 """
 from __future__ import annotations
@@ -344,7 +344,7 @@ def flow_path(model: torch.nn.Module, dataset, loss: str, tau_max: float, refere
 
 def simulate_on_flow_path(path: FlowPath, configs: Sequence[SimConfig], budget_steps: int) -> List[RelinearisedResult]:
     """Exact heavy ball in function space for each full-batch config, on the path's kernel at its own
-    flow time: ``u <- m u + (1/N) Θ(eta_eff t) G(F)``, ``F <- F - lr u`` (METHOD.md §2-§4)."""
+    flow time: ``u <- m u + (1/N) Θ(eta_eff t) G(F)``, ``F <- F - lr u`` (METHOD.md §2-§4, §10)."""
     y = path.targets
     n = int(path.f0.shape[0])
     out = []

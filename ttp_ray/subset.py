@@ -12,7 +12,7 @@ Normalisation (used everywhere in this module)
 ``l_k = lambda_k / N`` and with ``q_k = p_k / N``, ``p_k = ||v_k^T (Y - F0)||^2`` (summed over the C
 columns with the class-trace kernel, whose eigenvectors are ``N``-vectors). With ``||v_k|| = 1`` over N
 samples both settle as N grows (``p_k`` itself grows like N), so the paper's ``p'_k ~ p_k`` holds for the
-normalised ones. ``eta lambda_k / N`` of METHOD §2 is ``eta l_k`` and the MSE curve of discrete GD is
+normalised ones. ``eta lambda_k / N`` of METHOD.md §2 is ``eta l_k`` and the MSE curve of discrete GD is
 
     L_t = 1/2 [ sum_k q_k (1 - eta l_k)^(2t) + rest ]      (ODE: exp(-2 eta l_k t))          (Prop. 2)
 
