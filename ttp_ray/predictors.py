@@ -189,9 +189,9 @@ class Predictor(ABC):
         """Columns this predictor adds to every prediction row (beyond the common ones)."""
         return {}
 
-    def options(self) -> Dict[str, Any]:
-        """This predictor's options as plain values (for output and provenance)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+    def describe(self) -> Dict[str, Any]:
+        """The predictor's name and options (for output and provenance)."""
+        return {"name": self.name, **{f.name: getattr(self, f.name) for f in fields(self)}}  # type: ignore[arg-type]
 
 
 def _full_batch_only(name: str, config: SimConfig, n: int) -> Optional[str]:
