@@ -98,8 +98,8 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
-from .atomic import atomic_write
-from .state import KernelState
+from ..atomic import atomic_write
+from ..state import KernelState
 
 __all__ = [
     "METHODS",
@@ -318,7 +318,7 @@ class PerSampleGradients:
     def from_module(cls, model: nn.Module, trainable: str = "all", engine: str = "auto") -> "PerSampleGradients":
         """The ``hooks`` engine on ``model`` when it supports it (``engine="auto"`` or ``"hooks"``), else
         (``"auto"`` only) the ``vmap`` engine on ``models.functional_model(model, trainable)``."""
-        from .models import functional_model, trainable_names
+        from ..models import functional_model, trainable_names
 
         if engine not in ENGINES:
             raise ValueError(f"engine: {engine!r} is not one of {', '.join(ENGINES)}")
@@ -924,7 +924,7 @@ class KernelCacheError(ValueError):
 
 def kernels_cache_dir() -> Path:
     """``$TTP_RAY_CACHE/kernels`` (root from :func:`ttp_ray.models.cache_dir`)."""
-    from .models import cache_dir
+    from ..models import cache_dir
 
     return Path(cache_dir()) / "kernels"
 
