@@ -269,7 +269,7 @@ def main(argv=None) -> None:
         f"class_trace={default.class_trace}, class_probes={default.class_probes}, engine={default.engine}, "
         f"eigen_solver={default.eigen_solver}, dtype={default.dtype}. Dataset `{DATASET}` "
         f"(N={len(ds)}, C={ds.num_classes}), trainable all, one thread. Why this default: "
-        "`ttp_ray/kernel.py` docstring.\n\n"
+        "the note after this section.\n\n"
         "Reading the accuracy tables: every estimate is judged against the exact *full* kernel. Class-trace "
         "rows stop improving with k: their error is the class-trace approximation (the `exact class-trace` "
         "row) plus the draw of the single shared class probe, not the projection. Full-kernel sketches have "

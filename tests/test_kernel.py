@@ -1,9 +1,12 @@
 """Tests of ttp_ray.kernel: exact NTK, projected sketches, eigendecomposition, KernelState and its cache."""
 from __future__ import annotations
 
+import ast
+import importlib
 import math
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -411,6 +414,24 @@ def test_cache_key_covers_what_changes_the_state():
     assert kernel_cache_key(model, toy_dataset(9, seed=1), KernelOptions())[0] != base
     other = toy_cnn(seed=1)  # different weights (a different head seed does the same)
     assert kernel_cache_key(other, ds, KernelOptions())[0] != base
+
+
+# ------------------------------------------------------------------------------------ package
+
+def test_package_modules_export_public_names_only():
+    """Every module of ttp_ray.kernel declares __all__, the package re-exports the API, and no module
+    imports another's private (``_name``) helper."""
+    import ttp_ray.kernel as package
+
+    for name in package.__all__:
+        assert getattr(package, name) is not None
+    for path in sorted(Path(package.__file__).parent.glob("*.py")):
+        module = importlib.import_module(f"ttp_ray.kernel.{path.stem}" if path.stem != "__init__" else "ttp_ray.kernel")
+        assert all(hasattr(module, name) for name in module.__all__), path.name
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                assert not private, f"{path.name} imports private {private} from {node.module}"
 
 
 # ------------------------------------------------------------------------------------------ cuda

@@ -26,6 +26,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .paths import cache_dir
+
 __all__ = [
     "ImageDataset",
     "DatasetError",
@@ -172,8 +174,7 @@ def parse_dataset_ref(text: str) -> DatasetRef:
 
 
 def data_dir() -> Path:
-    from .models import cache_dir
-
+    """Where dataset files are read from: ``$TTP_RAY_DATA``, else ``<cache_dir()>/data``."""
     return Path(os.environ.get("TTP_RAY_DATA") or (cache_dir() / "data"))
 
 

@@ -31,6 +31,8 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from .atomic import atomic_write
+from .data import load_dataset
+from .paths import cache_dir  # re-exported: ttp_ray.models.cache_dir keeps working
 
 __all__ = [
     "ModelError",
@@ -56,15 +58,6 @@ __all__ = [
 
 class ModelError(ValueError):
     """A backbone cannot be built or loaded; the message is one line naming the model."""
-
-
-def cache_dir() -> Path:
-    """Root of ttp-ray's caches: ``$TTP_RAY_CACHE`` or the user cache dir (``~/.cache/ttp-ray``)."""
-    env = os.environ.get("TTP_RAY_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ttp-ray"
 
 
 # ----------------------------------------------------------------------------------- architectures
@@ -164,8 +157,6 @@ def state_dict_hash(sd: Dict[str, torch.Tensor]) -> str:
 
 def pretrain_backbone(name: str, recipe: PretrainRecipe = PRETRAIN_RECIPE) -> Tuple[nn.Module, Dict[str, float]]:
     """Pre-train a digits backbone from scratch, deterministically; returns (model, report)."""
-    from .data import load_dataset
-
     if name not in _DIGITS_ARCHS:
         raise ModelError(f"model: only {', '.join(_DIGITS_ARCHS)} are pre-trained by ttp-ray, not {name!r}")
     ds = load_dataset(recipe.dataset)
