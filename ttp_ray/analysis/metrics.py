@@ -98,7 +98,7 @@ def _normalise(df: pd.DataFrame) -> pd.DataFrame:
 def load_sweep(out: Union[str, Path], tables: Sequence[str] = ("predictions", "ground_truth", "curves", "spectra")
                ) -> SweepTables:
     """Read ``OUT`` (the ``--out`` of ``ttp-ray sweep``): its manifest and the named tables (others empty)."""
-    from .sweep.output import MANIFEST, OutputError, SweepOutput, read_table
+    from ..sweep.output import MANIFEST, OutputError, SweepOutput, read_table
 
     root = Path(out)
     if not root.is_dir():
@@ -301,7 +301,7 @@ def validation_metrics(val: pd.DataFrame, groups: Sequence[str] = GROUP_KEYS) ->
 
 def write_validation(val: pd.DataFrame, out: Union[str, Path]) -> Path:
     """``val`` as Parquet at ``OUT/validation.parquet`` (or at ``out`` if it names a file), atomically."""
-    from .atomic import atomic_write
+    from ..atomic import atomic_write
 
     path = Path(out)
     if path.is_dir():
@@ -322,7 +322,7 @@ def fit_spectrum(spectrum: pd.DataFrame, k_range: Optional[Tuple[int, int]] = No
     table), with :func:`ttp_ray.subset.fit_power_law` (weights 1/k, Huber-robust) over ``k_range``
     (default :func:`ttp_ray.subset.default_fit_range`: past the 2C class-structure modes, up to a third of
     the rank, the range METHOD.md §7's extrapolation fits). Returns a :class:`ttp_ray.subset.PowerLaw`."""
-    from .subset import default_fit_range, fit_power_law
+    from ..subset import default_fit_range, fit_power_law
 
     s = spectrum.sort_values("k")
     lam = (s.eigenvalue / s.n).to_numpy(dtype=float)
@@ -594,7 +594,7 @@ def write_figure(fig, path: Union[str, Path], dpi: int = 100) -> Path:
     """Save ``fig`` as PNG at ``path`` (atomically: temp file + rename) with the Agg canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from .atomic import atomic_write
+    from ..atomic import atomic_write
 
     FigureCanvasAgg(fig)
     return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
