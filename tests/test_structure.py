@@ -18,6 +18,10 @@ Three rules:
    So an ``__init__`` re-exporting its submodules' names is never a false cycle with them, while a
    submodule that needs a name the ``__init__`` itself defines, from an ``__init__`` that imports the
    submodule back, is one. Self-edges are ignored. A cycle is reported as ``a -> b -> a``.
+
+   The same graph is checked once more with every subpackage of ttp_ray collapsed to one node
+   (``ttp_ray.sweep.driver`` counts as ``ttp_ray.sweep``), so that two layers never import each other, not
+   even through different modules (``sweep.driver -> analysis -> sweep.output`` is such a cycle).
 2. **No private names across modules.** No module in ``ttp_ray/`` or ``bench/`` imports a name starting
    with one underscore (``_x``, not dunders) from another ttp_ray module (``from ttp_ray.dynamics import
    _resolve``, ``from .kernel import _foo``), or reads one as an attribute of an imported ttp_ray module
@@ -34,7 +38,7 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Dict, FrozenSet, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "ttp_ray"
@@ -178,7 +182,7 @@ def import_graph(modules: Dict[str, Module]) -> Dict[str, Dict[str, int]]:
     return graph
 
 
-def strongly_connected(graph: Dict[str, Dict[str, int]]) -> List[List[str]]:
+def strongly_connected(graph: Mapping[str, Iterable[str]]) -> List[List[str]]:
     """Strongly connected components with more than one module (Tarjan, iterative)."""
     index: Dict[str, int] = {}
     low: Dict[str, int] = {}
@@ -223,7 +227,7 @@ def strongly_connected(graph: Dict[str, Dict[str, int]]) -> List[List[str]]:
     return out
 
 
-def one_cycle(graph: Dict[str, Dict[str, int]], component: Sequence[str]) -> List[str]:
+def one_cycle(graph: Mapping[str, Iterable[str]], component: Sequence[str]) -> List[str]:
     """A shortest cycle through the first module of ``component`` (breadth-first), closed: [a, b, a]."""
     inside = set(component)
     start = component[0]
@@ -247,15 +251,36 @@ def one_cycle(graph: Dict[str, Dict[str, int]], component: Sequence[str]) -> Lis
     return [start, start]  # pragma: no cover - a component always has a cycle through each member
 
 
-def cycle_problems(modules: Dict[str, Module], allowed: Sequence[FrozenSet[str]] = ()) -> List[str]:
-    """One line per import cycle not in ``allowed``: the cycle with the line of each import."""
+def subpackage_graph(graph: Dict[str, Dict[str, int]], package: str = PACKAGE) -> Dict[str, Dict[str, str]]:
+    """``graph`` with every module of a subpackage of ``package`` merged into the subpackage's node; each edge
+    keeps one module-level import behind it (``a -> b``) as its place."""
+    depth = len(package.split(".")) + 1
+
+    def node(name: str) -> str:
+        return ".".join(name.split(".")[:depth])
+
+    out: Dict[str, Dict[str, str]] = {node(name): {} for name in graph}
+    for a, targets in sorted(graph.items()):
+        for b in sorted(targets):
+            if node(a) != node(b):
+                out[node(a)].setdefault(node(b), f"{a} -> {b}")
+    return out
+
+
+def cycle_problems(modules: Dict[str, Module], allowed: Sequence[FrozenSet[str]] = (),
+                   subpackages: bool = False) -> List[str]:
+    """One line per import cycle not in ``allowed``: the cycle with the place of each import (``subpackages``:
+    on :func:`subpackage_graph`)."""
     graph = import_graph(modules)
+    places = {a: {b: f"{modules[a].rel}:{line}" for b, line in t.items()} for a, t in graph.items()}
+    if subpackages:
+        places = subpackage_graph(graph)
     problems = []
-    for comp in strongly_connected(graph):
+    for comp in strongly_connected(places):
         if frozenset(comp) in set(allowed):
             continue
-        cycle = one_cycle(graph, comp)
-        where = ", ".join(f"{modules[a].rel}:{graph[a][b]}" for a, b in zip(cycle, cycle[1:]))
+        cycle = one_cycle(places, comp)
+        where = ", ".join(places[a][b] for a, b in zip(cycle, cycle[1:]))
         problems.append(f"import cycle {' -> '.join(cycle)} (imports at {where}; component: {', '.join(comp)})")
     return problems
 
@@ -337,6 +362,11 @@ def test_no_import_cycles():
     assert not problems, "\n".join(problems)
 
 
+def test_no_import_cycles_between_subpackages():
+    problems = cycle_problems(read_modules(ROOT), ALLOWED_CYCLES, subpackages=True)
+    assert not problems, "\n".join(problems)
+
+
 def test_no_private_imports_across_modules():
     problems = private_problems(ROOT, [PACKAGE, "bench"], read_modules(ROOT), ALLOWED_PRIVATE)
     assert not problems, "\n".join(problems)
@@ -390,6 +420,25 @@ def test_checker_reexporting_init_is_no_cycle_but_init_defined_names_are(tmp_pat
     files["ttp_ray/sweep/driver.py"] += "from . import LIMIT\n"
     problems = cycle_problems(_package(tmp_path, files))
     assert problems and "ttp_ray.sweep -> ttp_ray.sweep.driver -> ttp_ray.sweep" in problems[0]
+
+
+def test_checker_finds_a_cycle_between_subpackages_through_different_modules(tmp_path):
+    files = {
+        "ttp_ray/__init__.py": "__all__ = []\n",
+        "ttp_ray/tables.py": "__all__ = []\n",
+        "ttp_ray/sweep/__init__.py": "__all__ = []\n",
+        "ttp_ray/sweep/output.py": "from ..tables import *\n__all__ = []\n",
+        "ttp_ray/sweep/driver.py": "__all__ = []\ndef summary():\n    from .. import analysis\n",
+        "ttp_ray/analysis.py": "__all__ = []\ndef load():\n    from .sweep.output import read_table\n",
+    }
+    mods = _package(tmp_path, files)
+    assert cycle_problems(mods) == []  # no module-level cycle
+    problems = cycle_problems(mods, subpackages=True)
+    assert problems == ["import cycle ttp_ray.analysis -> ttp_ray.sweep -> ttp_ray.analysis (imports at "
+                        "ttp_ray.analysis -> ttp_ray.sweep.output, ttp_ray.sweep.driver -> ttp_ray.analysis; "
+                        "component: ttp_ray.analysis, ttp_ray.sweep)"]
+    files["ttp_ray/analysis.py"] = "__all__ = []\ndef load():\n    from .tables import read_table\n"
+    assert cycle_problems(_package(tmp_path, files), subpackages=True) == []
 
 
 def test_checker_finds_private_imports(tmp_path):
