@@ -24,7 +24,7 @@ def dry_run(*args, **kwargs):
 
 
 def read_table(*args, **kwargs):
-    """See :func:`ttp_ray.sweep.output.read_table`."""
-    from .output import read_table as _read
+    """See :func:`ttp_ray.tables.read_table`."""
+    from ..tables import read_table as _read
 
     return _read(*args, **kwargs)

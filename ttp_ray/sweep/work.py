@@ -6,7 +6,7 @@
 * :func:`run_ground_truth` -- one real fine-tune (:func:`ttp_ray.finetune.finetune`), T_eps read off its
   curve by :func:`ttp_ray.training_time.curve_training_times` exactly as off the predicted ones.
 
-Both return rows in the schemas of :mod:`ttp_ray.sweep.output`.
+Both return rows in the schemas of :mod:`ttp_ray.tables`.
 """
 from __future__ import annotations
 
