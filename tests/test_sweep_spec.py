@@ -251,6 +251,13 @@ def test_atomic_parts_and_read_back(tmp_path):
     assert list(pd.read_parquet(tmp_path / "predictions")["dataset"]) == ["digits:subset=5"]
 
 
+def test_as_table_refuses_unknown_keys():
+    with pytest.raises(ValueError, match="^predictions: row keys not in the table's schema: bogus, other$"):
+        as_table([{"config_id": "a", "bogus": 1}, {"other": 2}], "predictions")
+    t = as_table([{"config_id": "a"}], "predictions")  # missing keys stay null
+    assert t.column("kernel_subset").to_pylist() == [None] and t.column("predicted_steps").to_pylist() == [None]
+
+
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 
@@ -380,6 +387,7 @@ def test_kernel_subset_shard_is_predicted_by_extrapolation():
     assert work.info()["n"] == 896
     df = next(work.predict_shard(s) for s in plan.shards()).predictions.to_pandas()
     assert set(df.method) == {"subset-extrapolated"} and df.predicted_steps.notna().all()
+    assert (df.kernel_subset == 120).all() and df.subset_alpha.notna().all() and set(df.dynamics) <= {"discrete", "ode"}
 
 
 def test_drift_reference_refuses_kernel_subset():

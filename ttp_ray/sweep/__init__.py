@@ -1,7 +1,8 @@
 """The sweep engine: YAML spec -> plan -> Ray actors (one per dataset state) -> Parquet tables.
 
 Ray is imported only by :mod:`ttp_ray.sweep.actors` and :mod:`ttp_ray.sweep.driver` (at call time);
-:mod:`.spec`, :mod:`.plan`, :mod:`.output` and :mod:`.work` are plain Python.
+:mod:`.spec`, :mod:`.plan`, :mod:`.preflight`, :mod:`.output` and :mod:`.work` are plain Python; the tables'
+schemas are in the core module :mod:`ttp_ray.tables`.
 """
 from .spec import SpecError, SweepSpec, load_spec, parse_spec
 
@@ -23,7 +24,7 @@ def dry_run(*args, **kwargs):
 
 
 def read_table(*args, **kwargs):
-    """See :func:`ttp_ray.sweep.output.read_table`."""
-    from .output import read_table as _read
+    """See :func:`ttp_ray.tables.read_table`."""
+    from ..tables import read_table as _read
 
     return _read(*args, **kwargs)

@@ -12,6 +12,7 @@ from typing import Any, Dict
 import ray
 
 from .plan import Shard
+from .preflight import preflight
 from .work import DatasetWork, GroundTruthJob, GroundTruthOutput, ShardOutput, WorkerJob, pick_device, run_ground_truth
 
 __all__ = ["DatasetActor", "ground_truth_task", "preflight_task", "actor_options", "task_options"]
@@ -58,8 +59,7 @@ def ground_truth_task(job: GroundTruthJob) -> GroundTruthOutput:
 
 @ray.remote(num_cpus=0)
 def preflight_task(spec) -> Dict[str, Any]:
-    from .driver import preflight
-
+    """:func:`ttp_ray.sweep.preflight.preflight` on the cluster (where the data lives)."""
     return preflight(spec)
 
 

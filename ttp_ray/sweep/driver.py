@@ -3,9 +3,9 @@ Parquet output, resume, summary.
 
 Order of events (:func:`run_sweep`):
 
-1. **preflight** (before Ray): every dataset is loaded (N, C; missing files fail here, one line) and the
-   backbone is loaded (pre-trained and cached once, here, not by every actor). Attached to a cluster
-   (``--address``), the same check runs as a Ray task there, where the data lives;
+1. **preflight** (:mod:`ttp_ray.sweep.preflight`, before Ray): every dataset is loaded (N, C; missing files
+   fail here, one line) and the backbone is loaded (pre-trained and cached once, here, not by every actor).
+   Attached to a cluster (``--address``), the same check runs as a Ray task there, where the data lives;
 2. **plan** (:mod:`ttp_ray.sweep.plan`) and the output directory: a manifest of another spec is refused
    (``--fresh`` clears it); parts already on disk are skipped (resume);
 3. **Ray**: a local instance on 127.0.0.1 without dashboard (default), or the cluster at ``--address`` /
@@ -37,6 +37,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 from .output import SPECTRUM_PART, SweepOutput, read_table
 from .plan import DatasetSize, GroundTruthRun, Shard, SweepPlan, build_plan, dry_run_text, resolve_lr
+from .preflight import preflight
 from .spec import SpecError, SweepSpec
 
 __all__ = ["SweepResult", "preflight", "plan_sweep", "resource_view", "check_feasible", "dry_run", "run_sweep",
@@ -59,32 +60,7 @@ class SweepResult:
     shard_seconds: float = 0.0  # actor-side wall time of the shards predicted by this run, summed
 
 
-# ----------------------------------------------------------------------------------------- preflight
-
-def preflight(spec: SweepSpec, *, allow_missing: bool = False) -> Dict[str, Dict[str, Any]]:
-    """Load every dataset (N, C) and the backbone. ``allow_missing`` (dry run): a paper dataset whose
-    files are absent takes its size from :data:`ttp_ray.data.PAPER_DATASETS`, and the model is not
-    loaded. Raises :class:`~ttp_ray.data.DatasetError` / :class:`~ttp_ray.models.ModelError`."""
-    from ..data import PAPER_DATASETS, DatasetError, load_dataset
-
-    sizes: Dict[str, Dict[str, Any]] = {}
-    for entry in spec.datasets:
-        try:
-            ds = load_dataset(entry.ref)
-            sizes[entry.label] = {"n": len(ds), "num_classes": int(ds.num_classes), "source": "loaded"}
-        except DatasetError:
-            if not (allow_missing and entry.is_paper):
-                raise
-            info = PAPER_DATASETS[entry.name]
-            n = int(info["images"]) if entry.subset is None else min(int(entry.subset), int(info["images"]))
-            sizes[entry.label] = {"n": n, "num_classes": int(info["classes"]),
-                                  "source": "paper table (data absent)"}
-    if not allow_missing:
-        from ..models import load_backbone
-
-        load_backbone(spec.model)
-    return sizes
-
+# -------------------------------------------------------------------------------------------- plan
 
 def plan_sweep(spec: SweepSpec, sizes: Dict[str, Dict[str, Any]]) -> SweepPlan:
     return build_plan(spec, {k: DatasetSize(**v) for k, v in sizes.items()})

@@ -19,6 +19,10 @@ the partition path, never inside a part, so the hive dataset has one consistent 
 Every file is written to a temporary name in its final directory and ``os.replace``-d into place, so a
 part either exists whole or not at all: the parts on disk are the record of what is complete (the
 manifest mirrors them, and is reconciled with them on resume). Nothing here imports Ray.
+
+The tables' schemas, :func:`as_table`, :func:`curve_table`, :func:`read_table` and the manifest's identity
+live in the core module :mod:`ttp_ray.tables` (re-exported here); this module is the directory's
+bookkeeping: writing parts, the manifest's contents, resume and ``--fresh``.
 """
 from __future__ import annotations
 
@@ -27,20 +31,22 @@ import json
 import platform
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Union
 from urllib.parse import quote
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from ..atomic import atomic_write
+from ..tables import (CURVE_SCHEMA, GROUND_TRUTH_SCHEMA, MANIFEST, MANIFEST_FORMAT, PREDICTION_SCHEMA, SCHEMAS,
+                      SPECTRUM_SCHEMA, TABLES, ManifestError, as_table, curve_table, read_manifest, read_table)
 
 __all__ = [
     "PREDICTION_SCHEMA",
     "GROUND_TRUTH_SCHEMA",
     "CURVE_SCHEMA",
     "SPECTRUM_SCHEMA",
+    "SCHEMAS",
     "SPECTRUM_PART",
     "DERIVED",
     "TABLES",
@@ -56,87 +62,13 @@ __all__ = [
     "versions",
 ]
 
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "ttp-ray-sweep"
 MANIFEST_VERSION = 1
-TABLES = ("predictions", "ground_truth", "curves", "spectra")
 SPECTRUM_PART = "spectrum"  # the one part of ``spectra`` per dataset
 DERIVED = ("validation.parquet",)  # written from the tables by ``ttp-ray validate``; stale once they are cleared
 
 
 class OutputError(ValueError):
     """The output directory cannot be used (holds another sweep, or is not a sweep directory)."""
-
-
-_CONFIG_FIELDS = [
-    ("config_id", pa.string()),
-    ("model", pa.string()),
-    ("loss", pa.string()),
-    ("lr", pa.float64()),
-    ("lr_fraction", pa.float64()),  # null for absolute lr grids
-    ("momentum", pa.float64()),
-    ("batch_size", pa.int64()),  # B actually used (N for full batch)
-    ("full_batch", pa.bool_()),
-    ("effective_lr", pa.float64()),  # lr / (1 - momentum)
-    ("criterion", pa.string()),
-    ("eps", pa.float64()),
-    ("eps_mode", pa.string()),
-    ("budget_steps", pa.int64()),
-    ("n", pa.int64()),  # dataset size
-    ("max_stable_lr", pa.float64()),  # 2(1+m)N/lambda_max of the dataset's kernel
-]
-
-PREDICTION_SCHEMA = pa.schema(_CONFIG_FIELDS + [
-    ("predicted_steps", pa.int64()),  # null when not reached (diverged)
-    ("predicted_fraction", pa.float64()),
-    ("diverged", pa.bool_()),
-    ("predicted_final_loss", pa.float64()),
-    ("predicted_final_error", pa.float64()),
-    ("step_time_s", pa.float64()),  # measured for (model, dataset, B, loss) on the actor's device
-    ("predicted_cost_s", pa.float64()),  # predicted_steps * step_time_s; null when not reached
-    ("method", pa.string()),
-    ("momentum_mode", pa.string()),
-    ("kernel_seconds", pa.float64()),  # wall time of computing the kernel state (whenever it was)
-    ("kernel_cache_hit", pa.bool_()),
-    ("simulate_seconds", pa.float64()),
-    ("device", pa.string()),
-    ("shard", pa.string()),
-])
-
-GROUND_TRUTH_SCHEMA = pa.schema(_CONFIG_FIELDS + [
-    ("seed", pa.int64()),
-    ("actual_steps", pa.int64()),  # null when not reached (diverged)
-    ("actual_fraction", pa.float64()),
-    ("diverged", pa.bool_()),
-    ("actual_final_loss", pa.float64()),
-    ("actual_final_error", pa.float64()),
-    ("step_time_s", pa.float64()),
-    ("actual_cost_s", pa.float64()),
-    ("train_seconds", pa.float64()),
-    ("device", pa.string()),
-])
-
-CURVE_SCHEMA = pa.schema([
-    ("config_id", pa.string()),
-    ("source", pa.string()),  # 'predicted' | 'actual'
-    ("seed", pa.int64()),  # ground-truth seed; null for predicted curves
-    ("step", pa.int64()),
-    ("loss", pa.float64()),
-    ("error", pa.float64()),
-])
-
-SPECTRUM_SCHEMA = pa.schema([
-    ("kind", pa.string()),  # 'kernel' (the dataset's Theta) | 'subset_kernel' and 'extrapolated' (kernel.subset)
-    ("k", pa.int64()),  # 1-based mode index, eigenvalues descending
-    ("eigenvalue", pa.float64()),  # lambda_k of Theta = J J^T (not divided by N; state.py's convention)
-    ("projection", pa.float64()),  # p_k = ||v_k^T (Y - F0)||^2, summed over classes with the class-trace kernel
-    ("n", pa.int64()),  # samples of the set this kernel is on (N, or N0 for 'subset_kernel')
-    ("num_classes", pa.int64()),
-    ("class_trace", pa.bool_()),
-])
-
-SCHEMAS = {"predictions": PREDICTION_SCHEMA, "ground_truth": GROUND_TRUTH_SCHEMA, "curves": CURVE_SCHEMA,
-           "spectra": SPECTRUM_SCHEMA}
 
 
 def _now() -> str:
@@ -172,49 +104,6 @@ def write_json_atomic(obj: Any, path: Union[str, Path]) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def as_table(rows: Sequence[Dict[str, Any]], table: str) -> pa.Table:
-    """Rows (dicts) as a table of the fixed schema of ``table`` (missing keys are null)."""
-    schema = SCHEMAS[table]
-    columns = [pa.array([r.get(f.name) for r in rows], type=f.type) for f in schema]
-    return pa.Table.from_arrays(columns, schema=schema)
-
-
-def curve_table(curves: Sequence[Dict[str, Any]]) -> pa.Table:
-    """The long curve table from per-curve arrays: each item has ``config_id``, ``source``, ``seed``
-    (None for predicted curves), ``steps``, ``loss`` and ``error`` (None when not computed)."""
-    import numpy as np
-
-    lengths = [len(c["steps"]) for c in curves]
-    total = int(sum(lengths))
-
-    def repeat(key, typ):
-        return pa.array([c[key] for c, k in zip(curves, lengths) for _ in range(k)], type=typ)
-
-    def concat(key):
-        parts = [np.full(k, np.nan) if c[key] is None else np.asarray(c[key], dtype=np.float64)
-                 for c, k in zip(curves, lengths)]
-        values = np.concatenate(parts) if parts else np.zeros(0)
-        return pa.array(values, type=pa.float64(), from_pandas=True)  # NaN (no error curve) -> null
-
-    steps = np.concatenate([np.asarray(c["steps"], dtype=np.int64) for c in curves]) if curves else np.zeros(0, np.int64)
-    cols = [repeat("config_id", pa.string()), repeat("source", pa.string()), repeat("seed", pa.int64()),
-            pa.array(steps, type=pa.int64()), concat("loss"), concat("error")]
-    assert all(len(c) == total for c in cols)
-    return pa.Table.from_arrays(cols, schema=CURVE_SCHEMA)
-
-
-def read_table(root: Union[str, Path], table: str, columns: Optional[List[str]] = None) -> pa.Table:
-    """All parts of ``table`` under ``root`` with the ``dataset`` column from the partition path."""
-    base = Path(root) / table
-    schema = SCHEMAS[table].append(pa.field("dataset", pa.string()))
-    if not base.is_dir():
-        return schema.empty_table() if columns is None else schema.empty_table().select(columns)
-    ds = pads.dataset(str(base), format="parquet", schema=schema,
-                      partitioning=pads.partitioning(pa.schema([("dataset", pa.string())]), flavor="hive"),
-                      exclude_invalid_files=False, ignore_prefixes=[".", "_"])
-    return ds.to_table(columns=columns)
-
-
 class SweepOutput:
     """One sweep's output directory: parts, the manifest, and what is already complete."""
 
@@ -232,15 +121,11 @@ class SweepOutput:
 
     # ------------------------------------------------------------------------------ opening
     def read_manifest(self) -> Optional[Dict[str, Any]]:
-        if not self.manifest_path.is_file():
-            return None
         try:
-            m = json.loads(self.manifest_path.read_text())
-        except (OSError, ValueError):
-            raise OutputError(f"output: {self.manifest_path} is not readable JSON; use --fresh or another --out")
-        if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
-            raise OutputError(f"output: {self.manifest_path} is not a ttp-ray sweep manifest; use another --out")
-        return m
+            return read_manifest(self.root)
+        except ManifestError as e:
+            hint = "use another --out" if e.readable else "use --fresh or another --out"
+            raise OutputError(f"output: {e}; {hint}") from None
 
     def check_compatible(self, spec_hash: str, layout_hash: str, spec_dict: Dict[str, Any]) -> Optional[Dict]:
         """The existing manifest if ``OUT`` holds this very sweep (or nothing); else :class:`OutputError`."""

@@ -6,7 +6,7 @@
 * :func:`run_ground_truth` -- one real fine-tune (:func:`ttp_ray.finetune.finetune`), T_eps read off its
   curve by :func:`ttp_ray.training_time.curve_training_times` exactly as off the predicted ones.
 
-Both return rows in the schemas of :mod:`ttp_ray.sweep.output`.
+Both return rows in the schemas of :mod:`ttp_ray.tables`.
 """
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ class DatasetWork:
         (``SPECTRUM_SCHEMA``, kind ``kernel``); with ``kernel.subset`` the subset's measured spectrum
         (``subset_kernel``, on N0 samples) and the full set's extrapolated one (``extrapolated``, METHOD.md §7)."""
         from ..subset import state_spectrum
-        from .output import as_table
+        from ..tables import as_table
 
         p = self.prepared
         state = p.state.to(device="cpu")
@@ -144,7 +144,7 @@ class DatasetWork:
     # ------------------------------------------------------------------------------ shards
     def predict_shard(self, shard: Shard) -> ShardOutput:
         """Predict every config of ``shard`` (grouped by budget, one vectorised call per budget)."""
-        from .output import as_table, curve_table
+        from ..tables import as_table, curve_table
 
         self._maybe_crash(shard)
         t0 = time.perf_counter()
@@ -250,7 +250,7 @@ def run_ground_truth(job: GroundTruthJob) -> GroundTruthOutput:
     from ..finetune import FinetuneConfig, finetune
     from ..models import build_finetune_model
     from ..training_time import curve_training_times
-    from .output import as_table, curve_table
+    from ..tables import as_table, curve_table
 
     t0 = time.perf_counter()
     spec, run = job.spec, job.run
