@@ -186,7 +186,7 @@ def dense_rates(n: int = 8000, r: int = 2048, cp: int = 160, repeats: int = 3) -
 
 
 def decode_rates(repeats: int = 20) -> dict:
-    """ms per image of the paper datasets' input path (ttp_ray.data._image_transform(224): resize, centre crop,
+    """ms per image of the paper datasets' input path (ttp_ray.data.image_transform(224): resize, centre crop,
     ToTensor, normalise), one thread: a CIFAR image (32 x 32 PIL, upsampled) and a 500 x 375 JPEG decoded from
     bytes (the ImageFolder sets: CUB-200, MIT-67, MINC-2500; FGVC-Aircraft and Stanford Cars are of that kind)."""
     import io
@@ -194,9 +194,9 @@ def decode_rates(repeats: int = 20) -> dict:
     import numpy as np
     from PIL import Image
 
-    from ttp_ray.data import _image_transform
+    from ttp_ray.data import image_transform
 
-    tf = _image_transform(224)
+    tf = image_transform(224)
     rng = np.random.default_rng(0)
     small = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
     buf = io.BytesIO()
@@ -413,7 +413,7 @@ def report(r: dict, md_table) -> str:
               + (f"; float64 normal draws from a CPU generator (the SDE's noise, {rt['randn_fp64']['shape']} per "
                  f"step): {rt['randn_fp64']['draws_per_s'] / 1e6:.0f} M/s" if "randn_fp64" in rt else "")
               + (f" (rates measured {r['rates_date']} with `--update-rates`)" if r.get("rates_date") else "") + ".",
-              "", "Input path of the paper datasets (`ttp_ray.data._image_transform(224)`: resize, centre crop, "
+              "", "Input path of the paper datasets (`ttp_ray.data.image_transform(224)`: resize, centre crop, "
               "ToTensor, normalise; one thread, mean of 20): CIFAR 32 x 32 image "
               f"{r['decode']['cifar_32px']['ms_per_image']:.2f} ms, 500 x 375 JPEG decoded from bytes "
               f"{r['decode']['jpeg_500x375']['ms_per_image']:.2f} ms per image.",

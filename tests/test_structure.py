@@ -44,26 +44,13 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "ttp_ray"
 
 # Cycles allowed for now, each as the exact set of modules of its strongly connected component.
-ALLOWED_CYCLES: Sequence[FrozenSet[str]] = (
-    # data.py imports models.cache_dir and models.py imports data.load_dataset (both at call time);
-    # being untangled on another branch: remove this entry with that fix.
-    frozenset({"ttp_ray.data", "ttp_ray.models"}),
-)
+ALLOWED_CYCLES: Sequence[FrozenSet[str]] = ()
 
 # Private imports allowed for now: (file relative to the repo root, imported name).
-ALLOWED_PRIVATE: Sequence[Tuple[str, str]] = (
-    # bench/project.py reaches into ttp_ray.dynamics for _resolve and _hess_bound; being fixed on another
-    # branch: remove these entries with that fix.
-    ("bench/project.py", "_resolve"),
-    ("bench/project.py", "_hess_bound"),
-    # bench/scaling.py imports ttp_ray.data._image_transform (the backbone's input transform).
-    ("bench/scaling.py", "_image_transform"),
-)
+ALLOWED_PRIVATE: Sequence[Tuple[str, str]] = ()
 
 # Modules allowed to lack __all__ for now.
-ALLOWED_WITHOUT_ALL: Sequence[str] = (
-    "ttp_ray",  # ttp_ray/__init__.py: only __version__ (outside this change's files)
-)
+ALLOWED_WITHOUT_ALL: Sequence[str] = ()
 
 
 # ------------------------------------------------------------------------------------------- reading

@@ -37,6 +37,7 @@ __all__ = [
     "load_dataset",
     "parse_dataset_ref",
     "data_dir",
+    "image_transform",
     "balanced_subset_indices",
 ]
 
@@ -239,7 +240,7 @@ def _npz(path: str) -> ImageDataset:
                         meta={"source": str(p)})
 
 
-def _image_transform(size: int):
+def image_transform(size: int):
     from torchvision import transforms
 
     # ImageNet normalisation, fixed resize + centre crop, no augmentation (METHOD.md §1)
@@ -276,7 +277,7 @@ def _folder(root: str, name: Optional[str] = None, image_size: int = 224) -> Ima
     if not r.is_dir():
         raise DatasetError(f"dataset {name or 'folder'}: directory {r} does not exist")
     try:
-        tv = ImageFolder(str(r), transform=_image_transform(image_size))
+        tv = ImageFolder(str(r), transform=image_transform(image_size))
     except (FileNotFoundError, RuntimeError) as exc:
         raise DatasetError(f"dataset {name or 'folder'}: {r}: {exc}".splitlines()[0]) from None
     files_id = hashlib.sha256("\n".join(f"{p}|{os.path.getsize(p)}" for p, _ in tv.samples).encode()).hexdigest()
@@ -315,7 +316,7 @@ def _paper_dataset(name: str, download: bool, image_size: int) -> ImageDataset:
 
     info = PAPER_DATASETS[name]
     root = data_dir()
-    tf = _image_transform(image_size)
+    tf = image_transform(image_size)
     missing = (f"dataset {name}: files not found under {root} (expected {info['layout']}); "
                f"get them from {info['get']} and set TTP_RAY_DATA to their parent directory")
     try:
