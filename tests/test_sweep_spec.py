@@ -427,7 +427,9 @@ resources: {shard_size: 8}
     work = DatasetWork(WorkerJob(spec, spec.datasets[0].label))
     import pandas as pd
     df = pd.concat([work.predict_shard(s).predictions.to_pandas() for s in plan.shards()])
-    assert sorted(work._drifts) == [("ce", 30), ("mse", 30)]  # one reference run per loss, for all shards
+    shared = sorted(k for k in work.prepared.shared if k[0] == "drift")
+    assert shared == [("drift", "ce", 30), ("drift", "mse", 30)]  # one reference run per loss, for all shards
+    assert work.prepared.work["finetune_steps"] == 60  # counted: two references of 30 steps
     full = df[df.full_batch]
     assert set(full.method) == {DRIFT_METHOD} and DRIFT_METHOD not in set(df[~df.full_batch].method)
     assert full[full.lr_fraction > 1].diverged.all()  # beyond the limit: still flagged

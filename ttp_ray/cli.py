@@ -180,7 +180,7 @@ def finetune(**kw) -> None:
         "dataset": kw["dataset"], "model": kw["model"], "n": res.n, "num_classes": ds.num_classes,
         "lr": cfg.lr, "momentum": cfg.momentum, "batch_size": res.batch_size, "loss": cfg.loss,
         "steps": cfg.steps, "seed": cfg.seed, "head_seed": kw["head_seed"], "trainable": cfg.trainable,
-        "effective_lr": cfg.lr / (1 - cfg.momentum), "eps_mode": kw["eps_mode"],
+        "effective_lr": cfg.effective_lr, "eps_mode": kw["eps_mode"],
         "diverged": res.diverged,
         "final_loss": None if res.diverged else float(res.loss[-1]),
         "final_error": None if res.diverged else float(res.error[-1]),

@@ -39,6 +39,11 @@ class FinetuneConfig:
     log_every: int = 1  # log the full-set loss and error every this many steps
     trainable: str = "all"  # 'all' or 'head' (linear probing: the linearisation is then exact)
 
+    @property
+    def effective_lr(self) -> float:
+        """``lr / (1 - m)`` (docs/METHOD.md §3)."""
+        return self.lr / (1.0 - self.momentum)
+
     def validate(self, n: Optional[int] = None) -> "FinetuneConfig":
         """Check every field; ``n`` (the dataset size) bounds the batch size when known."""
         if not (self.lr > 0 and math.isfinite(self.lr)):

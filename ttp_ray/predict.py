@@ -24,7 +24,8 @@ from .dynamics import SimConfig, SimOptions, SimResult, simulate
 from .kernel import KernelOptions, kernel_state
 from .models import FinetuneModel, build_finetune_model
 from .state import KernelState
-from .training_time import CRITERIA, EPS_MODES, TIME_DEFINITIONS, curve_training_times
+from .tables import prediction_rows
+from .training_time import CRITERIA, EPS_MODES, TIME_DEFINITIONS
 
 __all__ = ["PredictSettings", "PreparedState", "PredictedConfig", "load_state", "predict_grid", "predict_one",
            "predicted_configs", "prediction_rows", "check_request"]
@@ -102,33 +103,6 @@ class PredictedConfig:
     @property
     def diverged(self) -> bool:
         return self.result.diverged
-
-
-def prediction_rows(res: SimResult, n: int, budget_steps: int, eps_list: Sequence[float], settings: PredictSettings,
-                    extra: Optional[Dict[str, object]] = None) -> List[Dict[str, object]]:
-    """The T̂ε rows of one predicted curve (one per criterion and eps): the columns every predictor shares, plus
-    ``extra`` (a predictor's own columns, e.g. the subset's ``kernel_subset``)."""
-    c = res.config
-    curves = {"loss": res.loss, "error": res.error}
-    curves = {k: v for k, v in curves.items() if k in settings.criteria and v is not None}
-    times = curve_training_times(res.steps, curves, eps_list, budget=budget_steps, eps_mode=settings.eps_mode,
-                                 definition=settings.definition, window=settings.window, diverged=res.diverged)
-    final_loss = None if res.diverged else float(res.loss[-1])
-    final_error = None if res.diverged or res.error is None else float(res.error[-1])
-    rows = []
-    for t in times:
-        rows.append({
-            "loss": c.loss, "lr": float(c.lr), "momentum": float(c.momentum),
-            "batch_size": int(c.batch_size) if c.batch_size is not None and c.batch_size < n else n,
-            "effective_lr": float(c.effective_lr), "criterion": t["criterion"], "eps": t["eps"],
-            "eps_mode": settings.eps_mode, "budget_steps": int(budget_steps),
-            "predicted_steps": t["steps"], "predicted_fraction": t["fraction"],
-            "diverged": bool(res.diverged), "predicted_final_loss": final_loss,
-            "predicted_final_error": final_error, "max_stable_lr": float(res.max_stable_lr),
-            "method": res.method, "momentum_mode": res.momentum_mode, "simulate_seconds": float(res.seconds),
-            **(extra or {}),
-        })
-    return rows
 
 
 def check_request(n: int, configs: Sequence[SimConfig], budget_steps: int, eps_list: Sequence[float]) -> None:

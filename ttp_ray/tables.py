@@ -14,7 +14,8 @@ reads every part of a table under a sweep's output directory (``OUT/<table>/data
 with its ``dataset`` column from the partition path, and :func:`read_manifest` reads ``OUT/manifest.json``.
 Writing, resume and the rest of the directory's bookkeeping live in :mod:`ttp_ray.sweep.output`.
 
-pyarrow only: nothing here imports Ray, torch or pandas.
+The row builders (:func:`prediction_rows`, :func:`ground_truth_rows`) live here, beside the schemas they fill.
+pyarrow and numpy only: nothing here imports Ray, torch or pandas.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+
+from .training_time import curve_training_times
 
 __all__ = [
     "TABLES",
@@ -36,6 +39,8 @@ __all__ = [
     "MANIFEST_FORMAT",
     "ManifestError",
     "as_table",
+    "prediction_rows",
+    "ground_truth_rows",
     "curve_table",
     "read_table",
     "read_manifest",
@@ -188,3 +193,44 @@ def read_manifest(root: Union[str, Path]) -> Optional[Dict[str, Any]]:
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
         raise ManifestError(f"{path} is not a ttp-ray sweep manifest", readable=True)
     return m
+
+
+def prediction_rows(res, n: int, budget_steps: int, eps_list: Sequence[float], settings,
+                    extra: Optional[Dict[str, object]] = None) -> List[Dict[str, object]]:
+    """The T̂ε rows of one predicted curve (a :class:`~ttp_ray.dynamics.SimResult`; one row per criterion and eps,
+    read as :class:`~ttp_ray.predict.PredictSettings` ``settings`` says): the columns every predictor shares,
+    plus ``extra`` (a predictor's own columns, e.g. the subset's ``kernel_subset``). The sweep adds its
+    columns (``config_id``, cost, ...) before :func:`as_table`."""
+    c = res.config
+    curves = {"loss": res.loss, "error": res.error}
+    curves = {k: v for k, v in curves.items() if k in settings.criteria and v is not None}
+    times = curve_training_times(res.steps, curves, eps_list, budget=budget_steps, eps_mode=settings.eps_mode,
+                                 definition=settings.definition, window=settings.window, diverged=res.diverged)
+    final_loss = None if res.diverged else float(res.loss[-1])
+    final_error = None if res.diverged or res.error is None else float(res.error[-1])
+    rows = []
+    for t in times:
+        rows.append({
+            "loss": c.loss, "lr": float(c.lr), "momentum": float(c.momentum),
+            "batch_size": int(c.batch_size) if c.batch_size is not None and c.batch_size < n else n,
+            "effective_lr": float(c.effective_lr), "criterion": t["criterion"], "eps": t["eps"],
+            "eps_mode": settings.eps_mode, "budget_steps": int(budget_steps),
+            "predicted_steps": t["steps"], "predicted_fraction": t["fraction"],
+            "diverged": bool(res.diverged), "predicted_final_loss": final_loss,
+            "predicted_final_error": final_error, "max_stable_lr": float(res.max_stable_lr),
+            "method": res.method, "momentum_mode": res.momentum_mode, "simulate_seconds": float(res.seconds),
+            **(extra or {}),
+        })
+    return rows
+
+def ground_truth_rows(run, times: Sequence[Dict[str, Any]], columns: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The T_ε rows of one real fine-tune (a :class:`~ttp_ray.finetune.FinetuneResult`; ``times`` from
+    :func:`~ttp_ray.training_time.curve_training_times`, one row each): the config's ``columns``, then what the
+    run measured."""
+    final_loss = None if run.diverged or not len(run.loss) else float(run.loss[-1])
+    final_error = None if run.diverged or not len(run.error) else float(run.error[-1])
+    return [{**columns, "criterion": t["criterion"], "eps": t["eps"], "actual_steps": t["steps"],
+             "actual_fraction": t["fraction"], "diverged": bool(run.diverged), "actual_final_loss": final_loss,
+             "actual_final_error": final_error, "step_time_s": run.step_time_s,
+             "actual_cost_s": None if t["steps"] is None else t["steps"] * run.step_time_s,
+             "train_seconds": run.train_seconds} for t in times]

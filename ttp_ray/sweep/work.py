@@ -250,7 +250,7 @@ def run_ground_truth(job: GroundTruthJob) -> GroundTruthOutput:
     from ..finetune import FinetuneConfig, finetune
     from ..models import build_finetune_model
     from ..training_time import curve_training_times
-    from ..tables import as_table, curve_table
+    from ..tables import as_table, curve_table, ground_truth_rows
 
     t0 = time.perf_counter()
     spec, run = job.spec, job.run
@@ -267,22 +267,12 @@ def run_ground_truth(job: GroundTruthJob) -> GroundTruthOutput:
     times = curve_training_times(res.steps, curves, list(spec.eps), budget=c.budget_steps, eps_mode=sim.eps_mode,
                                  definition=sim.definition, window=sim.window, diverged=res.diverged)
     n = len(ds)
-    b = n if c.batch_size is None else int(c.batch_size)
-    rows = []
-    for t in times:
-        rows.append({
-            "config_id": c.config_id, "model": c.model, "loss": c.loss, "lr": job.lr, "lr_fraction": c.lr_fraction,
-            "momentum": c.momentum, "batch_size": b, "full_batch": c.batch_size is None,
-            "effective_lr": job.lr / (1.0 - c.momentum), "criterion": t["criterion"], "eps": t["eps"],
-            "eps_mode": sim.eps_mode, "budget_steps": c.budget_steps, "n": n, "max_stable_lr": job.max_stable_lr,
-            "seed": run.seed, "actual_steps": t["steps"], "actual_fraction": t["fraction"],
-            "diverged": bool(res.diverged),
-            "actual_final_loss": None if res.diverged or not len(res.loss) else float(res.loss[-1]),
-            "actual_final_error": None if res.diverged or not len(res.error) else float(res.error[-1]),
-            "step_time_s": res.step_time_s,
-            "actual_cost_s": None if t["steps"] is None else t["steps"] * res.step_time_s,
-            "train_seconds": res.train_seconds, "device": str(job.device),
-        })
+    columns = {"config_id": c.config_id, "model": c.model, "loss": c.loss, "lr": job.lr, "lr_fraction": c.lr_fraction,
+               "momentum": c.momentum, "batch_size": n if c.batch_size is None else int(c.batch_size),
+               "full_batch": c.batch_size is None, "effective_lr": cfg.effective_lr, "eps_mode": sim.eps_mode,
+               "budget_steps": c.budget_steps, "n": n, "max_stable_lr": job.max_stable_lr, "seed": run.seed,
+               "device": str(job.device)}
+    rows = ground_truth_rows(res, times, columns)
     curve = _curve(c.config_id, "actual", run.seed, res.steps, res.loss, res.error)
     return GroundTruthOutput(c.dataset, run.run_id, as_table(rows, "ground_truth"), curve_table([curve]),
                              time.perf_counter() - t0, socket.gethostname())
