@@ -74,6 +74,71 @@ def test_shipped_specs_parse():
     assert a.model == "resnet18"
 
 
+def _docstring_table():
+    """``{field: value}`` of every optional field stated in the spec module's docstring table, values as YAML."""
+    import re
+
+    import ttp_ray.sweep.spec as spec_module
+
+    lines = spec_module.__doc__.split("::", 1)[1].splitlines()[2:]
+    lines = [re.sub(r"(^|\s)#.*$", "", line).rstrip() for line in lines[:lines.index("")]]
+    entries, key = {}, None
+    for line in lines:
+        m = re.match(r"^    (\w+)(\*?):(.*)$", line)
+        if m:
+            key = None if m[2] else m[1]  # required fields (*) only show an example
+            if key:
+                entries[key] = m[3]
+        elif key and line.strip():
+            entries[key] += " " + line.strip()
+    # ground_truth: 'off | on | {...}': the mapping form states the defaults
+    return {k: yaml.safe_load(v[v.index("{"):] if "|" in v else v) for k, v in entries.items()}
+
+
+def test_docstring_table_states_the_dataclass_defaults():
+    """Every default in the module docstring's table is the dataclasses' default (a wrong one fails here)."""
+    from dataclasses import fields
+
+    table = _docstring_table()
+    default = parse_spec(BASE)
+    assert set(table) == {"losses", "momentum", "batch_size", "eps", "criteria", "kernel", "simulation", "cost",
+                          "ground_truth", "resources", "output"}
+    for key, stated in table.items():
+        given = parse_spec(spec_with(**{key: stated}))  # the docstring's value, read like a spec's
+        if isinstance(stated, dict):
+            section, want = getattr(given, key), getattr(default, key)
+            assert set(stated) == {f.name for f in fields(want)}, f"{key}: the table lists other fields"
+            wrong = {k: (v, getattr(want, k)) for k, v in stated.items() if getattr(section, k) != getattr(want, k)}
+            assert not wrong, f"{key}: docstring states {wrong} (stated, dataclass default)"
+        else:
+            assert getattr(given, key) == getattr(default, key), f"{key}: docstring states {stated}"
+
+
+def test_core_option_defaults_come_from_the_core_dataclasses():
+    from dataclasses import fields
+
+    from ttp_ray.dynamics import SimConfig, SimOptions
+    from ttp_ray.finetune import FinetuneConfig
+    from ttp_ray.kernel import KernelOptions
+    from ttp_ray.predict import PredictSettings
+
+    s = parse_spec(BASE)
+    k, sim, settings = KernelOptions(), SimOptions(), PredictSettings()
+    assert all(getattr(s.kernel, f.name) == getattr(k, f.name) for f in fields(s.kernel) if hasattr(k, f.name))
+    assert all(getattr(s.simulation, f.name) == getattr(sim, f.name) for f in fields(s.simulation) if hasattr(sim, f.name))
+    assert (s.simulation.eps_mode, s.simulation.definition, s.simulation.window) == (
+        settings.eps_mode, settings.definition, settings.window)
+    assert s.simulation.settings(s.criteria) == settings and s.criteria == settings.criteria
+    assert s.kernel.trainable == next(f.default for f in fields(FinetuneConfig) if f.name == "trainable")
+    assert s.momentum == (next(f.default for f in fields(SimConfig) if f.name == "momentum"),)
+
+
+def test_quickstart_identity_is_unchanged():
+    """The resume identity of sweeps/quickstart.yaml, computed before the spec's defaults and checks moved into
+    the dataclasses: a change here makes an existing quickstart run refuse to resume (edit the spec only knowingly)."""
+    assert load_spec(ROOT / "sweeps" / "quickstart.yaml").identity_hash() == "782f830470fab29e"
+
+
 BAD = [
     (dict(name="a b"), "name"),
     (dict(name=DELETE), "name"),

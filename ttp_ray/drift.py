@@ -39,7 +39,7 @@ from .finetune import FinetuneConfig, FinetuneResult, finetune
 from .objectives import output_gradient
 
 __all__ = ["DriftOptions", "KernelDrift", "calibrate_drift", "warp_curves", "simulate_with_drift", "kernel_quadratic",
-           "reference_drift",
+           "reference_drift", "check_reference_fraction",
            "DRIFT_METHOD"]
 
 DRIFT_METHOD = "ode-drift"
@@ -151,12 +151,18 @@ def calibrate_drift(state, reference: SimConfig, loss: np.ndarray, grad_norm_sq:
                        seconds=time.perf_counter() - t0)
 
 
+def check_reference_fraction(fraction: float) -> float:
+    """``fraction`` if it is a valid reference learning rate, as a fraction of max_stable_lr(0), else ValueError."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction: must be a fraction of max_stable_lr(0) in (0, 1], got {fraction}")
+    return fraction
+
+
 def reference_drift(model, dataset, state, loss: str, fraction: float, budget_steps: int, *, trainable: str = "all",
                     device: str = "cpu", options: DriftOptions = DriftOptions()) -> Tuple[KernelDrift, FinetuneResult]:
     """Run the reference for real (plain full-batch GD at ``fraction`` x max_stable_lr(0) of ``state``, ``budget_steps``
     steps, on a copy of ``model``) and calibrate ``s(L)`` on it; returns the drift and the run."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction: must be a fraction of max_stable_lr(0) in (0, 1], got {fraction}")
+    check_reference_fraction(fraction)
     ref = SimConfig(lr=fraction * state.max_stable_lr(0.0), momentum=0.0, batch_size=None, loss=loss)
     real = finetune(copy.deepcopy(model), dataset, FinetuneConfig(lr=ref.lr, loss=loss, steps=int(budget_steps),
                                                                   trainable=trainable),

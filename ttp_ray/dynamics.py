@@ -175,7 +175,7 @@ class SimConfig:
         if not (0.0 <= self.momentum < 1.0):
             raise ValueError(f"momentum: must be in [0, 1), got {self.momentum}")
         if self.batch_size is not None and int(self.batch_size) < 1:
-            raise ValueError(f"batch_size: must be >= 1 or None, got {self.batch_size}")
+            raise ValueError(f"batch_size: must be >= 1 or None (full batch), got {self.batch_size}")
         check_loss(self.loss)
 
     @property
@@ -224,6 +224,8 @@ class SimOptions:
                 raise ValueError(f"{name}: {val!r} is not one of {', '.join(allowed)}")
         if self.paths < 1:
             raise ValueError(f"paths: must be >= 1, got {self.paths}")
+        if self.seed < 0:
+            raise ValueError(f"seed: must be >= 0, got {self.seed}")
         if self.log_every < 1:
             raise ValueError(f"log_every: must be >= 1, got {self.log_every}")
         if not (0.0 <= self.spread[0] <= self.spread[1] <= 1.0):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .data import ImageDataset
-from .models import FinetuneModel, trainable_names
+from .models import FinetuneModel, check_trainable, trainable_names
 from .objectives import check_loss, error_rate, loss_value
 from .sampling import batch_schedule
 
@@ -59,8 +59,7 @@ class FinetuneConfig:
         if self.log_every <= 0:
             raise ValueError(f"log_every: must be a positive integer, got {self.log_every}")
         check_loss(self.loss)
-        if self.trainable not in ("all", "head"):
-            raise ValueError(f"trainable: {self.trainable!r} is not one of all, head")
+        check_trainable(self.trainable)
         return self
 
 

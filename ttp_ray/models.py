@@ -50,6 +50,7 @@ __all__ = [
     "load_pretrained_digits",
     "trainable_names",
     "TRAINABLE",
+    "check_trainable",
     "build_finetune_model",
     "functional_model",
     "state_dict_hash",
@@ -357,9 +358,15 @@ def build_finetune_model(backbone: str, num_classes: int, head_seed: int = 0, *,
 TRAINABLE = ("all", "head")
 
 
-def trainable_names(model: nn.Module, trainable: str = "all") -> list:
+def check_trainable(trainable: str) -> str:
+    """``trainable`` if it names a parameter set of :data:`TRAINABLE`, else ValueError."""
     if trainable not in TRAINABLE:
         raise ValueError(f"trainable: {trainable!r} is not one of {', '.join(TRAINABLE)}")
+    return trainable
+
+
+def trainable_names(model: nn.Module, trainable: str = "all") -> list:
+    check_trainable(trainable)
     names = [n for n, _ in model.named_parameters()]
     return names if trainable == "all" else [n for n in names if n.startswith("head.")]
 

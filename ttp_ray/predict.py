@@ -49,8 +49,10 @@ class PredictSettings:
             raise ValueError(f"criteria: {bad or '[]'} not allowed; allowed: {', '.join(CRITERIA)}")
         if self.definition not in TIME_DEFINITIONS:
             raise ValueError(f"definition: {self.definition!r} is not one of {', '.join(TIME_DEFINITIONS)}")
+        if self.window < 0:
+            raise ValueError(f"window: must be >= 0, got {self.window}")
         if self.definition == "plateau" and self.window <= 0:
-            raise ValueError("window: must be a positive number of steps with definition 'plateau'")
+            raise ValueError(f"window: must be a positive number of steps with definition 'plateau', got {self.window}")
 
 
 @dataclass

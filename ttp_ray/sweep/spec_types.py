@@ -1,0 +1,382 @@
+"""The sweep spec's frozen dataclasses: every field, its default and its rule, stated once.
+
+Defaults of core options are read from the core dataclasses (:class:`ttp_ray.kernel.KernelOptions`,
+:class:`ttp_ray.dynamics.SimOptions` and :class:`~ttp_ray.dynamics.SimConfig`,
+:class:`ttp_ray.predict.PredictSettings`, :class:`ttp_ray.finetune.FinetuneConfig`), and their values are checked
+by those dataclasses; a spec-only field (resources, cost, ground truth, output, ...) has its default and its
+check here. Every check raises ``ValueError("<field>: <problem>")``; :mod:`ttp_ray.sweep.spec` reads the YAML
+form and reports these as one-line :class:`~ttp_ray.sweep.spec.SpecError` with the field's full path.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+
+from ..drift import check_reference_fraction
+from ..dynamics import SimConfig, SimOptions
+from ..finetune import FinetuneConfig
+from ..kernel import KernelOptions
+from ..models import check_trainable
+from ..objectives import check_loss
+from ..predict import PredictSettings
+from ..subset import SubsetOptions
+
+__all__ = [
+    "DatasetEntry",
+    "LrGrid",
+    "Budget",
+    "KernelSpec",
+    "SimulationSpec",
+    "CostSpec",
+    "GroundTruthSpec",
+    "ResourcesSpec",
+    "OutputSpec",
+    "SweepSpec",
+    "LR_MODES",
+    "GT_FILTER_FIELDS",
+    "DEVICES",
+    "AUTO",
+    "NAME_CHARS",
+]
+
+LR_MODES = ("absolute", "fraction_of_max_stable")
+GT_FILTER_FIELDS = ("dataset", "loss", "lr", "lr_fraction", "momentum", "batch_size")
+AUTO = "auto"  # resolved at run time (see the fields that allow it)
+DEVICES = (AUTO, "cpu", "cuda")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+NAME_CHARS = "letters, digits, '_', '.', '-'"
+_KERNEL = KernelOptions()  # the defaults of the core options
+_PREDICT = PredictSettings()  # .sim: SimOptions()
+
+
+def _default(cls, name: str) -> Any:
+    """The declared default of field ``name`` of the dataclass ``cls`` (one that has required fields)."""
+    return next(f.default for f in fields(cls) if f.name == name)
+
+
+# ------------------------------------------------------------------------------ rules of spec-only fields
+
+def _check_min(name: str, value: Any, minimum: float, *, also: Tuple[Any, ...] = ()) -> None:
+    """ValueError unless ``value >= minimum`` or ``value`` is one of ``also`` (None, 'auto')."""
+    if value in also:
+        return
+    if not value >= minimum:
+        allowed = " or ".join(["null" if a is None else str(a) for a in also] + [f">= {minimum:g}"])
+        raise ValueError(f"{name}: must be {allowed}, got {value}")
+
+
+_FIELD_PREFIX = re.compile(r"^[\w.\[\]]+: ")
+
+
+def _as_field(name: str, check: Callable, *args, **kwargs) -> Any:
+    """``check(*args, **kwargs)`` (a core rule), its ValueError re-raised under the spec's field ``name``."""
+    try:
+        return check(*args, **kwargs)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {_FIELD_PREFIX.sub('', str(exc), count=1)}") from None
+
+
+# ----------------------------------------------------------------------------------- the dataclasses
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One target dataset: ``ref`` is what :func:`ttp_ray.data.load_dataset` reads."""
+
+    ref: str  # normalised reference, e.g. "digits-5to9:subset=100" or "npz:/data/x.npz"
+    name: str  # registry part: "digits-5to9", "npz", "cifar10", ...
+    subset: Optional[int] = None
+    label: str = ""  # partition value and display name; defaults to ref
+
+    def __post_init__(self):
+        _check_min("subset", self.subset, 1, also=(None,))
+
+    @property
+    def is_paper(self) -> bool:
+        from ..data import PAPER_DATASETS
+
+        return self.name in PAPER_DATASETS
+
+
+@dataclass(frozen=True)
+class LrGrid:
+    """Learning rates: absolute values, or fractions of each dataset's ``max_stable_lr(m)``."""
+
+    mode: str  # one of LR_MODES
+    values: Tuple[float, ...]
+
+    def __post_init__(self):
+        if self.mode not in LR_MODES:
+            raise ValueError(f"mode: {self.mode!r} is not one of {', '.join(LR_MODES)}")
+        for value in self.values:  # SimConfig's lr rule; a fraction of max_stable_lr is > 0 exactly when its lr is
+            SimConfig(lr=value)
+
+    @property
+    def relative(self) -> bool:
+        return self.mode == "fraction_of_max_stable"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Step budget T of every config: fixed ``steps``, or ``epochs`` x (N // B) steps."""
+
+    steps: Optional[int] = None
+    epochs: Optional[int] = None
+
+    def __post_init__(self):
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("budget: give exactly one of steps, epochs; allowed: {steps: T} or {epochs: E} "
+                             "(positive integers)")
+        name, value = ("steps", self.steps) if self.steps is not None else ("epochs", self.epochs)
+        _check_min(name, value, 1)
+
+    def steps_for(self, n: int, batch_size: Optional[int]) -> int:
+        """T for a dataset of ``n`` samples and batch size ``batch_size`` (None: full batch)."""
+        if self.steps is not None:
+            return int(self.steps)
+        b = n if batch_size is None else min(int(batch_size), n)
+        return int(self.epochs) * max(1, n // b)
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Kernel estimation (:class:`ttp_ray.kernel.KernelOptions`, whose defaults these are) plus the fine-tuning
+    model's set-up."""
+
+    method: str = _KERNEL.method
+    projection: str = _KERNEL.projection
+    k: int = _KERNEL.k
+    class_trace: bool = _KERNEL.class_trace
+    class_probes: int = _KERNEL.class_probes
+    seed: int = _KERNEL.seed
+    dtype: str = _KERNEL.dtype
+    memory_cap_mb: float = _KERNEL.memory_cap_mb
+    batch_size: Optional[int] = _KERNEL.batch_size
+    head_seed: int = 0  # seed of the new linear head (w0)
+    trainable: str = _default(FinetuneConfig, "trainable")  # 'all' | 'head'
+    cache: bool = True  # load/store the state in the kernel disk cache
+    subset: Optional[int] = None  # kernel of N0 samples only, full set extrapolated (METHOD.md §7; mse, full batch)
+    subset_alpha: Optional[float] = None  # exponent correction; None: ttp_ray.subset.DEFAULT_ALPHA
+
+    def __post_init__(self):
+        self.options()  # KernelOptions checks its own fields
+        _check_min("seed", self.seed, 0)  # KernelOptions does not check its seed
+        _check_min("head_seed", self.head_seed, 0)
+        check_trainable(self.trainable)
+        _check_min("subset", self.subset, 2, also=(None,))
+        if self.subset_alpha is not None:
+            _as_field("subset_alpha", SubsetOptions, alpha=self.subset_alpha)
+
+    def options(self) -> KernelOptions:
+        return KernelOptions(method=self.method, projection=self.projection, k=self.k, class_trace=self.class_trace,
+                             class_probes=self.class_probes, seed=self.seed, memory_cap_mb=self.memory_cap_mb,
+                             batch_size=self.batch_size, dtype=self.dtype)
+
+
+@dataclass(frozen=True)
+class SimulationSpec:
+    """How curves are simulated (:class:`ttp_ray.dynamics.SimOptions`) and T_eps read off
+    (:class:`ttp_ray.predict.PredictSettings`); their defaults."""
+
+    method: str = _PREDICT.sim.method
+    momentum_mode: str = _PREDICT.sim.momentum_mode
+    noise: str = _PREDICT.sim.noise
+    paths: int = _PREDICT.sim.paths
+    seed: int = _PREDICT.sim.seed
+    log_every: int = _PREDICT.sim.log_every
+    eps_mode: str = _PREDICT.eps_mode
+    definition: str = _PREDICT.definition
+    window: int = _PREDICT.window
+    # full-batch configs: calibrate the kernel's drift on one real plain-GD fine-tune at this fraction of
+    # max_stable_lr(0) per (dataset, loss, budget) and warp the frozen ODE (ttp_ray.drift); None: off
+    drift_reference: Optional[float] = None
+
+    def __post_init__(self):
+        self.settings(_PREDICT.criteria)  # SimOptions and PredictSettings check their own fields
+        if self.momentum_mode == "heavy_ball" and self.method in ("ode", "sde"):  # whatever the batch size
+            raise ValueError(f"momentum_mode: heavy_ball is exact only for the discrete and minibatch methods, "
+                             f"not {self.method}; allowed: auto, elr (or method discrete, minibatch, auto)")
+        if self.drift_reference is not None:
+            _as_field("drift_reference", check_reference_fraction, self.drift_reference)
+
+    def sim_options(self) -> SimOptions:
+        return SimOptions(method=self.method, momentum_mode=self.momentum_mode, noise=self.noise, paths=self.paths,
+                          seed=self.seed, log_every=self.log_every)
+
+    def settings(self, criteria: Sequence[str]) -> PredictSettings:
+        return PredictSettings(sim=self.sim_options(), eps_mode=self.eps_mode, criteria=tuple(criteria),
+                               definition=self.definition, window=self.window)
+
+
+@dataclass(frozen=True)
+class CostSpec:
+    """Step-time measurement for ``predicted_cost_s``: the median of ``step_time_steps`` SGD steps; a
+    batch above ``step_time_max_batch`` is timed at that size and scaled linearly."""
+
+    step_time_steps: int = 5
+    step_time_max_batch: int = 1024
+
+    def __post_init__(self):
+        _check_min("step_time_steps", self.step_time_steps, 1)
+        _check_min("step_time_max_batch", self.step_time_max_batch, 1)
+
+
+@dataclass(frozen=True)
+class GroundTruthSpec:
+    """Real fine-tunes (Ray tasks) of a selection of configs, per dataset: the ``where`` filter
+    (field -> allowed values), then every ``every``-th config, then at most ``max_configs`` evenly
+    spaced ones; each selected config runs once per seed (full-batch configs once, with the first seed:
+    the seed only orders minibatches)."""
+
+    enabled: bool = False
+    seeds: Tuple[int, ...] = (0,)
+    every: Optional[int] = None
+    max_configs: Optional[int] = None
+    where: Tuple[Tuple[str, Tuple[Any, ...]], ...] = ()
+    log_every: Optional[int] = None  # None: simulation.log_every
+    cpus: float = 1.0
+    gpus: Union[str, float] = AUTO  # 'auto': 1 when the cluster has GPUs, else 0
+    max_retries: int = 1
+
+    def __post_init__(self):
+        if not self.seeds:
+            raise ValueError("seeds: must not be empty; allowed: integers >= 0")
+        for seed in self.seeds:
+            _check_min("seeds", seed, 0)
+        for name in ("every", "max_configs", "log_every"):
+            _check_min(name, getattr(self, name), 1, also=(None,))
+        _check_min("cpus", self.cpus, 0)
+        _check_min("gpus", self.gpus, 0, also=(AUTO,))
+        _check_min("max_retries", self.max_retries, 0)
+        for key, values in self.where:
+            if key not in GT_FILTER_FIELDS:
+                raise ValueError(f"where.{key}: unknown field; allowed: {', '.join(GT_FILTER_FIELDS)}")
+            if key == "loss":
+                for loss in values:
+                    _as_field("where.loss", check_loss, loss)
+            if key == "batch_size" and any(b is not None and b < 1 for b in values):
+                raise ValueError(f"where.batch_size: must be >= 1 or full, got {list(values)}")
+
+
+@dataclass(frozen=True)
+class ResourcesSpec:
+    """Ray resources. ``actors``: per dataset ('auto' = 1); ``gpus_per_actor`` 'auto' = 1 when the
+    cluster has GPUs; ``device`` 'auto' = cuda when the actor holds a GPU; ``shard_size`` 'auto' =
+    about 20 shards per dataset (8..256 configs each); ``object_store_mb`` only for a local Ray."""
+
+    actors: Union[str, int] = AUTO
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: Union[str, float] = AUTO
+    device: str = AUTO  # one of DEVICES
+    shard_size: Union[str, int] = AUTO
+    max_restarts: int = 3  # -1: unlimited
+    max_task_retries: int = 3  # -1: unlimited
+    object_store_mb: Union[str, int] = AUTO
+
+    def __post_init__(self):
+        _check_min("actors", self.actors, 1, also=(AUTO,))
+        if not self.cpus_per_actor > 0:
+            raise ValueError(f"cpus_per_actor: must be > 0, got {self.cpus_per_actor}")
+        _check_min("gpus_per_actor", self.gpus_per_actor, 0, also=(AUTO,))
+        if self.device not in DEVICES:
+            raise ValueError(f"device: {self.device!r} is not one of {', '.join(DEVICES)}")
+        _check_min("shard_size", self.shard_size, 1, also=(AUTO,))
+        _check_min("max_restarts", self.max_restarts, -1)
+        _check_min("max_task_retries", self.max_task_retries, -1)
+        _check_min("object_store_mb", self.object_store_mb, 80, also=(AUTO,))
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    dir: Optional[str] = None  # None: runs/<name>
+
+    def __post_init__(self):
+        if self.dir is not None and (not isinstance(self.dir, str) or not self.dir.strip()):
+            raise ValueError(f"dir: {self.dir!r} is not a directory path; allowed: null or a path")
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A validated sweep; see the module docstring for every field."""
+
+    name: str
+    model: str
+    datasets: Tuple[DatasetEntry, ...]
+    lr: LrGrid
+    budget: Budget
+    losses: Tuple[str, ...] = ("ce",)
+    momentum: Tuple[float, ...] = (_default(SimConfig, "momentum"),)
+    batch_size: Tuple[Optional[int], ...] = (_default(SimConfig, "batch_size"),)  # None = full batch
+    eps: Tuple[float, ...] = (0.01,)
+    criteria: Tuple[str, ...] = _PREDICT.criteria
+    kernel: KernelSpec = field(default_factory=KernelSpec)
+    simulation: SimulationSpec = field(default_factory=SimulationSpec)
+    cost: CostSpec = field(default_factory=CostSpec)
+    ground_truth: GroundTruthSpec = field(default_factory=GroundTruthSpec)
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+
+    def __post_init__(self):
+        if not (isinstance(self.name, str) and _NAME_RE.match(self.name)):
+            raise ValueError(f"name: {self.name!r} is not a valid name; allowed: {NAME_CHARS}")
+        labels = [d.label for d in self.datasets]
+        for label in labels:
+            if labels.count(label) > 1:
+                raise ValueError(f"datasets: {label!r} is listed twice; allowed: distinct datasets (or distinct labels)")
+        for loss in self.losses:
+            _as_field("losses", check_loss, loss)
+        for m, b in itertools.product(self.momentum, self.batch_size):  # SimConfig's momentum and batch-size rules
+            SimConfig(lr=self.lr.values[0], momentum=m, batch_size=b)
+        for eps in self.eps:
+            if not eps > 0:
+                raise ValueError(f"eps: must be > 0, got {eps}")
+        self.simulation.settings(self.criteria)  # PredictSettings' criteria rule
+        if self.kernel.subset is not None:  # the extrapolation is an MSE, full-batch, loss-curve method (issue 5)
+            if set(self.losses) != {"mse"}:
+                raise ValueError("losses: kernel.subset predicts mse only; allowed: [mse] with kernel.subset")
+            if any(b is not None for b in self.batch_size):
+                raise ValueError("batch_size: kernel.subset predicts full-batch GD only; allowed: [full] with kernel.subset")
+            if tuple(self.criteria) != ("loss",):
+                raise ValueError("criteria: kernel.subset gives a loss curve only; allowed: [loss] with kernel.subset")
+            if self.simulation.drift_reference is not None:
+                raise ValueError("simulation.drift_reference: needs the full set's kernel, not kernel.subset; "
+                                 "allowed: null with kernel.subset")
+
+    @property
+    def grid_size(self) -> int:
+        """Configs per dataset."""
+        return len(self.losses) * len(self.lr.values) * len(self.momentum) * len(self.batch_size)
+
+    def output_dir(self) -> str:
+        return self.output.dir or f"runs/{self.name}"
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain JSON-able form (tuples as lists), as recorded in the manifest."""
+        return _jsonable(asdict(self))
+
+    def identity(self) -> Dict[str, Any]:
+        """The fields that decide the results and their layout: everything but where it is written
+        and how many resources compute it (so a resumed run may use other resources)."""
+        d = self.to_dict()
+        d.pop("output")
+        d["resources"] = {"shard_size": d["resources"]["shard_size"]}
+        for key in ("cpus", "gpus", "max_retries"):
+            d["ground_truth"].pop(key)
+        d["kernel"].pop("memory_cap_mb")
+        d["kernel"].pop("batch_size")
+        return d
+
+    def identity_hash(self) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
