@@ -102,7 +102,7 @@ def test_docstring_table_states_the_dataclass_defaults():
     table = _docstring_table()
     default = parse_spec(BASE)
     assert set(table) == {"losses", "momentum", "batch_size", "eps", "criteria", "kernel", "simulation", "cost",
-                          "ground_truth", "resources", "output"}
+                          "ground_truth", "resources", "output", "predictor"}
     for key, stated in table.items():
         given = parse_spec(spec_with(**{key: stated}))  # the docstring's value, read like a spec's
         if isinstance(stated, dict):
@@ -499,3 +499,39 @@ resources: {shard_size: 8}
     assert set(full.method) == {DRIFT_METHOD} and DRIFT_METHOD not in set(df[~df.full_batch].method)
     assert full[full.lr_fraction > 1].diverged.all()  # beyond the limit: still flagged
     assert full[full.lr_fraction < 1].predicted_steps.notna().any()
+
+
+def test_predictor_field_selects_through_the_registry():
+    from ttp_ray.drift import DRIFT_METHOD  # noqa: F401  (the drift predictor's method name)
+
+    default = parse_spec(BASE)
+    assert default.chosen_predictor().name == "frozen" and default.deprecations() == ()
+    s = parse_spec(spec_with(predictor="drift"))
+    assert s.chosen_predictor().name == "drift" and s.chosen_predictor().reference_fraction == 0.6
+    assert s.identity_hash() != default.identity_hash()  # another predictor: other results
+    s = parse_spec(spec_with(predictor={"name": "drift", "reference_fraction": 0.5, "options": {"substeps": 10}}))
+    chosen = s.chosen_predictor()
+    assert chosen.reference_fraction == 0.5 and chosen.options.substeps == 10
+    s = parse_spec(spec_with(predictor={"name": "subset", "size": 40}, losses=["mse"], criteria=["loss"]))
+    assert s.chosen_predictor().size == 40
+    # the old spelling still works, with a deprecation line, and selects the same predictor
+    old = parse_spec(spec_with(simulation={"drift_reference": 0.6}))
+    assert old.chosen_predictor() == parse_spec(spec_with(predictor="drift")).chosen_predictor()
+    assert old.deprecations() and "predictor: {name: drift" in old.deprecations()[0]
+
+
+@pytest.mark.parametrize("changes, start", [
+    (dict(predictor="nope"), "predictor: 'nope' is not allowed; allowed: frozen, subset, drift"),
+    (dict(predictor={"reference_fraction": 0.5}), "predictor: must be a predictor name or a mapping with a name"),
+    (dict(predictor={"name": "drift", "reference_fraction": 2}), "predictor: 2 is not allowed; allowed: a fraction"),
+    (dict(predictor={"name": "drift", "tolerance": 2}), "predictor: not an option of 'drift'"),
+    (dict(predictor="drift", simulation={"drift_reference": 0.6}), "predictor: cannot be combined with"),
+    (dict(predictor={"name": "subset", "size": 40}, losses=["ce"], criteria=["loss"]), "losses: subset extrapolation"),
+    (dict(predictor={"name": "subset", "size": 40}, losses=["mse"]), "criteria: the subset predictor"),
+    (dict(predictor="relinearised"), "kernel.class_trace: the relinearised predictor"),
+])
+def test_predictor_field_bad_values_are_one_line(changes, start):
+    with pytest.raises(SpecError) as info:
+        parse_spec(spec_with(**changes))
+    msg = str(info.value)
+    assert msg.startswith(start) and "\n" not in msg, msg

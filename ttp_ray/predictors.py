@@ -26,8 +26,8 @@ from __future__ import annotations
 import math
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -407,8 +407,21 @@ def get_predictor(name: Union[str, Predictor, None] = None, **options: Any) -> P
     if name not in PREDICTORS:
         raise ValueError(f"predictor: {name!r} is not one of {', '.join(PREDICTORS)}")
     cls = PREDICTORS[name]
-    allowed = [f.name for f in fields(cls)]
+    allowed = {f.name: f for f in fields(cls)}
     bad = sorted(set(options) - set(allowed))
     if bad:
         raise ValueError(f"predictor.{bad[0]}: not an option of {name!r}; allowed: {', '.join(allowed) or 'none'}")
-    return cls(**options)
+    options = dict(options)
+    for key, value in options.items():  # an option that is itself a dataclass may be given as a mapping (YAML)
+        f = allowed[key]
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if isinstance(value, Mapping) and is_dataclass(default):
+            known = {g.name for g in fields(default)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ValueError(f"predictor.{key}.{unknown[0]}: not an option; allowed: {', '.join(sorted(known))}")
+            options[key] = replace(default, **value)
+    try:
+        return cls(**options)
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None

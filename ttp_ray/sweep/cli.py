@@ -31,6 +31,8 @@ def sweep(spec, out, dry_run, address, fresh, num_cpus, quiet) -> None:
     from .spec import load_spec
 
     s = load_spec(spec)
+    for line in s.deprecations():
+        click.echo(f"note: {line}", err=True)
     if dry_run:
         click.echo(make_dry_run(s, address=address, num_cpus=num_cpus))
         return

@@ -34,6 +34,10 @@ Every field, its default and its allowed values (``*`` marks the required ones):
     resources:    {actors: auto, cpus_per_actor: 1, gpus_per_actor: auto, device: auto, shard_size: auto,
                    max_restarts: 3, max_task_retries: 3, object_store_mb: auto}
     output:       {dir: null}          # null: runs/<name>; the CLI's --out overrides it
+    predictor:    null                 # null: the default (frozen); or a name (ttp_ray.predictors: frozen,
+                                       # subset, drift, relinearised, flow), or {name: drift, reference_fraction:
+                                       # 0.6} with the predictor's options; kernel.subset and
+                                       # simulation.drift_reference are its old spellings (deprecated)
 
 The defaults of the kernel and simulation options are those of :class:`ttp_ray.kernel.KernelOptions`,
 :class:`ttp_ray.dynamics.SimOptions`, :class:`ttp_ray.predict.PredictSettings` (and ``trainable`` that of
@@ -58,7 +62,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 from ..objectives import LOSSES
 from ..training_time import CRITERIA
 from .spec_types import (AUTO, GT_FILTER_FIELDS, LR_MODES, NAME_CHARS, Budget, CostSpec, DatasetEntry,
-                         GroundTruthSpec, KernelSpec, LrGrid, OutputSpec, ResourcesSpec, SimulationSpec, SweepSpec)
+                         GroundTruthSpec, KernelSpec, LrGrid, OutputSpec, PredictorSpec, ResourcesSpec, SimulationSpec,
+                         SweepSpec, freeze_value)
 
 __all__ = [
     "SpecError",
@@ -71,6 +76,7 @@ __all__ = [
     "GroundTruthSpec",
     "ResourcesSpec",
     "OutputSpec",
+    "PredictorSpec",
     "SweepSpec",
     "LR_MODES",
     "GT_FILTER_FIELDS",
@@ -358,7 +364,7 @@ def _parse_where(value: Any) -> Tuple[Tuple[str, Tuple[Any, ...]], ...]:
 # -------------------------------------------------------------------------------------------- entry
 
 _TOP_LEVEL = ("name", "model", "datasets", "losses", "lr", "momentum", "batch_size", "eps", "criteria", "budget",
-              "kernel", "simulation", "cost", "ground_truth", "resources", "output")
+              "kernel", "simulation", "cost", "ground_truth", "resources", "output", "predictor")
 _REQUIRED = ("name", "model", "datasets", "lr", "budget")
 _REQUIRED_HINT = {
     "name": NAME_CHARS,
@@ -378,6 +384,19 @@ _LISTS = {
 _SECTIONS = {"kernel": KernelSpec, "simulation": SimulationSpec, "cost": CostSpec, "resources": ResourcesSpec}
 
 
+def _parse_predictor(value: Any) -> PredictorSpec:
+    """``predictor: NAME`` or ``{name: NAME, <its options>}`` (:data:`ttp_ray.predictors.PREDICTORS`)."""
+    from ..predictors import PREDICTORS
+
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, Mapping) or "name" not in value:
+        _fail("predictor", f"must be a predictor name or a mapping with a name, got {_show(value)}", ", ".join(PREDICTORS))
+    options = {str(k): v for k, v in value.items() if k != "name"}
+    return _build(PredictorSpec, "predictor", name=value["name"],
+                  options=tuple(sorted((k, freeze_value(v)) for k, v in options.items())))
+
+
 def parse_spec(data: Any) -> SweepSpec:
     """Validate a mapping (as ``yaml.safe_load`` returns it) into a :class:`SweepSpec`."""
     if not isinstance(data, Mapping):
@@ -392,6 +411,8 @@ def parse_spec(data: Any) -> SweepSpec:
     kw.update({key: _section(cls, m[key], key) for key, cls in _SECTIONS.items() if key in m})
     if "ground_truth" in m:
         kw["ground_truth"] = _parse_ground_truth(m["ground_truth"])
+    if m.get("predictor") is not None:
+        kw["predictor"] = _parse_predictor(m["predictor"])
     if "output" in m:
         out = m["output"]
         kw["output"] = _section(OutputSpec, {"dir": out} if isinstance(out, str) else out, "output")

@@ -35,6 +35,8 @@ __all__ = [
     "GroundTruthSpec",
     "ResourcesSpec",
     "OutputSpec",
+    "PredictorSpec",
+    "freeze_value",
     "SweepSpec",
     "LR_MODES",
     "GT_FILTER_FIELDS",
@@ -299,6 +301,40 @@ class OutputSpec:
 
 
 @dataclass(frozen=True)
+class PredictorSpec:
+    """Which predictor predicts every config (:mod:`ttp_ray.predictors`) and its options; ``name`` None: the
+    default predictor (or the old spellings ``kernel.subset`` / ``simulation.drift_reference``)."""
+
+    name: Optional[str] = None
+    options: Tuple[Tuple[str, Any], ...] = ()  # (option, value) pairs, sorted; mappings for dataclass options
+
+    def __post_init__(self):
+        if self.name is not None or self.options:
+            self.build()
+
+    def build(self):
+        """The :class:`~ttp_ray.predictors.Predictor` (its own checks raise one-line ValueErrors)."""
+        from ..predictors import get_predictor
+
+        return get_predictor(self.name, **{k: _thaw(v) for k, v in self.options})
+
+
+def freeze_value(value: Any) -> Any:
+    """A hashable form of a YAML value (mappings as sorted pairs)."""
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), freeze_value(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return tuple(freeze_value(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, tuple) and value and all(isinstance(p, tuple) and len(p) == 2 for p in value):
+        return {k: _thaw(v) for k, v in value}
+    return value
+
+
+@dataclass(frozen=True)
 class SweepSpec:
     """A validated sweep; see the module docstring for every field."""
 
@@ -318,6 +354,7 @@ class SweepSpec:
     ground_truth: GroundTruthSpec = field(default_factory=GroundTruthSpec)
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
+    predictor: PredictorSpec = field(default_factory=PredictorSpec)
 
     def __post_init__(self):
         if not (isinstance(self.name, str) and _NAME_RE.match(self.name)):
@@ -334,16 +371,49 @@ class SweepSpec:
             if not eps > 0:
                 raise ValueError(f"eps: must be > 0, got {eps}")
         self.simulation.settings(self.criteria)  # PredictSettings' criteria rule
-        if self.kernel.subset is not None:  # the extrapolation is an MSE, full-batch, loss-curve method (issue 5)
-            if set(self.losses) != {"mse"}:
-                raise ValueError("losses: kernel.subset predicts mse only; allowed: [mse] with kernel.subset")
-            if any(b is not None for b in self.batch_size):
-                raise ValueError("batch_size: kernel.subset predicts full-batch GD only; allowed: [full] with kernel.subset")
-            if tuple(self.criteria) != ("loss",):
-                raise ValueError("criteria: kernel.subset gives a loss curve only; allowed: [loss] with kernel.subset")
-            if self.simulation.drift_reference is not None:
-                raise ValueError("simulation.drift_reference: needs the full set's kernel, not kernel.subset; "
-                                 "allowed: null with kernel.subset")
+        legacy = [name for name, value in (("kernel.subset", self.kernel.subset),
+                                           ("simulation.drift_reference", self.simulation.drift_reference))
+                  if value is not None]
+        if self.predictor.name is not None and legacy:
+            raise ValueError(f"predictor: cannot be combined with {legacy[0]} (its old spelling); allowed: one of them")
+        if self.kernel.subset is not None and self.simulation.drift_reference is not None:
+            raise ValueError("simulation.drift_reference: needs the full set's kernel, not kernel.subset; "
+                             "allowed: null with kernel.subset")
+        chosen = self.chosen_predictor()
+        if chosen.name == "subset" and tuple(self.criteria) != ("loss",):
+            raise ValueError("criteria: the subset predictor gives a loss curve only; allowed: [loss] with it")
+        if chosen.fallback is None:  # every config must be one it simulates
+            for loss, m, b in itertools.product(self.losses, self.momentum, self.batch_size):
+                reason = chosen.unsupported(SimConfig(lr=self.lr.values[0], momentum=m, batch_size=b, loss=loss),
+                                            None, self.simulation.settings(self.criteria))
+                if reason:  # the config's field named as the spec's list of them
+                    raise ValueError(re.sub(r"^loss:", "losses:", reason))
+        if chosen.needs_full_kernel and self.kernel.class_trace:
+            raise ValueError(f"kernel.class_trace: the {chosen.name} predictor re-linearises on the full NC x NC "
+                             "kernel; allowed: false with it")
+
+    def chosen_predictor(self):
+        """The :class:`~ttp_ray.predictors.Predictor` this spec selects: ``predictor:``, else the old spellings
+        (``kernel.subset`` -> subset, ``simulation.drift_reference`` -> drift), else the default."""
+        from ..predictors import get_predictor
+        from ..subset import DEFAULT_ALPHA
+
+        k, sim = self.kernel, self.simulation
+        if k.subset is not None:
+            return get_predictor("subset", size=k.subset,
+                                 alpha=DEFAULT_ALPHA if k.subset_alpha is None else k.subset_alpha)
+        if sim.drift_reference is not None:
+            return get_predictor("drift", reference_fraction=sim.drift_reference)
+        return self.predictor.build()
+
+    def deprecations(self) -> Tuple[str, ...]:
+        """One line per old spelling this spec uses, with the new one."""
+        out = []
+        if self.kernel.subset is not None:
+            out.append("kernel.subset is deprecated; use predictor: {name: subset, size: N0, alpha: A}")
+        if self.simulation.drift_reference is not None:
+            out.append("simulation.drift_reference is deprecated; use predictor: {name: drift, reference_fraction: F}")
+        return tuple(out)
 
     @property
     def grid_size(self) -> int:
@@ -362,6 +432,8 @@ class SweepSpec:
         and how many resources compute it (so a resumed run may use other resources)."""
         d = self.to_dict()
         d.pop("output")
+        if d["predictor"] == {"name": None, "options": []}:  # the default predictor: older specs keep their identity
+            d.pop("predictor")
         d["resources"] = {"shard_size": d["resources"]["shard_size"]}
         for key in ("cpus", "gpus", "max_retries"):
             d["ground_truth"].pop(key)

@@ -198,17 +198,8 @@ class DatasetWork:
 
 
 def spec_predictor(spec: SweepSpec):
-    """The predictor a spec selects (``ttp_ray.predictors``): ``kernel.subset`` -> subset, ``simulation.drift_reference``
-    -> drift, else the default."""
-    from ..predictors import get_predictor
-    from ..subset import DEFAULT_ALPHA
-
-    k, sim = spec.kernel, spec.simulation
-    if k.subset is not None:  # METHOD.md §7: subset kernel, full set's spectrum extrapolated
-        return get_predictor("subset", size=k.subset, alpha=DEFAULT_ALPHA if k.subset_alpha is None else k.subset_alpha)
-    if sim.drift_reference is not None:
-        return get_predictor("drift", reference_fraction=sim.drift_reference)
-    return get_predictor()
+    """The predictor a spec selects (:meth:`SweepSpec.chosen_predictor`)."""
+    return spec.chosen_predictor()
 
 
 def _by_budget(configs: Sequence[PlannedConfig]):
