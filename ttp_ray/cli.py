@@ -146,13 +146,19 @@ def _validate_common(kw, n: Optional[int] = None) -> None:
                    trainable=kw["trainable"]).validate(n)
 
 
-def _load_inputs(kw):
+def _load_dataset(kw):
     from .data import load_dataset
-    from .models import build_finetune_model
 
     _validate_common(kw)
     ds = load_dataset(kw["dataset"], subset=kw["subset"], download=kw["download"])
     _validate_common(kw, len(ds))
+    return ds
+
+
+def _load_inputs(kw):
+    from .models import build_finetune_model
+
+    ds = _load_dataset(kw)
     model = build_finetune_model(kw["model"], ds.num_classes, kw["head_seed"], allow_download=kw["download"])
     return ds, model
 
@@ -302,7 +308,7 @@ def predict(**kw) -> None:
     if kw["sketch_k"] <= 0:
         raise InputError(f"k: must be a positive integer, got {kw['sketch_k']}")
     predictor, notes = _chosen_predictor(kw)
-    ds, _ = _load_inputs(kw)
+    ds = _load_dataset(kw)
     class_trace = kw["class_trace"]
     if class_trace is None:
         class_trace = False if predictor.needs_full_kernel else KernelOptions().class_trace

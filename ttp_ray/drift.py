@@ -1,8 +1,8 @@
 """Kernel drift calibrated by one real reference run, applied as a time warp (full-batch GD; METHOD.md §9, §2, §4).
 
 The frozen-kernel predictor (:mod:`ttp_ray.dynamics`) keeps Θ at its value at w0. On the embedded default
-the kernel moves (docs/ACCURACY.md, "Modelling the drift"): with cross-entropy on the batch-norm backbone
-the real loss-decrease rate grows 10–150x as the loss falls, and T̂ε misses by up to 240 %. The re-linearised
+the kernel moves (docs/ACCURACY.md, "Modelling the drift", measures by how much): with cross-entropy on the
+batch-norm backbone the real loss decreases ever faster than the frozen kernel's as the loss falls. The re-linearised
 predictors (:mod:`ttp_ray.relinearise`) follow that drift but pay kernels per config or per path.
 
 This module models the drift by one number per loss level and pays for it with one real fine-tuning run per

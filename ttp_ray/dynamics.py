@@ -33,9 +33,7 @@ Methods (``SimOptions.method``)
                exact diagonal of ``-(1/N) diag(lambda) V^T H V`` (full kernel; ``H`` the block-diagonal
                softmax Hessian) or ``-(1/N) diag(lambda) (x) mean_i H_i`` (class trace). It costs
                O(N C^2 r) and a trivial factorisation, and only affects Newton convergence, not the
-               error control. Measured at N=900, C=5, r=1024 (100 configs, m up to 0.99): 8 s, vs 10 s
-               for BDF with the dense analytic Jacobian, 39 s LSODA (the paper's; dense LINPACK LU of
-               an r x r matrix) and 150 s RK45; class trace (5120 unknowns): 7 s vs 130 s dense BDF.
+               error control; it is the fastest of the solvers tried (docs/CHOICES.md, "The CE ODE solver").
                The dense-Jacobian solvers (``'BDF'``, ``'LSODA'``, ``'Radau'``) and explicit ones
                (``'RK45'``, ``'RK23'``, ``'DOP853'``) remain options. F at the requested ``tau`` comes
                from the solver's dense output: it is a polynomial of low degree K-1 per solver step,

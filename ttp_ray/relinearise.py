@@ -1,9 +1,9 @@
 """Piecewise re-linearisation: follow the network's kernel as it moves (full-batch GD; METHOD.md §10, §2).
 
-The linearised predictor (:mod:`ttp_ray.dynamics`) keeps Θ at its value at w0. Measured on the embedded
-default (docs/ACCURACY.md, ``bench/kernel_drift.py``), Θ does not stay there outside the linear regime:
-with momentum 0.9 and an effective lr several times the plain-GD limit it shrinks to 0.1–0.6x (MSE) or
-grows up to 100x (cross-entropy on the batch-norm backbone) within 40 steps, and T̂ε misses by 20–200 %.
+The linearised predictor (:mod:`ttp_ray.dynamics`) keeps Θ at its value at w0. Outside the linear regime Θ
+does not stay there: with momentum 0.9 and an effective lr several times the plain-GD limit it shrinks (MSE)
+or grows (cross-entropy on the batch-norm backbone) within tens of steps (by how much, and what it costs
+T̂ε: docs/ACCURACY.md, ``bench/kernel_drift.py``).
 
 This module re-linearises along the predicted trajectory, like an ODE integrator with step-size control,
 where a "step" is a segment of L optimiser steps simulated on the kernel of its start point:
@@ -33,8 +33,8 @@ of the same length costs more than the training it predicts, on the embedded def
 
 :func:`flow_path` and :func:`simulate_on_flow_path` share the drift between configs instead: one
 re-linearised gradient-flow path per (dataset, loss), read by each full-batch config at its own flow time
-tau = eta_eff t (METHOD.md §4, §10). Measured (docs/ACCURACY.md): as accurate as the per-config predictor
-overall, better with cross-entropy, wrong for MSE at large effective lr (that drift is not on the flow).
+tau = eta_eff t (METHOD.md §4, §10). Where that holds and where it does not (MSE at a large effective lr,
+whose drift is not on the flow): docs/ACCURACY.md.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ class RelinearisationOptions:
     max_kernels: int = 24  # kernel sketches per config at most; then the rest of the budget is one segment
     # how each Θ_k is sketched: the full NC x NC kernel. With the class trace the weights, which move by the
     # true J^T, and the simulated outputs, which move by Θ_N (x) I_C, part ways segment by segment
-    # (docs/ACCURACY.md: the real loss jumps at segment ends, up to 6x above training's at step 150)
+    # (docs/ACCURACY.md: the real loss jumps at segment ends)
     kernel: KernelOptions = field(default_factory=lambda: KernelOptions(class_trace=False))
     batch_size: int = 512  # samples per forward / jvp / vjp batch
 

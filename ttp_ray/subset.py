@@ -30,10 +30,10 @@ The extrapolation (App. D)
    i.e. the predicted full-set spectrum decays *faster* than the subset's (N0 < N). The leading
    ``head`` modes keep the subset's measured eigenvalues under the same correction,
    ``l_hat_k = l'_k k^-delta`` (exactly the paper's law with the fitted ``c k^-s`` replaced by the
-   measured value): the first few modes of a pre-trained net do not follow the power law at all (here
-   ``lambda_1 / lambda_2 ~ 17``: the shared-gradient mode carries 60% of the residual), and the top one
-   sets the stability limit (``k^-delta = 1`` at k = 1, so ``max_stable_lr`` is the subset's).
-   ``head=0`` gives the paper's pure power law (bench: it wrecks the top mode).
+   measured value): the first few modes of a pre-trained net do not follow the power law at all (the
+   shared-gradient mode carries much of the residual), and the top one sets the stability limit
+   (``k^-delta = 1`` at k = 1, so ``max_stable_lr`` is the subset's). ``head=0`` gives the paper's pure
+   power law (it wrecks the top mode: docs/CHOICES.md).
 2. Projections. ``q_hat_k = q'_k`` for ``k < k0`` (``k0 = min(100, r0 // 2)``, r0 the subset's rank) and
    ``a k^-b`` for ``k >= k0`` with ``a, b`` fixed by continuity at ``k0`` (``a k0^-b = q'_k0``, or the
    mean of ``q'`` over a window around k0) and by the sum ``sum_k q_hat_k = ||Y - F0||^2 / N`` on the
@@ -42,24 +42,19 @@ The extrapolation (App. D)
 
    * ``"norm"`` (the paper's literal rule): ``||Y - F0||^2/N - sum_{k<k0} q'_k``. A difference of two
      numbers of order ``L_0`` whose error (the subset's sampling noise in the head, mostly the top mode)
-     is as large as the tail itself: on the digits-cnn sets it ranged from -0.13 to 0.22 for a true tail
-     mass of 0.06-0.13, sometimes negative (then it falls back to ``"ratio"``);
+     can be as large as the tail itself, even negative (then it falls back to ``"ratio"``);
    * ``"ratio"`` (default): every subset projection is scaled by ``rho = (||Y - F0||^2/N) /
-     (||Y0 - F0'||^2/N0)`` (1-3% from 1 here) and the tail carries the scaled subset mass beyond k0.
-     Bench: long-budget T_eps errors against the full-kernel prediction 8-19% vs 20-50% for ``"norm"``.
+     (||Y0 - F0'||^2/N0)`` and the tail carries the scaled subset mass beyond k0 (the default: the more
+     accurate of the two, docs/CHOICES.md).
 
-Measured choices (``bench/subset.py``, docs/BENCHMARKS.md section "subset"; digits-cnn on digits,
-digits-5to9 and synthetic sets, N0 = N/4 and N/10)
--------------------------------------------------------------------------------------------------
-* ``alpha = 0.05`` (:data:`DEFAULT_ALPHA`), below the paper's [0.1, 0.2] (its ResNets on CIFAR): the
-  correction measured directly on these spectra, ``log(l_k / l'_k) = -alpha (1 - N0/N) log k`` over
-  ``k <= min(100, N0/2)``, gives alpha* ~ 0.03 (N/4) to 0.05 (N/10); T_eps errors are flat over alpha
-  in [0, 0.05] and grow beyond (0.1, 0.2: +2 and +8 points), while the level of the long-run curve
-  improves with alpha.
-* The subset's power law does not reach far: on these nets the full spectrum flattens between k ~ 100
-  and N/3 where the subset's fitted slope does not, so the extrapolated eigenvalues there are too small
-  and the tail mass too slow: the extrapolated curve has the right late *level* (its ``L_T`` is 2-6x
-  closer to the full kernel's than the subset's own) but not always the right late *shape*.
+Choices
+-------
+* ``alpha = 0.05`` (:data:`DEFAULT_ALPHA`), below the paper's [0.1, 0.2] (its ResNets on CIFAR), and the
+  ``"ratio"`` tail rule: chosen on measurements, docs/CHOICES.md ("Subset extrapolation") and
+  docs/BENCHMARKS.md section "subset" (``bench/subset.py``).
+* The subset's power law does not reach far on these nets (the full spectrum flattens where the subset's
+  fitted slope does not): the extrapolated curve has the right late *level* but not always the right late
+  *shape*.
 
 What it does not do
 -------------------
@@ -69,8 +64,8 @@ What it does not do
   eigenvectors too; App. D is MSE only.
 * SGD (``batch_size < N``) is refused: the SDE noise covariance needs the full set's per-sample features
   (METHOD.md §4); all a spectrum gives is the noise-free curve, whose distance to SGD depends on the
-  temperature lr/B (bench: 3-7% at lr = 0.7 max_stable_lr, B = 64 and 16 on digits-5to9; not known in
-  general), so it is not returned as an SGD prediction.
+  temperature lr/B (measured on digits-5to9 in docs/CHOICES.md; not known in general), so it is not returned
+  as an SGD prediction.
 """
 from __future__ import annotations
 
