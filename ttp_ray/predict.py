@@ -222,13 +222,24 @@ def predict_subset_grid(prepared: PreparedSubset, configs: Sequence[SimConfig], 
     ``batch_size`` otherwise)."""
     spec = prepared.spectrum if isinstance(prepared, PreparedSubset) else prepared
     check_request(spec.n, configs, budget_steps, eps_list)
+    results = simulate_subset(spec, list(configs), budget_steps, settings)
+    return predicted_configs(results, spec.n, budget_steps=budget_steps, eps_list=eps_list, settings=settings,
+                             extra=subset_row_fields(spec, settings))
+
+
+def simulate_subset(spectrum: ExtrapolatedSpectrum, configs: Sequence[SimConfig], budget_steps: int,
+                    settings: PredictSettings) -> List[SimResult]:
+    """Loss curves on an extrapolated spectrum (``criteria`` must include ``loss``: no error curve without the
+    full set's eigenvectors)."""
     if "loss" not in settings.criteria:
         raise ValueError(f"criteria: subset extrapolation predicts the loss curve only, got {list(settings.criteria)}")
-    results = simulate_spectrum(spec, list(configs), budget_steps, settings.sim, method_name=SUBSET_METHOD)
-    extra = {"dynamics": "ode" if settings.sim.method == "ode" else "discrete", "kernel_subset": int(spec.n0),
-             "subset_alpha": float(spec.alpha)}
-    return predicted_configs(results, spec.n, budget_steps=budget_steps, eps_list=eps_list, settings=settings,
-                             extra=extra)
+    return simulate_spectrum(spectrum, configs, budget_steps, settings.sim, method_name=SUBSET_METHOD)
+
+
+def subset_row_fields(spectrum: ExtrapolatedSpectrum, settings: PredictSettings) -> Dict[str, object]:
+    """The columns a subset prediction adds to its rows: ``dynamics``, ``kernel_subset`` (N0), ``subset_alpha``."""
+    return {"dynamics": "ode" if settings.sim.method == "ode" else "discrete", "kernel_subset": int(spectrum.n0),
+            "subset_alpha": float(spectrum.alpha)}
 
 
 def predict_subset_one(prepared: PreparedSubset, config: SimConfig, *, budget_steps: int, eps_list: Sequence[float],
@@ -236,4 +247,5 @@ def predict_subset_one(prepared: PreparedSubset, config: SimConfig, *, budget_st
     return predict_subset_grid(prepared, [config], budget_steps=budget_steps, eps_list=eps_list, settings=settings)[0]
 
 
-__all__ += ["PreparedSubset", "load_subset_state", "predict_subset_grid", "predict_subset_one"]
+__all__ += ["PreparedSubset", "load_subset_state", "predict_subset_grid", "predict_subset_one", "simulate_subset",
+            "subset_row_fields"]

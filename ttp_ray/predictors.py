@@ -35,11 +35,11 @@ from .drift import DRIFT_METHOD, DriftOptions, KernelDrift, calibrate_drift, ref
 from .dynamics import SimConfig, SimResult, simulate
 from .kernel import KernelOptions
 from .predict import (PredictedConfig, PredictSettings, check_request, load_state, load_subset_state,
-                      predicted_configs)
+                      predicted_configs, simulate_subset, subset_row_fields)
 from .relinearise import (FLOW_METHOD, RelinearisationOptions, RelinearisedResult, flow_path, relinearised_curves,
                           simulate_on_flow_path)
 from .stability import max_stable_lr
-from .subset import DEFAULT_ALPHA, SUBSET_METHOD, SubsetOptions, simulate_spectrum
+from .subset import DEFAULT_ALPHA, SubsetOptions
 
 __all__ = [
     "PredictionInputs",
@@ -268,14 +268,10 @@ class SubsetExtrapolation(Predictor):
         return prepared
 
     def simulate(self, prepared, configs, budget_steps, settings):
-        if "loss" not in settings.criteria:
-            raise ValueError(f"criteria: subset extrapolation predicts the loss curve only, got {list(settings.criteria)}")
-        return simulate_spectrum(prepared.base.spectrum, configs, budget_steps, settings.sim, method_name=SUBSET_METHOD)
+        return simulate_subset(prepared.base.spectrum, configs, budget_steps, settings)
 
     def row_fields(self, prepared, settings):
-        spectrum = prepared.base.spectrum
-        return {"dynamics": "ode" if settings.sim.method == "ode" else "discrete", "kernel_subset": int(spectrum.n0),
-                "subset_alpha": float(spectrum.alpha)}
+        return subset_row_fields(prepared.base.spectrum, settings)
 
 
 @dataclass(frozen=True)
