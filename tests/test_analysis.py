@@ -319,3 +319,165 @@ def test_notebook_executes_headless(sweep_out, monkeypatch):
     assert len(pngs) >= 5  # curves, scatter, spectrum, one heat map per dataset
     text = "".join(o.get("text", "") for o in outputs)
     assert "analysis: 24 configs on 2 dataset(s), 4 fine-tuned for real" in text
+
+
+# --------------------------------------------------------------------- hand-made tables, known answers
+
+STEPS = [0, 5, 10, 15, 20]
+
+
+def hand_predictions():
+    """One dataset, loss mse, criterion error, eps 0.01, budget 20: the predicted curves (error at STEPS),
+    T̂ε, step time and divergence of seven configs. ``b`` converges fast (small T̂ε) to a bad plateau."""
+    specs = {  # config: (error curve, predicted T̂ε steps or None, step time s, diverged)
+        "a": ([0.9, 0.5, 0.2, 0.12, 0.10], 15, 1.0, False),   # reaches the target at 15: cost 15
+        "g": ([0.9, 0.12, 0.11, 0.11, 0.11], 10, 4.0, False),  # at 5 x 4 s = 20, final 0.11
+        "f": ([0.9, 0.3, 0.12, 0.12, 0.12], 10, 2.0, False),   # at 10 x 2 s = 20, final 0.12: after g
+        "b": ([0.9, 0.3, 0.3, 0.3, 0.3], 5, 1.0, False),       # the cheapest T̂ε, a 30 % plateau
+        "c": ([0.9, 0.6, 0.5, 0.5, 0.5], 10, 1.0, False),
+        "h": ([0.9, 0.8, 0.7, 0.6, 0.5], None, 1.0, False),    # still descending at the budget
+        "e": ([0.9, 5.0], None, 1.0, True),                    # diverges
+    }
+    pred, curves = [], []
+    for cid, (err, t, st, div) in specs.items():
+        final = float("nan") if div else err[-1]
+        pred.append({"dataset": "d", "config_id": cid, "model": "m", "loss": "mse", "lr": 0.1, "lr_fraction": 0.5,
+                     "momentum": 0.0, "batch_size": 10, "full_batch": True, "effective_lr": 0.1, "criterion": "error",
+                     "eps": 0.01, "budget_steps": 20, "n": 10, "max_stable_lr": 1.0, "predicted_steps": t,
+                     "predicted_fraction": None if t is None else t / 20, "diverged": div,
+                     "predicted_final_loss": final, "predicted_final_error": final, "step_time_s": st,
+                     "predicted_cost_s": None if t is None else t * st})
+        for step, e in zip(STEPS, err):
+            curves.append({"dataset": "d", "config_id": cid, "source": "predicted", "seed": None, "step": step,
+                           "loss": e, "error": e})
+    return pd.DataFrame(pred).astype({"predicted_steps": "Int64"}), pd.DataFrame(curves)
+
+
+def test_cost_to_target_ranks_against_a_common_target_on_a_hand_made_grid():
+    from ttp_ray import analysis as A
+
+    pred, curves = hand_predictions()
+    # non-diverging finals 0.10, 0.11, 0.12, 0.30, 0.50, 0.50: min 0.10, median 0.21
+    target = 0.10 + 0.25 * (0.21 - 0.10)
+    t = A.derive_targets(pred)
+    assert t.target.tolist() == [pytest.approx(target)] and t.target_rule.tolist() == ["derived"]
+    assert t.target_configs.tolist() == [6]
+
+    ranked = A.rank(pred, curves=curves)  # the default objective: predicted cost to the common target
+    assert ranked.config_id.tolist() == ["a", "g", "f", "b", "c", "h", "e"]
+    assert ranked["rank"].tolist()[:3] == [1, 2, 3] and ranked["rank"].isna().tolist()[3:] == [True] * 4
+    assert ranked.flag.tolist() == ["", "", ""] + [A.PLATEAUS] * 3 + ["diverges"]
+    by_id = ranked.set_index("config_id")
+    assert by_id.predicted_steps_to_target[["a", "g", "f"]].tolist() == [15, 5, 10]
+    assert by_id.predicted_cost_to_target_s[["a", "g", "f"]].tolist() == [15.0, 20.0, 20.0]
+    assert by_id.predicted_steps_to_target[["b", "c", "h", "e"]].isna().all()
+    assert by_id.target.tolist() == pytest.approx([target] * 7)
+
+    # the old objective, T̂ε x step time, puts the 30 % plateau first
+    old = A.rank(pred, "predicted_cost_s")
+    assert old.config_id.tolist()[:1] == ["b"] and old.set_index("config_id").flag["h"] == "not reached"
+
+    # a given target: a reaches 0.115 at 20 (cost 20), g at 10 x 4 s (cost 40), f never
+    given = A.rank(pred, curves=curves, target_error=0.115)
+    assert given.config_id.tolist()[:2] == ["a", "g"] and given.predicted_cost_to_target_s.tolist()[:2] == [20.0, 40.0]
+    assert given.set_index("config_id").flag["f"] == A.PLATEAUS and (given.target_rule == "given").all()
+
+    with pytest.raises(A.AnalysisError, match="curves"):
+        A.rank(pred)  # the default objective needs the curves table
+    with pytest.raises(A.AnalysisError, match="target_error"):
+        A.rank(pred, curves=curves, target_error=1.5)
+
+
+def test_targets_are_per_dataset_and_loss():
+    from ttp_ray import analysis as A
+
+    pred, curves = hand_predictions()
+    other = pred.assign(loss="ce", predicted_final_error=pred.predicted_final_error * 2,
+                        predicted_final_loss=pred.predicted_final_loss * 2)
+    t = A.derive_targets(pd.concat([pred, other]))
+    got = dict(zip(t.loss, t.target))
+    assert got["mse"] == pytest.approx(0.1275) and got["ce"] == pytest.approx(2 * 0.1275)
+
+
+def test_pareto_front_on_a_hand_made_grid():
+    from ttp_ray import analysis as A
+
+    pred, curves = hand_predictions()
+    front = A.pareto_front(A.rank(pred, curves=curves))
+    # (cost, final error): a (15, 0.10) to target; b (5, 0.30) and c (10, 0.50) to their plateau (T̂ε x step
+    # time); h never reaches eps: the whole budget (20, 0.50); g, f (20, 0.11 / 0.12) are dominated by a; e diverges
+    assert front.config_id.tolist() == ["b", "a"]
+    assert front.pareto_cost_s.tolist() == [5.0, 15.0]
+    with pytest.raises(A.AnalysisError, match="pareto_front"):
+        A.pareto_front(A.rank(pred, "predicted_cost_s"))
+
+
+def hand_validation():
+    """Validation rows (the columns of validation_table that ranking_metrics reads) with known answers."""
+    rows = []
+
+    def add(group, cid, p_steps, a_steps, p_st=1.0, a_st=2.0, p_div=False, a_div=False, seed=0, eps=0.01, budget=100):
+        ds, loss = group
+        rows.append({"dataset": ds, "model": "m", "loss": loss, "criterion": "loss", "eps": eps, "config_id": cid,
+                     "seed": seed, "budget_steps": budget, "predicted_steps": p_steps, "actual_steps": a_steps,
+                     "predicted_diverged": p_div, "actual_diverged": a_div, "predicted_step_time_s": p_st,
+                     "actual_step_time_s": a_st, "predicted_steps_to_target": p_steps,
+                     "actual_steps_to_target": a_steps, "status": "compared"})
+
+    # group 1: predicted costs 10, 20, 30, 100 (diverges: budget x 1 s), 40; real 24, 16, 4 (0.1 s steps), 100,
+    # 200 (never reaches: budget x 2 s)
+    add(("d1", "mse"), "p1", 10, 12)
+    add(("d1", "mse"), "p2", 20, 8)
+    add(("d1", "mse"), "p3", 30, 40, a_st=0.1)
+    add(("d1", "mse"), "p4", None, 50, p_div=True)
+    add(("d1", "mse"), "p5", 40, None)
+    # group 2: two configs only
+    add(("d2", "mse"), "q1", 10, 10)
+    add(("d2", "mse"), "q2", 20, 30)
+    # group 3: the truly cheapest (q6, real 2 x 1 s... mean over its two seeds) is predicted last: a top-3 miss
+    add(("d2", "ce"), "r1", 1, 10, a_st=1.0)
+    add(("d2", "ce"), "r2", 2, 20, a_st=1.0)
+    add(("d2", "ce"), "r3", 3, 30, a_st=1.0)
+    add(("d2", "ce"), "r4", 4, 1, a_st=1.0, seed=0)
+    add(("d2", "ce"), "r4", 4, 3, a_st=1.0, seed=1)
+    return pd.DataFrame(rows).astype({"predicted_steps": "Int64", "actual_steps": "Int64",
+                                      "predicted_steps_to_target": "Int64", "actual_steps_to_target": "Int64"})
+
+
+def test_ranking_metrics_on_a_hand_made_table():
+    from ttp_ray import analysis as A
+
+    rk = A.ranking_metrics(hand_validation(), objectives=["cost"]).set_index(["dataset", "loss"])
+    g1 = rk.loc[("d1", "mse")]
+    # predicted ranks p1..p5: 1 2 3 5 4; real: 3 2 1 4 5 -> d = -2 0 2 1 -1, rho = 1 - 6 x 10 / (5 x 24)
+    assert g1.configs == 5 and g1.rows == 5 and g1.spearman == pytest.approx(0.5)
+    assert g1.flagged_predicted == 1 and g1.flagged_actual == 1 and g1.unranked_rows == 0
+    assert g1.top1_regret == pytest.approx(24 / 4) and bool(g1.top3_hit)
+    assert (g1.predicted_best, g1.actual_best) == ("p1", "p3")
+    g2 = rk.loc[("d2", "mse")]
+    assert g2.configs == 2 and np.isnan(g2.spearman) and g2.top1_regret == pytest.approx(1.0)
+    g3 = rk.loc[("d2", "ce")]
+    # r4's real cost is the mean of its seeds, 2: the cheapest, predicted 4th
+    assert g3.configs == 4 and g3.rows == 5 and g3.top3_hit is not None and not g3.top3_hit
+    assert g3.top1_regret == pytest.approx(10 / 2) and g3.spearman == pytest.approx(-0.2)
+
+    s = A.ranking_summary(A.ranking_metrics(hand_validation(), objectives=["cost"]))["cost"]
+    assert s["groups"] == 2  # the 2-config group is left out
+    assert s["median_spearman"] == pytest.approx(0.15) and s["min_spearman"] == pytest.approx(-0.2)
+    assert s["mean_top1_regret"] == pytest.approx(5.5) and s["max_top1_regret"] == pytest.approx(6.0)
+    assert s["top3_hit_rate"] == pytest.approx(0.5) and s["flagged_predicted"] == 1 and s["flagged_actual"] == 1
+
+
+def test_ranking_metrics_cost_to_target_does_not_depend_on_eps():
+    from ttp_ray import analysis as A
+
+    val = hand_validation()
+    both = pd.concat([val, val.assign(eps=0.05)], ignore_index=True)
+    rk = A.ranking_metrics(both)
+    assert set(rk.objective) == {"cost_to_target", "cost"}
+    cost = rk[rk.objective == "cost"]
+    to_target = rk[rk.objective == "cost_to_target"].set_index(["dataset", "loss"])
+    assert len(cost) == 6 and len(to_target) == 3 and to_target.eps.isna().all()
+    assert to_target.loc[("d1", "mse")].rows == 5 and to_target.loc[("d1", "mse")].spearman == pytest.approx(0.5)
+    with pytest.raises(A.AnalysisError, match="objective"):
+        A.ranking_metrics(val.drop(columns=["actual_steps_to_target"]), objectives=["cost_to_target"])
