@@ -109,8 +109,8 @@ def test_rank_orders_by_each_key_and_flags_diverging(sweep_out, capsys, by):
 @pytest.mark.timeout(240)
 def test_rank_top_dataset_criterion_eps_and_table(sweep_out, capsys):
     pred = tables(sweep_out)["predictions"]
-    code, out, err = run_cli(["rank", str(sweep_out), "--top", "3", "--dataset", "digits:subset=100",
-                              "--criterion", "error", "--eps", "0.05", "--json"], capsys)
+    code, out, err = run_cli(["rank", str(sweep_out), "--by", "predicted_cost_s", "--top", "3", "--dataset",
+                              "digits:subset=100", "--criterion", "error", "--eps", "0.05", "--json"], capsys)
     assert code == 0, err
     d = json.loads(out)
     sel, ok = converging(pred[pred.dataset == "digits:subset=100"], "error", 0.05)
@@ -119,7 +119,7 @@ def test_rank_top_dataset_criterion_eps_and_table(sweep_out, capsys):
     assert {(r["criterion"], r["eps"]) for r in d["ranked"]} == {("error", 0.05)}
     assert len(d["flagged"]) == 4
 
-    code, out, err = run_cli(["rank", str(sweep_out), "--top", "2"], capsys)  # the terminal table
+    code, out, err = run_cli(["rank", str(sweep_out), "--by", "predicted_cost_s", "--top", "2"], capsys)  # the table
     assert code == 0, err
     assert "ranked by predicted_cost_s" in out and "diverges" in out and "cost (s)" in out
     sel, ok = converging(pred)
@@ -133,7 +133,8 @@ def test_rank_max_final_error_unranks_bad_models(sweep_out, capsys):
     pred = tables(sweep_out)["predictions"]
     sel, ok = converging(pred)
     cut = float(ok.predicted_final_error.median())
-    code, out, err = run_cli(["rank", str(sweep_out), "--top", "0", "--max-final-error", f"{cut}", "--json"], capsys)
+    code, out, err = run_cli(["rank", str(sweep_out), "--by", "predicted_cost_s", "--top", "0", "--max-final-error",
+                              f"{cut}", "--json"], capsys)
     assert code == 0, err
     d = json.loads(out)
     good = ok[ok.predicted_final_error <= cut].sort_values(["predicted_cost_s", "config_id"])
@@ -150,12 +151,108 @@ def test_rank_max_final_error_unranks_bad_models(sweep_out, capsys):
     (["--eps", "0.3"], "eps"),
     (["--dataset", "cifar10"], "dataset"),
     (["--by", "speed"], "--by"),
+    (["--target-error", "2"], "target_error"),
 ])
 def test_rank_bad_input_one_line_exit_2(sweep_out, capsys, args, field):
     code, out, err = run_cli(["rank", str(sweep_out)] + args, capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and field in lines[0], err
     assert "allowed" in lines[0] or "not one of" in lines[0]
+
+
+def own_cost_to_target(pred, curves, criterion="loss", eps=0.01):
+    """Per prediction row of (criterion, eps): the target of its (dataset, loss), min + 0.25 (median - min) of
+    the non-diverging configs' predicted final values, and the first predicted-curve step at or below it."""
+    sel = pred[(pred.criterion == criterion) & np.isclose(pred.eps, eps)].copy()
+    final = "predicted_final_loss" if criterion == "loss" else "predicted_final_error"
+    targets = {}
+    for key, g in sel[~sel.diverged].groupby(["dataset", "loss"]):
+        v = g[final].to_numpy(float)
+        targets[key] = v.min() + 0.25 * (np.median(v) - v.min())
+    sel["target"] = [targets[(d, l)] for d, l in zip(sel.dataset, sel.loss)]
+    steps = []
+    for r in sel.itertuples():
+        c = curves[(curves.source == "predicted") & (curves.dataset == r.dataset) & (curves.config_id == r.config_id)]
+        c = c.sort_values("step")
+        hit = c.step[c[criterion] <= r.target]
+        steps.append(np.nan if r.diverged or hit.empty else float(hit.iloc[0]))
+    sel["steps_to_target"] = steps
+    sel["cost_to_target"] = sel.steps_to_target * sel.step_time_s
+    return sel
+
+
+@pytest.mark.timeout(240)
+def test_rank_default_is_cost_to_a_common_target(sweep_out, capsys):
+    t = tables(sweep_out)
+    pred, curves = t["predictions"], t["curves"]
+    for df in (pred, curves):
+        df["dataset"] = df["dataset"].astype(str)
+    own = own_cost_to_target(pred, curves)
+    reached = own[own.steps_to_target.notna()]
+    assert 0 < len(reached) < len(own[~own.diverged])  # some configs plateau above their target
+    expected = reached.sort_values(["cost_to_target", "predicted_final_loss", "config_id"]).config_id.tolist()
+    code, out, err = run_cli(["rank", str(sweep_out), "--top", "0", "--json"], capsys)
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["by"] == "predicted_cost_to_target_s" and (d["criterion"], d["eps"]) == ("loss", 0.01)
+    assert [r["config_id"] for r in d["ranked"]] == expected
+    got = {r["config_id"]: r for r in d["ranked"] + d["flagged"]}
+    for r in own.itertuples():
+        g = got[r.config_id]
+        assert g["target"] == pytest.approx(r.target) and g["target_rule"] == "derived"
+        if np.isnan(r.steps_to_target):
+            assert g["predicted_steps_to_target"] is None and g["rank"] is None
+            assert g["flag"] == ("diverges" if r.diverged else "plateaus above target")
+        else:
+            assert g["predicted_steps_to_target"] == r.steps_to_target
+            assert g["predicted_cost_to_target_s"] == pytest.approx(r.cost_to_target)
+    flags = [r["flag"] for r in d["flagged"]]
+    assert flags == sorted(flags, key=lambda f: f == "diverges")  # plateaus first, diverging last
+
+    code, out, err = run_cli(["rank", str(sweep_out), "--top", "3"], capsys)  # the terminal table
+    assert code == 0, err
+    assert "ranked by predicted_cost_to_target_s" in out and "cost to target (s)" in out and "final err" in out
+    assert "regime" in out and "target loss:" in out and "plateaus above target" in out
+    assert out.index(expected[0]) < out.index("plateaus above target   ")  # a table row, not the title
+
+    # a given target: every row aims at it
+    code, out, err = run_cli(["rank", str(sweep_out), "--criterion", "error", "--target-error", "0.5", "--json",
+                              "--top", "0"], capsys)
+    assert code == 0, err
+    d = json.loads(out)
+    rows = d["ranked"] + d["flagged"]
+    assert {(r["target"], r["target_rule"]) for r in rows} == {(0.5, "given")}
+
+
+@pytest.mark.timeout(240)
+def test_rank_pareto_front_is_not_dominated(sweep_out, capsys):
+    code, out, err = run_cli(["rank", str(sweep_out), "--pareto", "--json"], capsys)
+    assert code == 0, err
+    front = json.loads(out)["front"]
+    code, out, err = run_cli(["rank", str(sweep_out), "--top", "0", "--json"], capsys)
+    d = json.loads(out)
+    rows = [r for r in d["ranked"] + d["flagged"] if not r["diverged"]]
+
+    def cost(r):
+        for k in ("predicted_cost_to_target_s", "predicted_cost_s"):
+            if r[k] is not None:
+                return r[k]
+        return r["budget_steps"] * r["step_time_s"]
+
+    def dominates(a, b):
+        ca, cb, ea, eb = cost(a), cost(b), a["predicted_final_error"], b["predicted_final_error"]
+        return ca <= cb and ea <= eb and (ca < cb or ea < eb)
+
+    ids = {(r["dataset"], r["config_id"]) for r in front}
+    assert front and len(ids) < len(rows)
+    for r in rows:
+        same = [o for o in rows if (o["dataset"], o["loss"]) == (r["dataset"], r["loss"])]
+        on_front = (r["dataset"], r["config_id"]) in ids
+        assert on_front == (not any(dominates(o, r) for o in same)), r["config_id"]
+    for r in front:
+        assert r["pareto_cost_s"] == pytest.approx(cost(r))
+    code, out, err = run_cli(["rank", str(sweep_out), "--pareto"], capsys)
+    assert code == 0 and "Pareto front" in out and front[0]["config_id"] in out, err
 
 
 # --------------------------------------------------------------------------------------------- validate
@@ -214,6 +311,64 @@ def test_validate_matches_own_join(sweep_out, capsys):
     code, out, err = run_cli(["validate", str(sweep_out)], capsys)  # the printed table
     assert code == 0, err
     assert "overall" in out and f"{median:.3f}" in out and f"{r:.3f}" in out and "/ GD" in out and "/ SGD" in out
+
+
+def own_ranking(rows, p_steps, a_steps):
+    """(configs, flagged predicted rows, flagged real rows, Spearman rho or None, top-1 regret) of one group
+    of validation rows: flagged rows cost the budget x their side's step time; real cost: mean over seeds."""
+    p_flag = rows.predicted_diverged.astype(bool) | rows[p_steps].isna()
+    a_flag = rows.actual_diverged.astype(bool) | rows[a_steps].isna()
+    pc = np.where(p_flag, rows.budget_steps, rows[p_steps].astype(float)) * rows.predicted_step_time_s
+    ac = np.where(a_flag, rows.budget_steps, rows[a_steps].astype(float)) * rows.actual_step_time_s
+    per = pd.DataFrame({"c": rows.config_id, "p": pc, "a": ac}).groupby("c").agg(p=("p", "first"), a=("a", "mean"))
+    rho = None
+    if len(per) >= 3 and per.p.nunique() > 1 and per.a.nunique() > 1:
+        rho = float(np.corrcoef(per.p.rank(), per.a.rank())[0, 1])
+    best = per.reset_index().sort_values(["p", "c"]).iloc[0]
+    return len(per), int(p_flag.sum()), int(a_flag.sum()), rho, best.a / per.a.min()
+
+
+@pytest.mark.timeout(240)
+def test_validate_ranking_metrics_match_own_computation(sweep_out, capsys):
+    code, out, err = run_cli(["validate", str(sweep_out), "--json"], capsys)
+    assert code == 0, err
+    d = json.loads(out)
+    groups = d["ranking"]["groups"]
+    assert {g["objective"] for g in groups} == {"cost_to_target", "cost"}
+    val = pd.read_parquet(sweep_out / "validation.parquet")
+    val["dataset"] = val["dataset"].astype(str)
+    # the real cost to target, off the real curves, against the predictions' target
+    t = tables(sweep_out)
+    curves = t["curves"]
+    curves["dataset"] = curves["dataset"].astype(str)
+    for r in val[~val.actual_diverged].itertuples():
+        c = curves[(curves.source == "actual") & (curves.dataset == r.dataset) & (curves.config_id == r.config_id)
+                   & (curves.seed == r.seed)].sort_values("step")
+        hit = c.step[c[r.criterion] <= r.target]
+        assert (pd.isna(r.actual_steps_to_target) if hit.empty else r.actual_steps_to_target == hit.iloc[0])
+    checked = 0
+    for g in groups:
+        steps = {"cost": ("predicted_steps", "actual_steps"),
+                 "cost_to_target": ("predicted_steps_to_target", "actual_steps_to_target")}[g["objective"]]
+        rows = val[(val.dataset == g["dataset"]) & (val.model == g["model"]) & (val.loss == g["loss"])
+                   & (val.criterion == g["criterion"])]
+        if g["objective"] == "cost":
+            rows = rows[np.isclose(rows.eps, g["eps"])]
+        else:
+            assert g["eps"] is None
+            rows = rows.drop_duplicates(["config_id", "seed"])
+        n, pf, af, rho, regret = own_ranking(rows, *steps)
+        assert (g["configs"], g["flagged_predicted"], g["flagged_actual"]) == (n, pf, af)
+        assert (g["spearman"] is None) == (rho is None) and (rho is None or g["spearman"] == pytest.approx(rho))
+        assert g["top1_regret"] == pytest.approx(regret)
+        checked += 1
+    assert checked == len(groups) > 0
+    s = d["ranking"]["summary"]
+    assert set(s) == {"cost_to_target", "cost"}
+
+    code, out, err = run_cli(["validate", str(sweep_out)], capsys)
+    assert code == 0, err
+    assert "cost_to_target" in out and "top-1 regret" in out and "median rho" in out
 
 
 @pytest.mark.timeout(240)
@@ -319,6 +474,7 @@ def test_notebook_executes_headless(sweep_out, monkeypatch):
     assert len(pngs) >= 5  # curves, scatter, spectrum, one heat map per dataset
     text = "".join(o.get("text", "") for o in outputs)
     assert "analysis: 24 configs on 2 dataset(s), 4 fine-tuned for real" in text
+    assert "targets:" in text and "cost_to_target:" in text and "cost:" in text  # ranking and its quality
 
 
 # --------------------------------------------------------------------- hand-made tables, known answers

@@ -128,9 +128,12 @@ def rank(out, by, target_error, target_loss, pareto, top, max_final_error, crite
             return
         title = (f"Pareto front of {len(ranked)} configs of {out} per (dataset, loss): {len(front)} not dominated in "
                  f"(cost to target or to their plateau, predicted final error); criterion {criterion}, eps {eps:g}")
-        _echo(_table(title, A.rank_display(front)), _targets_line(ranked),
-              "cost = steps to the target (or to the config's plateau, T̂ε, when it never reaches it) x measured "
-              "step time; " + note)
+        frame = A.rank_display(front)
+        frame.insert(list(frame.columns).index("cost to target (s)"), "front cost (s)",
+                     [A.fmt(v, ".3g") for v in front.pareto_cost_s])
+        _echo(_table(title, frame.drop(columns=["T̂ε"])), _targets_line(ranked),
+              "front cost = cost to target, or to the config's own plateau (T̂ε x step time) when it never reaches "
+              "it, or the whole budget x step time when neither; " + note)
         return
     if as_json:
         click.echo(json.dumps(A.to_jsonable({
@@ -142,8 +145,9 @@ def rank(out, by, target_error, target_loss, pareto, top, max_final_error, crite
              + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     frame = A.rank_display(pd.concat([shown, show_flagged]))
     hidden = (len(good) - len(shown), len(flagged) - len(show_flagged))
-    cost = ("cost to target = first logged step at which the predicted curve reaches the target x measured step "
-            "time; T̂ε cost = predicted T_eps (steps, against the run's own final value) x step time"
+    cost = ("cost to target = steps to target (the first logged step at which the predicted curve reaches the "
+            "target) x measured step time; T̂ε = predicted T_eps (steps, against the run's own final value; "
+            "--by predicted_cost_s ranks by T̂ε x step time)"
             if to_target else "cost = predicted T_eps (steps) x measured step time")
     _echo(_table(title, frame, sections=(len(shown),) if len(shown) and len(show_flagged) else ()),
           *([_targets_line(ranked)] if to_target else []),

@@ -312,8 +312,9 @@ def regime_label(elr_over_limit: float) -> str:
 
 def rank_display(ranked: pd.DataFrame) -> pd.DataFrame:
     """Rows of :func:`rank` as strings for a terminal table (units in the headers). With the cost-to-target
-    columns: steps and cost to the target first, the predicted final error beside them, then T̂ε and its
-    cost; ``regime`` is :func:`regime_label` of ``elr_over_gd_limit``."""
+    columns: steps (``to target``) and cost to the target, the predicted final error beside them, then T̂ε
+    (steps; its cost is ``predicted_cost_s`` in the frame); ``regime`` is :func:`regime_label` of
+    ``elr_over_gd_limit``."""
     to_target = "predicted_cost_to_target_s" in ranked.columns
     rows = []
     for r in ranked.itertuples(index=False):
@@ -321,12 +322,11 @@ def rank_display(ranked: pd.DataFrame) -> pd.DataFrame:
         row = {"#": fmt(r.rank, "d", ""), "dataset": str(r.dataset), "loss": r.loss, "lr": fmt(r.lr),
                "lr/max": fmt(r.lr_fraction, "g", ""), "mom": fmt(r.momentum, "g"), "B": b}
         if to_target:
-            row.update({"target": fmt(r.target, ".3g"), "to target (steps)": fmt(r.predicted_steps_to_target, "d"),
+            row.update({"to target": fmt(r.predicted_steps_to_target, "d"),
                         "step (ms)": fmt(r.step_time_s * 1e3, ".3g"),
                         "cost to target (s)": fmt(r.predicted_cost_to_target_s, ".3g"),
                         "final err": fmt(r.predicted_final_error, ".3f"),
-                        "T̂ε (steps)": fmt(r.predicted_steps, ".0f"), "T̂ε cost (s)": fmt(r.predicted_cost_s, ".3g"),
-                        "final loss": fmt(r.predicted_final_loss, ".3g")})
+                        "T̂ε": fmt(r.predicted_steps, ".0f")})
         else:
             row.update({"T̂ε (steps)": fmt(r.predicted_steps, ".0f"), "T̂ε/T": fmt(r.predicted_fraction, ".2f"),
                         "step (ms)": fmt(r.step_time_s * 1e3, ".3g"), "cost (s)": fmt(r.predicted_cost_s, ".3g"),
