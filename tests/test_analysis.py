@@ -325,6 +325,9 @@ def own_ranking(rows, p_steps, a_steps):
     if len(per) >= 3 and per.p.nunique() > 1 and per.a.nunique() > 1:
         rho = float(np.corrcoef(per.p.rank(), per.a.rank())[0, 1])
     best = per.reset_index().sort_values(["p", "c"]).iloc[0]
+    reached = (~p_flag).any(), (~a_flag).any()
+    if not all(reached):
+        return len(per), int(p_flag.sum()), int(a_flag.sum()), None, None
     return len(per), int(p_flag.sum()), int(a_flag.sum()), rho, best.a / per.a.min()
 
 
@@ -360,7 +363,8 @@ def test_validate_ranking_metrics_match_own_computation(sweep_out, capsys):
         n, pf, af, rho, regret = own_ranking(rows, *steps)
         assert (g["configs"], g["flagged_predicted"], g["flagged_actual"]) == (n, pf, af)
         assert (g["spearman"] is None) == (rho is None) and (rho is None or g["spearman"] == pytest.approx(rho))
-        assert g["top1_regret"] == pytest.approx(regret)
+        assert (g["top1_regret"] is None) == (regret is None)
+        assert regret is None or g["top1_regret"] == pytest.approx(regret)
         checked += 1
     assert checked == len(groups) > 0
     s = d["ranking"]["summary"]
@@ -596,6 +600,9 @@ def hand_validation():
     add(("d2", "ce"), "r3", 3, 30, a_st=1.0)
     add(("d2", "ce"), "r4", 4, 1, a_st=1.0, seed=0)
     add(("d2", "ce"), "r4", 4, 3, a_st=1.0, seed=1)
+    # group 4: no config reaches on the predicted side: every predicted cost is the budget, nothing to compare
+    for i, cid in enumerate(("s1", "s2", "s3")):
+        add(("d3", "mse"), cid, None, 10 * (i + 1), p_st=1.0 + i)
     return pd.DataFrame(rows).astype({"predicted_steps": "Int64", "actual_steps": "Int64",
                                       "predicted_steps_to_target": "Int64", "actual_steps_to_target": "Int64"})
 
@@ -616,12 +623,16 @@ def test_ranking_metrics_on_a_hand_made_table():
     # r4's real cost is the mean of its seeds, 2: the cheapest, predicted 4th
     assert g3.configs == 4 and g3.rows == 5 and g3.top3_hit is not None and not g3.top3_hit
     assert g3.top1_regret == pytest.approx(10 / 2) and g3.spearman == pytest.approx(-0.2)
+    assert (g3.reached_predicted, g3.reached_actual, g1.reached_predicted, g1.reached_actual) == (4, 4, 4, 4)
+    g4 = rk.loc[("d3", "mse")]
+    assert (g4.configs, g4.reached_predicted, g4.reached_actual, g4.flagged_predicted) == (3, 0, 3, 3)
+    assert np.isnan(g4.spearman) and np.isnan(g4.top1_regret) and g4.top3_hit is None
 
     s = A.ranking_summary(A.ranking_metrics(hand_validation(), objectives=["cost"]))["cost"]
-    assert s["groups"] == 2  # the 2-config group is left out
+    assert s["groups"] == 2 and s["groups_nothing_reached"] == 1  # the 2-config group is left out
     assert s["median_spearman"] == pytest.approx(0.15) and s["min_spearman"] == pytest.approx(-0.2)
     assert s["mean_top1_regret"] == pytest.approx(5.5) and s["max_top1_regret"] == pytest.approx(6.0)
-    assert s["top3_hit_rate"] == pytest.approx(0.5) and s["flagged_predicted"] == 1 and s["flagged_actual"] == 1
+    assert s["top3_hit_rate"] == pytest.approx(0.5) and s["flagged_predicted"] == 1 + 3 and s["flagged_actual"] == 1
 
 
 def test_ranking_metrics_cost_to_target_does_not_depend_on_eps():
@@ -633,7 +644,7 @@ def test_ranking_metrics_cost_to_target_does_not_depend_on_eps():
     assert set(rk.objective) == {"cost_to_target", "cost"}
     cost = rk[rk.objective == "cost"]
     to_target = rk[rk.objective == "cost_to_target"].set_index(["dataset", "loss"])
-    assert len(cost) == 6 and len(to_target) == 3 and to_target.eps.isna().all()
+    assert len(cost) == 8 and len(to_target) == 4 and to_target.eps.isna().all()
     assert to_target.loc[("d1", "mse")].rows == 5 and to_target.loc[("d1", "mse")].spearman == pytest.approx(0.5)
     with pytest.raises(A.AnalysisError, match="objective"):
         A.ranking_metrics(val.drop(columns=["actual_steps_to_target"]), objectives=["cost_to_target"])

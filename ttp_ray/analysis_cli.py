@@ -201,10 +201,10 @@ def validate(out, target_error, target_loss, as_json) -> None:
           _table("ranking of the fine-tuned configs by predicted cost (objective: cost_to_target = steps to the "
                  "common target x step time; cost = T_eps x step time)", _ranking_frame(A, rk)),
           *_ranking_summary_lines(A, summary),
-          "flagged: rows that diverge or never reach (eps, or the target), predicted / real; ranked at the budget "
-          "(budget steps x step time). rho: Spearman over the configs (n/a below 3 configs); regret: real cost of "
-          "the predicted-cheapest config / cheapest real cost; top-3: the truly cheapest is among the 3 predicted "
-          "cheapest.")
+          "reached: configs that reach (eps, or the target), predicted / real; flagged: rows that diverge or never "
+          "reach, ranked at the budget (budget steps x step time). rho: Spearman over the configs (n/a below 3 "
+          "configs, or when none reaches on one side); regret: real cost of the predicted-cheapest config / "
+          "cheapest real cost; top-3: the truly cheapest is among the 3 predicted cheapest.")
 
 
 def _ranking_frame(A, rk):
@@ -215,7 +215,8 @@ def _ranking_frame(A, rk):
     for r in rk.itertuples(index=False):
         eps = "-" if r.eps is None or pd.isna(r.eps) else f"{r.eps:g}"
         rows.append({"objective": r.objective, "slice": f"{r.dataset} / {r.model} / {r.loss} / {r.criterion} / {eps}",
-                     "configs": str(r.configs), "flagged pred/real": f"{r.flagged_predicted}/{r.flagged_actual}",
+                     "configs": str(r.configs), "reached pred/real": f"{r.reached_predicted}/{r.reached_actual}",
+                     "flagged pred/real": f"{r.flagged_predicted}/{r.flagged_actual}",
                      "rho": A.fmt(r.spearman, ".2f", "n/a"), "top-1 regret": A.fmt(r.top1_regret, ".2f"),
                      "top-3": "-" if r.top3_hit is None else ("hit" if r.top3_hit else "miss")})
     return pd.DataFrame(rows)
@@ -227,7 +228,8 @@ def _ranking_summary_lines(A, summary):
         out.append(f"{obj}: over {s['groups']} group(s) with >= 3 configs: median rho {A.fmt(s['median_spearman'], '.2f')}, "
                    f"min rho {A.fmt(s['min_spearman'], '.2f')}, top-1 regret mean {A.fmt(s['mean_top1_regret'], '.2f')} "
                    f"max {A.fmt(s['max_top1_regret'], '.2f')}, top-3 hit rate {A.fmt(s['top3_hit_rate'], '.2f')}; "
-                   f"flagged rows {s['flagged_predicted']} predicted, {s['flagged_actual']} real")
+                   f"{s['groups_nothing_reached']} more group(s) where no config reaches on one side; flagged rows "
+                   f"{s['flagged_predicted']} predicted, {s['flagged_actual']} real")
     return out
 
 

@@ -444,15 +444,19 @@ def _ranking_quality(rows: pd.DataFrame, steps: Tuple[str, str]) -> Dict[str, An
     pc, pflag = _side_cost(rows, "predicted", steps[0])
     ac, aflag = _side_cost(rows, "actual", steps[1])
     ok = np.isfinite(pc) & np.isfinite(ac)
-    per = (pd.DataFrame({"config_id": rows.config_id.to_numpy()[ok], "p": pc[ok], "a": ac[ok]})
-           .groupby("config_id", sort=True).agg(p=("p", "first"), a=("a", "mean")).reset_index())
+    per = (pd.DataFrame({"config_id": rows.config_id.to_numpy()[ok], "p": pc[ok], "a": ac[ok],
+                         "p_reached": ~pflag[ok], "a_reached": ~aflag[ok]})
+           .groupby("config_id", sort=True)
+           .agg(p=("p", "first"), a=("a", "mean"), p_reached=("p_reached", "first"), a_reached=("a_reached", "any"))
+           .reset_index())
     out: Dict[str, Any] = {"configs": int(len(per)), "rows": int(len(rows)),
+                           "reached_predicted": int(per.p_reached.sum()), "reached_actual": int(per.a_reached.sum()),
                            "flagged_predicted": int((pflag & ok).sum()), "flagged_actual": int((aflag & ok).sum()),
                            "unranked_rows": int((~ok).sum()),
                            "spearman": math.nan, "top1_regret": math.nan, "top3_hit": None,
                            "predicted_best": None, "actual_best": None}
-    if not len(per):
-        return out
+    if not len(per) or not per.p_reached.any() or not per.a_reached.any():
+        return out  # nothing reached on one side: every cost there is the budget, no order to compare
     by_pred = per.sort_values(["p", "config_id"], kind="stable")
     best_real = float(per.a.min())
     truly_best = set(per.config_id[per.a == best_real])
@@ -479,12 +483,15 @@ def ranking_metrics(val: pd.DataFrame, groups: Sequence[str] = RANKING_GROUPS,
     A row whose prediction diverges or never reaches (ε, or the target) is *flagged* and costs the whole
     budget (``budget_steps`` × its side's step time); so is a real run that diverges or never reaches: such
     rows stay in the ranking, and ``flagged_predicted`` / ``flagged_actual`` count them. A config's real cost
-    is the mean over its seeds. Per group: ``configs`` ranked, ``rows``, ``unranked_rows`` (no cost even at
-    the budget: no prediction, or no step time), ``spearman`` (Spearman's ρ of predicted and real cost over
-    the configs, ties at their mean rank; NaN with fewer than 3 configs or no spread), ``top1_regret`` (real
-    cost of the predicted-cheapest config ÷ the cheapest real cost; ties in the prediction by ``config_id``),
-    ``top3_hit`` (a truly cheapest config is among the 3 predicted cheapest), ``predicted_best`` and
-    ``actual_best`` (config ids). Summaries over groups: :func:`ranking_summary`.
+    is the mean over its seeds. Per group: ``configs`` ranked, ``rows``, ``reached_predicted`` /
+    ``reached_actual`` (configs not flagged on that side; real: in at least one seed), ``unranked_rows`` (no
+    cost even at the budget: no prediction, or no step time), ``spearman`` (Spearman's ρ of predicted and
+    real cost over the configs, ties at their mean rank; NaN with fewer than 3 configs or no spread),
+    ``top1_regret`` (real cost of the predicted-cheapest config ÷ the cheapest real cost; ties in the
+    prediction by ``config_id``), ``top3_hit`` (a truly cheapest config is among the 3 predicted cheapest),
+    ``predicted_best`` and ``actual_best`` (config ids). When no config reaches on one side, every cost there
+    is the budget and there is no order to compare: ρ and the regret are NaN, ``top3_hit`` None.
+    Summaries over groups: :func:`ranking_summary`.
     """
     objectives = list(objectives) if objectives is not None else [
         o for o, (p, a) in RANKING_OBJECTIVES.items() if {p, a} <= set(val.columns)]
@@ -503,19 +510,25 @@ def ranking_metrics(val: pd.DataFrame, groups: Sequence[str] = RANKING_GROUPS,
             key = key if isinstance(key, tuple) else (key,)
             rows.append({"objective": obj, **{k: None for k in groups}, **dict(zip(keys, key)),
                          **_ranking_quality(g, steps)})
-    cols = ["objective", *groups, "configs", "rows", "flagged_predicted", "flagged_actual", "unranked_rows",
-            "spearman", "top1_regret", "top3_hit", "predicted_best", "actual_best"]
+    cols = ["objective", *groups, "configs", "rows", "reached_predicted", "reached_actual", "flagged_predicted",
+            "flagged_actual", "unranked_rows", "spearman", "top1_regret", "top3_hit", "predicted_best",
+            "actual_best"]
     return pd.DataFrame(rows, columns=cols)
 
 
 def ranking_summary(metrics: pd.DataFrame, min_configs: int = 3) -> Dict[str, Dict[str, Any]]:
     """Per objective, over the groups of :func:`ranking_metrics` with at least ``min_configs`` configs (with
-    fewer, ρ is undefined and a top-3 hit trivial): ``groups``, ``median_spearman``, ``min_spearman`` (groups
-    without spread left out), ``mean_top1_regret``, ``max_top1_regret``, ``top3_hit_rate`` (the fraction of
-    groups whose truly cheapest config is in the predicted top 3), and the flagged rows summed."""
+    fewer, ρ is undefined and a top-3 hit trivial) and something reached on both sides: ``groups``,
+    ``median_spearman``, ``min_spearman`` (groups without spread left out), ``mean_top1_regret``,
+    ``max_top1_regret``, ``top3_hit_rate`` (the fraction of groups whose truly cheapest config is in the
+    predicted top 3); ``groups_nothing_reached`` (groups of enough configs where no config reaches on one
+    side), and the flagged rows summed over all those groups."""
     out: Dict[str, Dict[str, Any]] = {}
     for obj, m in metrics.groupby("objective", sort=False):
         m = m[m.configs >= min_configs]
+        empty = (m.reached_predicted == 0) | (m.reached_actual == 0)
+        flagged = (int(m.flagged_predicted.sum()), int(m.flagged_actual.sum()))
+        m = m[~empty]
         rho = m.spearman.to_numpy(dtype=float)
         rho = rho[np.isfinite(rho)]
         reg = m.top1_regret.to_numpy(dtype=float)
@@ -526,7 +539,8 @@ def ranking_summary(metrics: pd.DataFrame, min_configs: int = 3) -> Dict[str, Di
             "mean_top1_regret": float(reg.mean()) if reg.size else None,
             "max_top1_regret": float(reg.max()) if reg.size else None,
             "top3_hit_rate": float(m.top3_hit.astype(bool).mean()) if len(m) else None,
-            "flagged_predicted": int(m.flagged_predicted.sum()), "flagged_actual": int(m.flagged_actual.sum()),
+            "groups_nothing_reached": int(empty.sum()),
+            "flagged_predicted": flagged[0], "flagged_actual": flagged[1],
         }
     return out
 

@@ -548,14 +548,17 @@ def _ranking_lines(analysis, val) -> List[str]:
     names = {"cost_to_target": "cost to target", "cost": "T_hat x step time"}
     out = []
     for obj, s in summary.items():
+        none = (f"; {s['groups_nothing_reached']} group(s) left out: no fine-tuned config reaches there on one "
+                f"side, predicted or real" if s["groups_nothing_reached"] else "")
+        flagged = (f"; flagged rows (diverging or never reaching, ranked at the budget): {s['flagged_predicted']} "
+                   f"predicted, {s['flagged_actual']} real")
         if not s["groups"]:
-            out.append(f"ranking by {names.get(obj, obj)}: no (dataset, loss, criterion, eps) group with 3 or more "
-                       f"fine-tuned configs")
+            out.append(f"ranking by {names.get(obj, obj)}: no group of >= 3 fine-tuned configs to compare{none}"
+                       f"{flagged}")
             continue
         out.append(f"ranking by {names.get(obj, obj)} over {s['groups']} group(s) of >= 3 fine-tuned configs: "
                    f"Spearman rho median {analysis.fmt(s['median_spearman'], '.2f')} (min "
                    f"{analysis.fmt(s['min_spearman'], '.2f')}), top-1 regret mean "
                    f"{analysis.fmt(s['mean_top1_regret'], '.2f')} (max {analysis.fmt(s['max_top1_regret'], '.2f')}), "
-                   f"top-3 hit rate {analysis.fmt(s['top3_hit_rate'], '.2f')}; flagged rows (diverging or never "
-                   f"reaching, ranked at the budget): {s['flagged_predicted']} predicted, {s['flagged_actual']} real")
+                   f"top-3 hit rate {analysis.fmt(s['top3_hit_rate'], '.2f')}{none}{flagged}")
     return out
