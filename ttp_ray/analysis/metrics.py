@@ -235,10 +235,8 @@ def rank(pred: pd.DataFrame, by: str = DEFAULT_RANK_KEY, *, curves: Optional[pd.
         if val is None and df[col].nunique() > 1:
             raise AnalysisError(f"{col}: the sweep has several ({_fmt_values(sorted(set(df[col])))}); pick one")
     to_target = by in TARGET_RANK_KEYS
-    if to_target:
-        df = _ensure_target_columns(df, by, curves, target_error, target_loss)
-    elif curves is not None or target_error is not None or target_loss is not None:
-        df = _ensure_target_columns(df, by, curves, target_error, target_loss)
+    if to_target or curves is not None or target_error is not None or target_loss is not None:
+        df = _ensure_target_columns(df, by, curves, target_error, target_loss)  # shown beside any key
     df["flag"] = flag(df)
     df["elr_over_gd_limit"] = elr_over_gd_limit(df)
     sort = ["_group", by, "config_id"]
