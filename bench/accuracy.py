@@ -11,6 +11,9 @@ and predicted under each method option:
   SGD on the linearised model, heavy ball), and a noise-free GD prediction (``discrete``) for reference;
 * the default (class-trace) kernel throughout, and the full NC x NC kernel sketch with the default methods.
 
+The report also says how well T̂ε × step time *ranks* the configs of each (dataset, backbone, loss, criterion,
+ε) slice against their real cost (``ttp_ray.analysis.ranking_metrics``: Spearman ρ, top-1 regret, top-3 hit).
+
 Run: ``.venv/bin/python bench/accuracy.py`` (``--quick`` for a reduced grid). Writes the tables into
 docs/BENCHMARKS.md (section ``accuracy``) and every row to ``runs/bench/accuracy.csv``.
 """
@@ -91,6 +94,7 @@ def _prediction_rows(real, ds_name, backbone, regime, n, method, cfgs, preds):
                 "real_steps": r_row["steps"], "pred_steps": p_row["predicted_steps"],
                 "real_diverged": res.diverged, "pred_diverged": pred.diverged,
                 "rel_error": relative_error(p_row["predicted_steps"], r_row["steps"]),
+                "real_step_time_s": res.step_time_s,
             })
     return rows
 
@@ -112,6 +116,64 @@ def summarise(df: pd.DataFrame) -> dict:
 def fmt(s: dict) -> list:
     return [s["n"], f"{100 * s['mean']:.1f}%", f"{100 * s['median']:.1f}%",
             "n/a" if np.isnan(s["pearson"]) else f"{s['pearson']:.3f}"]
+
+
+RANKING_GROUPS = ("dataset", "model", "loss", "criterion", "eps")  # model: the backbone
+
+
+def default_method_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the default methods: discrete-elr for GD, sde-rescaled for SGD."""
+    return df[((df.regime == "GD") & (df.method == "discrete-elr"))
+              | ((df.regime == "SGD") & (df.method == "sde-rescaled"))]
+
+
+def ranking_table(df: pd.DataFrame, budget: int) -> tuple:
+    """The default methods' rows as ``ttp_ray.analysis.ranking_metrics`` reads them (one config = (regime,
+    momentum, lr fraction) of a (dataset, backbone, loss); every lr, 1.3 x included) and the unit of cost:
+    steps x the real run's step time when the rows have it (``real_step_time_s``), else steps x B (examples
+    processed: rows written before the step time was recorded). The same step time prices both sides, so the
+    ranking measures T̂ε's order alone."""
+    d = default_method_rows(df)
+    timed = "real_step_time_s" in d.columns and d.real_step_time_s.notna().all()
+    step = d.real_step_time_s.astype(float) if timed else d.batch_size.astype(float)
+    val = pd.DataFrame({
+        "dataset": d.dataset, "model": d.backbone, "loss": d.loss, "criterion": d.criterion, "eps": d.eps,
+        "config_id": [f"{r} m={m:g} {f:g}x" for r, m, f in zip(d.regime, d.momentum, d.lr_fraction)],
+        "seed": 0, "budget_steps": budget, "predicted_steps": d.pred_steps, "actual_steps": d.real_steps,
+        "predicted_diverged": d.pred_diverged.astype(bool), "actual_diverged": d.real_diverged.astype(bool),
+        "predicted_step_time_s": step, "actual_step_time_s": step})
+    return val, ("s (steps x the real step time)" if timed else "examples (steps x B; no step times in these rows)")
+
+
+def ranking_section(df: pd.DataFrame, meta: dict) -> list:
+    """Markdown lines: how well T̂ε x step time ranks the configs of each (dataset, backbone, loss, criterion,
+    eps) slice against the real runs (``ttp_ray.analysis.ranking_metrics``), summary figures first."""
+    from ttp_ray.analysis import ranking_metrics, ranking_summary
+
+    val, unit = ranking_table(df, meta["budget"])
+    rk = ranking_metrics(val, groups=RANKING_GROUPS, objectives=["cost"])
+    s = ranking_summary(rk)["cost"]
+
+    def f(x, spec=".2f"):
+        return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
+
+    lines = ["\n### Ranking quality (default methods)\n",
+             f"Per (dataset, backbone, loss, criterion, ε) slice, the configs (GD and SGD, m in {{0, 0.9}}, every lr "
+             f"fraction) ordered by predicted cost T̂ε × step time against their real cost Tε × step time; cost in "
+             f"{unit}. A config that diverges or never reaches ε, predicted or real, costs the whole budget "
+             f"({meta['budget']} steps) and is counted as flagged. Spearman ρ over the configs; top-1 regret = real "
+             f"cost of the predicted-cheapest config / the cheapest real cost (1 is perfect); top-3 hit = the truly "
+             f"cheapest config is among the 3 predicted cheapest.\n",
+             f"Over {s['groups']} slices: median ρ {f(s['median_spearman'])}, min ρ {f(s['min_spearman'])}; top-1 regret "
+             f"mean {f(s['mean_top1_regret'])}, max {f(s['max_top1_regret'])}; top-3 hit rate "
+             f"{f(s['top3_hit_rate'])}; flagged rows {s['flagged_predicted']} predicted, {s['flagged_actual']} real.\n"]
+    lines.append(md_table(["slice", "configs", "flagged pred/real", "Spearman ρ", "top-1 regret", "top-3 hit",
+                           "predicted cheapest", "real cheapest"], [
+        [f"{r.dataset} / {r.model} / {r.loss} / {r.criterion} / {r.eps:g}", r.configs,
+         f"{r.flagged_predicted}/{r.flagged_actual}", f(r.spearman), f(r.top1_regret),
+         "-" if r.top3_hit is None else ("yes" if r.top3_hit else "no"), r.predicted_best, r.actual_best]
+        for r in rk.itertuples(index=False)]))
+    return lines
 
 
 def main() -> None:
@@ -244,8 +306,7 @@ def report(df: pd.DataFrame, meta: dict) -> None:
                          [[m] + fmt(summarise(g)) + fmt(summarise(lin[lin.method == m]))
                           for m, g in inside.groupby("method")]))
     body.append("\n### Default methods (discrete-elr for GD, sde-rescaled for SGD) by slice\n")
-    default = inside[((inside.regime == "GD") & (inside.method == "discrete-elr"))
-                     | ((inside.regime == "SGD") & (inside.method == "sde-rescaled"))]
+    default = default_method_rows(inside)
     dlin = default[default.elr_fraction <= 1.0]
     body.append(md_table(["slice", "configs (all)", "mean", "median", "Pearson", "configs (linear regime)", "mean",
                           "median", "Pearson"],
@@ -276,6 +337,7 @@ def report(df: pd.DataFrame, meta: dict) -> None:
         body.append("\nWhole grid, " + DRIFT_METHOD + " for GD + sde-rescaled for SGD: mean {1}, median {2}, Pearson {3} "
                     "({0} pairs); the defaults on the same pairs: mean {5}, median {6}, Pearson {7}.".format(
                         *fmt(summarise(combo)), *fmt(summarise(base))))
+    body += ranking_section(df, meta)
     body.append("\n### Default methods by criterion, momentum and lr fraction\n")
     body.append(md_table(["slice"] + headers[1:], [
         [f"{c} / m={m} / {f}x"] + fmt(summarise(g)) for (c, m, f), g in default.groupby(["criterion", "momentum", "lr_fraction"])]))

@@ -109,8 +109,8 @@ def test_rank_orders_by_each_key_and_flags_diverging(sweep_out, capsys, by):
 @pytest.mark.timeout(240)
 def test_rank_top_dataset_criterion_eps_and_table(sweep_out, capsys):
     pred = tables(sweep_out)["predictions"]
-    code, out, err = run_cli(["rank", str(sweep_out), "--top", "3", "--dataset", "digits:subset=100",
-                              "--criterion", "error", "--eps", "0.05", "--json"], capsys)
+    code, out, err = run_cli(["rank", str(sweep_out), "--by", "predicted_cost_s", "--top", "3", "--dataset",
+                              "digits:subset=100", "--criterion", "error", "--eps", "0.05", "--json"], capsys)
     assert code == 0, err
     d = json.loads(out)
     sel, ok = converging(pred[pred.dataset == "digits:subset=100"], "error", 0.05)
@@ -119,7 +119,7 @@ def test_rank_top_dataset_criterion_eps_and_table(sweep_out, capsys):
     assert {(r["criterion"], r["eps"]) for r in d["ranked"]} == {("error", 0.05)}
     assert len(d["flagged"]) == 4
 
-    code, out, err = run_cli(["rank", str(sweep_out), "--top", "2"], capsys)  # the terminal table
+    code, out, err = run_cli(["rank", str(sweep_out), "--by", "predicted_cost_s", "--top", "2"], capsys)  # the table
     assert code == 0, err
     assert "ranked by predicted_cost_s" in out and "diverges" in out and "cost (s)" in out
     sel, ok = converging(pred)
@@ -133,7 +133,8 @@ def test_rank_max_final_error_unranks_bad_models(sweep_out, capsys):
     pred = tables(sweep_out)["predictions"]
     sel, ok = converging(pred)
     cut = float(ok.predicted_final_error.median())
-    code, out, err = run_cli(["rank", str(sweep_out), "--top", "0", "--max-final-error", f"{cut}", "--json"], capsys)
+    code, out, err = run_cli(["rank", str(sweep_out), "--by", "predicted_cost_s", "--top", "0", "--max-final-error",
+                              f"{cut}", "--json"], capsys)
     assert code == 0, err
     d = json.loads(out)
     good = ok[ok.predicted_final_error <= cut].sort_values(["predicted_cost_s", "config_id"])
@@ -150,12 +151,108 @@ def test_rank_max_final_error_unranks_bad_models(sweep_out, capsys):
     (["--eps", "0.3"], "eps"),
     (["--dataset", "cifar10"], "dataset"),
     (["--by", "speed"], "--by"),
+    (["--target-error", "2"], "target_error"),
 ])
 def test_rank_bad_input_one_line_exit_2(sweep_out, capsys, args, field):
     code, out, err = run_cli(["rank", str(sweep_out)] + args, capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and field in lines[0], err
     assert "allowed" in lines[0] or "not one of" in lines[0]
+
+
+def own_cost_to_target(pred, curves, criterion="loss", eps=0.01):
+    """Per prediction row of (criterion, eps): the target of its (dataset, loss), min + 0.25 (median - min) of
+    the non-diverging configs' predicted final values, and the first predicted-curve step at or below it."""
+    sel = pred[(pred.criterion == criterion) & np.isclose(pred.eps, eps)].copy()
+    final = "predicted_final_loss" if criterion == "loss" else "predicted_final_error"
+    targets = {}
+    for key, g in sel[~sel.diverged].groupby(["dataset", "loss"]):
+        v = g[final].to_numpy(float)
+        targets[key] = v.min() + 0.25 * (np.median(v) - v.min())
+    sel["target"] = [targets[(d, l)] for d, l in zip(sel.dataset, sel.loss)]
+    steps = []
+    for r in sel.itertuples():
+        c = curves[(curves.source == "predicted") & (curves.dataset == r.dataset) & (curves.config_id == r.config_id)]
+        c = c.sort_values("step")
+        hit = c.step[c[criterion] <= r.target]
+        steps.append(np.nan if r.diverged or hit.empty else float(hit.iloc[0]))
+    sel["steps_to_target"] = steps
+    sel["cost_to_target"] = sel.steps_to_target * sel.step_time_s
+    return sel
+
+
+@pytest.mark.timeout(240)
+def test_rank_default_is_cost_to_a_common_target(sweep_out, capsys):
+    t = tables(sweep_out)
+    pred, curves = t["predictions"], t["curves"]
+    for df in (pred, curves):
+        df["dataset"] = df["dataset"].astype(str)
+    own = own_cost_to_target(pred, curves)
+    reached = own[own.steps_to_target.notna()]
+    assert 0 < len(reached) < len(own[~own.diverged])  # some configs plateau above their target
+    expected = reached.sort_values(["cost_to_target", "predicted_final_loss", "config_id"]).config_id.tolist()
+    code, out, err = run_cli(["rank", str(sweep_out), "--top", "0", "--json"], capsys)
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["by"] == "predicted_cost_to_target_s" and (d["criterion"], d["eps"]) == ("loss", 0.01)
+    assert [r["config_id"] for r in d["ranked"]] == expected
+    got = {r["config_id"]: r for r in d["ranked"] + d["flagged"]}
+    for r in own.itertuples():
+        g = got[r.config_id]
+        assert g["target"] == pytest.approx(r.target) and g["target_rule"] == "derived"
+        if np.isnan(r.steps_to_target):
+            assert g["predicted_steps_to_target"] is None and g["rank"] is None
+            assert g["flag"] == ("diverges" if r.diverged else "plateaus above target")
+        else:
+            assert g["predicted_steps_to_target"] == r.steps_to_target
+            assert g["predicted_cost_to_target_s"] == pytest.approx(r.cost_to_target)
+    flags = [r["flag"] for r in d["flagged"]]
+    assert flags == sorted(flags, key=lambda f: f == "diverges")  # plateaus first, diverging last
+
+    code, out, err = run_cli(["rank", str(sweep_out), "--top", "3"], capsys)  # the terminal table
+    assert code == 0, err
+    assert "ranked by predicted_cost_to_target_s" in out and "cost to target (s)" in out and "final err" in out
+    assert "regime" in out and "target loss:" in out and "plateaus above target" in out
+    assert out.index(expected[0]) < out.index("plateaus above target   ")  # a table row, not the title
+
+    # a given target: every row aims at it
+    code, out, err = run_cli(["rank", str(sweep_out), "--criterion", "error", "--target-error", "0.5", "--json",
+                              "--top", "0"], capsys)
+    assert code == 0, err
+    d = json.loads(out)
+    rows = d["ranked"] + d["flagged"]
+    assert {(r["target"], r["target_rule"]) for r in rows} == {(0.5, "given")}
+
+
+@pytest.mark.timeout(240)
+def test_rank_pareto_front_is_not_dominated(sweep_out, capsys):
+    code, out, err = run_cli(["rank", str(sweep_out), "--pareto", "--json"], capsys)
+    assert code == 0, err
+    front = json.loads(out)["front"]
+    code, out, err = run_cli(["rank", str(sweep_out), "--top", "0", "--json"], capsys)
+    d = json.loads(out)
+    rows = [r for r in d["ranked"] + d["flagged"] if not r["diverged"]]
+
+    def cost(r):
+        for k in ("predicted_cost_to_target_s", "predicted_cost_s"):
+            if r[k] is not None:
+                return r[k]
+        return r["budget_steps"] * r["step_time_s"]
+
+    def dominates(a, b):
+        ca, cb, ea, eb = cost(a), cost(b), a["predicted_final_error"], b["predicted_final_error"]
+        return ca <= cb and ea <= eb and (ca < cb or ea < eb)
+
+    ids = {(r["dataset"], r["config_id"]) for r in front}
+    assert front and len(ids) < len(rows)
+    for r in rows:
+        same = [o for o in rows if (o["dataset"], o["loss"]) == (r["dataset"], r["loss"])]
+        on_front = (r["dataset"], r["config_id"]) in ids
+        assert on_front == (not any(dominates(o, r) for o in same)), r["config_id"]
+    for r in front:
+        assert r["pareto_cost_s"] == pytest.approx(cost(r))
+    code, out, err = run_cli(["rank", str(sweep_out), "--pareto"], capsys)
+    assert code == 0 and "Pareto front" in out and front[0]["config_id"] in out, err
 
 
 # --------------------------------------------------------------------------------------------- validate
@@ -214,6 +311,68 @@ def test_validate_matches_own_join(sweep_out, capsys):
     code, out, err = run_cli(["validate", str(sweep_out)], capsys)  # the printed table
     assert code == 0, err
     assert "overall" in out and f"{median:.3f}" in out and f"{r:.3f}" in out and "/ GD" in out and "/ SGD" in out
+
+
+def own_ranking(rows, p_steps, a_steps):
+    """(configs, flagged predicted rows, flagged real rows, Spearman rho or None, top-1 regret) of one group
+    of validation rows: flagged rows cost the budget x their side's step time; real cost: mean over seeds."""
+    p_flag = rows.predicted_diverged.astype(bool) | rows[p_steps].isna()
+    a_flag = rows.actual_diverged.astype(bool) | rows[a_steps].isna()
+    pc = np.where(p_flag, rows.budget_steps, rows[p_steps].astype(float)) * rows.predicted_step_time_s
+    ac = np.where(a_flag, rows.budget_steps, rows[a_steps].astype(float)) * rows.actual_step_time_s
+    per = pd.DataFrame({"c": rows.config_id, "p": pc, "a": ac}).groupby("c").agg(p=("p", "first"), a=("a", "mean"))
+    rho = None
+    if len(per) >= 3 and per.p.nunique() > 1 and per.a.nunique() > 1:
+        rho = float(np.corrcoef(per.p.rank(), per.a.rank())[0, 1])
+    best = per.reset_index().sort_values(["p", "c"]).iloc[0]
+    reached = (~p_flag).any(), (~a_flag).any()
+    if not all(reached):
+        return len(per), int(p_flag.sum()), int(a_flag.sum()), None, None
+    return len(per), int(p_flag.sum()), int(a_flag.sum()), rho, best.a / per.a.min()
+
+
+@pytest.mark.timeout(240)
+def test_validate_ranking_metrics_match_own_computation(sweep_out, capsys):
+    code, out, err = run_cli(["validate", str(sweep_out), "--json"], capsys)
+    assert code == 0, err
+    d = json.loads(out)
+    groups = d["ranking"]["groups"]
+    assert {g["objective"] for g in groups} == {"cost_to_target", "cost"}
+    val = pd.read_parquet(sweep_out / "validation.parquet")
+    val["dataset"] = val["dataset"].astype(str)
+    # the real cost to target, off the real curves, against the predictions' target
+    t = tables(sweep_out)
+    curves = t["curves"]
+    curves["dataset"] = curves["dataset"].astype(str)
+    for r in val[~val.actual_diverged].itertuples():
+        c = curves[(curves.source == "actual") & (curves.dataset == r.dataset) & (curves.config_id == r.config_id)
+                   & (curves.seed == r.seed)].sort_values("step")
+        hit = c.step[c[r.criterion] <= r.target]
+        assert (pd.isna(r.actual_steps_to_target) if hit.empty else r.actual_steps_to_target == hit.iloc[0])
+    checked = 0
+    for g in groups:
+        steps = {"cost": ("predicted_steps", "actual_steps"),
+                 "cost_to_target": ("predicted_steps_to_target", "actual_steps_to_target")}[g["objective"]]
+        rows = val[(val.dataset == g["dataset"]) & (val.model == g["model"]) & (val.loss == g["loss"])
+                   & (val.criterion == g["criterion"])]
+        if g["objective"] == "cost":
+            rows = rows[np.isclose(rows.eps, g["eps"])]
+        else:
+            assert g["eps"] is None
+            rows = rows.drop_duplicates(["config_id", "seed"])
+        n, pf, af, rho, regret = own_ranking(rows, *steps)
+        assert (g["configs"], g["flagged_predicted"], g["flagged_actual"]) == (n, pf, af)
+        assert (g["spearman"] is None) == (rho is None) and (rho is None or g["spearman"] == pytest.approx(rho))
+        assert (g["top1_regret"] is None) == (regret is None)
+        assert regret is None or g["top1_regret"] == pytest.approx(regret)
+        checked += 1
+    assert checked == len(groups) > 0
+    s = d["ranking"]["summary"]
+    assert set(s) == {"cost_to_target", "cost"}
+
+    code, out, err = run_cli(["validate", str(sweep_out)], capsys)
+    assert code == 0, err
+    assert "cost_to_target" in out and "top-1 regret" in out and "median rho" in out
 
 
 @pytest.mark.timeout(240)
@@ -319,3 +478,173 @@ def test_notebook_executes_headless(sweep_out, monkeypatch):
     assert len(pngs) >= 5  # curves, scatter, spectrum, one heat map per dataset
     text = "".join(o.get("text", "") for o in outputs)
     assert "analysis: 24 configs on 2 dataset(s), 4 fine-tuned for real" in text
+    assert "targets:" in text and "cost_to_target:" in text and "cost:" in text  # ranking and its quality
+
+
+# --------------------------------------------------------------------- hand-made tables, known answers
+
+STEPS = [0, 5, 10, 15, 20]
+
+
+def hand_predictions():
+    """One dataset, loss mse, criterion error, eps 0.01, budget 20: the predicted curves (error at STEPS),
+    T̂ε, step time and divergence of seven configs. ``b`` converges fast (small T̂ε) to a bad plateau."""
+    specs = {  # config: (error curve, predicted T̂ε steps or None, step time s, diverged)
+        "a": ([0.9, 0.5, 0.2, 0.12, 0.10], 15, 1.0, False),   # reaches the target at 15: cost 15
+        "g": ([0.9, 0.12, 0.11, 0.11, 0.11], 10, 4.0, False),  # at 5 x 4 s = 20, final 0.11
+        "f": ([0.9, 0.3, 0.12, 0.12, 0.12], 10, 2.0, False),   # at 10 x 2 s = 20, final 0.12: after g
+        "b": ([0.9, 0.3, 0.3, 0.3, 0.3], 5, 1.0, False),       # the cheapest T̂ε, a 30 % plateau
+        "c": ([0.9, 0.6, 0.5, 0.5, 0.5], 10, 1.0, False),
+        "h": ([0.9, 0.8, 0.7, 0.6, 0.5], None, 1.0, False),    # still descending at the budget
+        "e": ([0.9, 5.0], None, 1.0, True),                    # diverges
+    }
+    pred, curves = [], []
+    for cid, (err, t, st, div) in specs.items():
+        final = float("nan") if div else err[-1]
+        pred.append({"dataset": "d", "config_id": cid, "model": "m", "loss": "mse", "lr": 0.1, "lr_fraction": 0.5,
+                     "momentum": 0.0, "batch_size": 10, "full_batch": True, "effective_lr": 0.1, "criterion": "error",
+                     "eps": 0.01, "budget_steps": 20, "n": 10, "max_stable_lr": 1.0, "predicted_steps": t,
+                     "predicted_fraction": None if t is None else t / 20, "diverged": div,
+                     "predicted_final_loss": final, "predicted_final_error": final, "step_time_s": st,
+                     "predicted_cost_s": None if t is None else t * st})
+        for step, e in zip(STEPS, err):
+            curves.append({"dataset": "d", "config_id": cid, "source": "predicted", "seed": None, "step": step,
+                           "loss": e, "error": e})
+    return pd.DataFrame(pred).astype({"predicted_steps": "Int64"}), pd.DataFrame(curves)
+
+
+def test_cost_to_target_ranks_against_a_common_target_on_a_hand_made_grid():
+    from ttp_ray import analysis as A
+
+    pred, curves = hand_predictions()
+    # non-diverging finals 0.10, 0.11, 0.12, 0.30, 0.50, 0.50: min 0.10, median 0.21
+    target = 0.10 + 0.25 * (0.21 - 0.10)
+    t = A.derive_targets(pred)
+    assert t.target.tolist() == [pytest.approx(target)] and t.target_rule.tolist() == ["derived"]
+    assert t.target_configs.tolist() == [6]
+
+    ranked = A.rank(pred, curves=curves)  # the default objective: predicted cost to the common target
+    assert ranked.config_id.tolist() == ["a", "g", "f", "b", "c", "h", "e"]
+    assert ranked["rank"].tolist()[:3] == [1, 2, 3] and ranked["rank"].isna().tolist()[3:] == [True] * 4
+    assert ranked.flag.tolist() == ["", "", ""] + [A.PLATEAUS] * 3 + ["diverges"]
+    by_id = ranked.set_index("config_id")
+    assert by_id.predicted_steps_to_target[["a", "g", "f"]].tolist() == [15, 5, 10]
+    assert by_id.predicted_cost_to_target_s[["a", "g", "f"]].tolist() == [15.0, 20.0, 20.0]
+    assert by_id.predicted_steps_to_target[["b", "c", "h", "e"]].isna().all()
+    assert by_id.target.tolist() == pytest.approx([target] * 7)
+
+    # the old objective, T̂ε x step time, puts the 30 % plateau first
+    old = A.rank(pred, "predicted_cost_s")
+    assert old.config_id.tolist()[:1] == ["b"] and old.set_index("config_id").flag["h"] == "not reached"
+
+    # a given target: a reaches 0.115 at 20 (cost 20), g at 10 x 4 s (cost 40), f never
+    given = A.rank(pred, curves=curves, target_error=0.115)
+    assert given.config_id.tolist()[:2] == ["a", "g"] and given.predicted_cost_to_target_s.tolist()[:2] == [20.0, 40.0]
+    assert given.set_index("config_id").flag["f"] == A.PLATEAUS and (given.target_rule == "given").all()
+
+    with pytest.raises(A.AnalysisError, match="curves"):
+        A.rank(pred)  # the default objective needs the curves table
+    with pytest.raises(A.AnalysisError, match="target_error"):
+        A.rank(pred, curves=curves, target_error=1.5)
+
+
+def test_targets_are_per_dataset_and_loss():
+    from ttp_ray import analysis as A
+
+    pred, curves = hand_predictions()
+    other = pred.assign(loss="ce", predicted_final_error=pred.predicted_final_error * 2,
+                        predicted_final_loss=pred.predicted_final_loss * 2)
+    t = A.derive_targets(pd.concat([pred, other]))
+    got = dict(zip(t.loss, t.target))
+    assert got["mse"] == pytest.approx(0.1275) and got["ce"] == pytest.approx(2 * 0.1275)
+
+
+def test_pareto_front_on_a_hand_made_grid():
+    from ttp_ray import analysis as A
+
+    pred, curves = hand_predictions()
+    front = A.pareto_front(A.rank(pred, curves=curves))
+    # (cost, final error): a (15, 0.10) to target; b (5, 0.30) and c (10, 0.50) to their plateau (T̂ε x step
+    # time); h never reaches eps: the whole budget (20, 0.50); g, f (20, 0.11 / 0.12) are dominated by a; e diverges
+    assert front.config_id.tolist() == ["b", "a"]
+    assert front.pareto_cost_s.tolist() == [5.0, 15.0]
+    with pytest.raises(A.AnalysisError, match="pareto_front"):
+        A.pareto_front(A.rank(pred, "predicted_cost_s"))
+
+
+def hand_validation():
+    """Validation rows (the columns of validation_table that ranking_metrics reads) with known answers."""
+    rows = []
+
+    def add(group, cid, p_steps, a_steps, p_st=1.0, a_st=2.0, p_div=False, a_div=False, seed=0, eps=0.01, budget=100):
+        ds, loss = group
+        rows.append({"dataset": ds, "model": "m", "loss": loss, "criterion": "loss", "eps": eps, "config_id": cid,
+                     "seed": seed, "budget_steps": budget, "predicted_steps": p_steps, "actual_steps": a_steps,
+                     "predicted_diverged": p_div, "actual_diverged": a_div, "predicted_step_time_s": p_st,
+                     "actual_step_time_s": a_st, "predicted_steps_to_target": p_steps,
+                     "actual_steps_to_target": a_steps, "status": "compared"})
+
+    # group 1: predicted costs 10, 20, 30, 100 (diverges: budget x 1 s), 40; real 24, 16, 4 (0.1 s steps), 100,
+    # 200 (never reaches: budget x 2 s)
+    add(("d1", "mse"), "p1", 10, 12)
+    add(("d1", "mse"), "p2", 20, 8)
+    add(("d1", "mse"), "p3", 30, 40, a_st=0.1)
+    add(("d1", "mse"), "p4", None, 50, p_div=True)
+    add(("d1", "mse"), "p5", 40, None)
+    # group 2: two configs only
+    add(("d2", "mse"), "q1", 10, 10)
+    add(("d2", "mse"), "q2", 20, 30)
+    # group 3: the truly cheapest (q6, real 2 x 1 s... mean over its two seeds) is predicted last: a top-3 miss
+    add(("d2", "ce"), "r1", 1, 10, a_st=1.0)
+    add(("d2", "ce"), "r2", 2, 20, a_st=1.0)
+    add(("d2", "ce"), "r3", 3, 30, a_st=1.0)
+    add(("d2", "ce"), "r4", 4, 1, a_st=1.0, seed=0)
+    add(("d2", "ce"), "r4", 4, 3, a_st=1.0, seed=1)
+    # group 4: no config reaches on the predicted side: every predicted cost is the budget, nothing to compare
+    for i, cid in enumerate(("s1", "s2", "s3")):
+        add(("d3", "mse"), cid, None, 10 * (i + 1), p_st=1.0 + i)
+    return pd.DataFrame(rows).astype({"predicted_steps": "Int64", "actual_steps": "Int64",
+                                      "predicted_steps_to_target": "Int64", "actual_steps_to_target": "Int64"})
+
+
+def test_ranking_metrics_on_a_hand_made_table():
+    from ttp_ray import analysis as A
+
+    rk = A.ranking_metrics(hand_validation(), objectives=["cost"]).set_index(["dataset", "loss"])
+    g1 = rk.loc[("d1", "mse")]
+    # predicted ranks p1..p5: 1 2 3 5 4; real: 3 2 1 4 5 -> d = -2 0 2 1 -1, rho = 1 - 6 x 10 / (5 x 24)
+    assert g1.configs == 5 and g1.rows == 5 and g1.spearman == pytest.approx(0.5)
+    assert g1.flagged_predicted == 1 and g1.flagged_actual == 1 and g1.unranked_rows == 0
+    assert g1.top1_regret == pytest.approx(24 / 4) and bool(g1.top3_hit)
+    assert (g1.predicted_best, g1.actual_best) == ("p1", "p3")
+    g2 = rk.loc[("d2", "mse")]
+    assert g2.configs == 2 and np.isnan(g2.spearman) and g2.top1_regret == pytest.approx(1.0)
+    g3 = rk.loc[("d2", "ce")]
+    # r4's real cost is the mean of its seeds, 2: the cheapest, predicted 4th
+    assert g3.configs == 4 and g3.rows == 5 and g3.top3_hit is not None and not g3.top3_hit
+    assert g3.top1_regret == pytest.approx(10 / 2) and g3.spearman == pytest.approx(-0.2)
+    assert (g3.reached_predicted, g3.reached_actual, g1.reached_predicted, g1.reached_actual) == (4, 4, 4, 4)
+    g4 = rk.loc[("d3", "mse")]
+    assert (g4.configs, g4.reached_predicted, g4.reached_actual, g4.flagged_predicted) == (3, 0, 3, 3)
+    assert np.isnan(g4.spearman) and np.isnan(g4.top1_regret) and g4.top3_hit is None
+
+    s = A.ranking_summary(A.ranking_metrics(hand_validation(), objectives=["cost"]))["cost"]
+    assert s["groups"] == 2 and s["groups_nothing_reached"] == 1  # the 2-config group is left out
+    assert s["median_spearman"] == pytest.approx(0.15) and s["min_spearman"] == pytest.approx(-0.2)
+    assert s["mean_top1_regret"] == pytest.approx(5.5) and s["max_top1_regret"] == pytest.approx(6.0)
+    assert s["top3_hit_rate"] == pytest.approx(0.5) and s["flagged_predicted"] == 1 + 3 and s["flagged_actual"] == 1
+
+
+def test_ranking_metrics_cost_to_target_does_not_depend_on_eps():
+    from ttp_ray import analysis as A
+
+    val = hand_validation()
+    both = pd.concat([val, val.assign(eps=0.05)], ignore_index=True)
+    rk = A.ranking_metrics(both)
+    assert set(rk.objective) == {"cost_to_target", "cost"}
+    cost = rk[rk.objective == "cost"]
+    to_target = rk[rk.objective == "cost_to_target"].set_index(["dataset", "loss"])
+    assert len(cost) == 8 and len(to_target) == 4 and to_target.eps.isna().all()
+    assert to_target.loc[("d1", "mse")].rows == 5 and to_target.loc[("d1", "mse")].spearman == pytest.approx(0.5)
+    with pytest.raises(A.AnalysisError, match="objective"):
+        A.ranking_metrics(val.drop(columns=["actual_steps_to_target"]), objectives=["cost_to_target"])

@@ -114,3 +114,35 @@ def test_relinearise_report_on_made_up_rows(monkeypatch):
     assert "| re-linearised flow path (shared per loss) | d / b | 4 kernels for 4 configs | 3.0 | 4.0 | 0.75 |" in body
     assert "| frozen kernel (discrete-elr) | 1/1 | 0/1 |" in body
     assert "| re-linearised per config | 0/1 | 0/1 | 25.0% over 1 pairs |" in body
+
+
+def test_accuracy_report_ranks_each_slice(monkeypatch):
+    """bench/accuracy.py's report on made-up rows: per (dataset, backbone, loss, criterion, eps) slice of the
+    default methods, Spearman rho, top-1 regret and top-3 hit of T̂ε x step time against the real runs."""
+    import pandas as pd
+
+    import accuracy
+
+    written = {}
+    monkeypatch.setattr(accuracy, "write_section", lambda name, body, cmd: written.update({name: body}))
+    rows = []
+    # four configs per regime; real steps 10, 20, 30, 40; predicted in the same order except the last GD config,
+    # predicted diverging (ranked at the budget, 100 steps); every step costs 1 s
+    for regime, method, b in (("GD", "discrete-elr", 100), ("SGD", "sde-rescaled", 10)):
+        for i, (m, f) in enumerate(((0.0, 0.05), (0.0, 0.2), (0.9, 0.05), (0.9, 1.3))):
+            div = regime == "GD" and f == 1.3
+            real = 10.0 * (i + 1) + (5 if regime == "SGD" else 0)
+            rows.append({"dataset": "d", "backbone": "b", "loss": "mse", "momentum": m, "regime": regime,
+                         "batch_size": b, "lr_fraction": f, "lr": f, "method": method, "criterion": "loss",
+                         "eps": 0.05, "real_steps": real, "pred_steps": None if div else real + 1,
+                         "real_diverged": False, "pred_diverged": div,
+                         "rel_error": None if div else 1 / real, "real_step_time_s": 1.0})
+    accuracy.report(pd.DataFrame(rows), {"datasets": ["d"], "backbones": ["b"], "budget": 100, "paths": 1,
+                                         "train_seconds": 1.0, "predict_seconds": 1.0, "total_seconds": 1.0,
+                                         "command": "python bench/accuracy.py"})
+    body = written["accuracy"]
+    assert "### Ranking quality (default methods)" in body and "cost in s (steps x the real step time)" in body
+    # predicted ranks of the 8 configs: 1 3 5 8 | 2 4 6 7; real: 1 3 5 7 | 2 4 6 8 -> rho = 1 - 6 x 2 / (8 x 63)
+    rho = 1 - 6 * 2 / (8 * 63)
+    assert f"| d / b / mse / loss / 0.05 | 8 | 1/0 | {rho:.2f} | 1.00 | yes | GD m=0 0.05x | GD m=0 0.05x |" in body
+    assert f"Over 1 slices: median ρ {rho:.2f}, min ρ {rho:.2f}; top-1 regret mean 1.00, max 1.00" in body

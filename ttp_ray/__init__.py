@@ -26,6 +26,7 @@ _EXPORTS = {  # public name -> module that defines it
     "load_dataset": "data", "build_finetune_model": "models",
     "curve_training_times": "training_time",
     "load_sweep": "analysis", "rank": "analysis", "validation_table": "analysis", "validation_metrics": "analysis",
+    "pareto_front": "analysis", "ranking_metrics": "analysis",
     "SweepSpec": "sweep", "load_spec": "sweep", "run_sweep": "sweep",
 }
 

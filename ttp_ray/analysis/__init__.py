@@ -3,24 +3,40 @@
 Two modules, re-exported here (``from ttp_ray import analysis; analysis.rank(...)``):
 
 * :mod:`ttp_ray.analysis.metrics` -- the numbers, pandas only: :func:`load_sweep` reads ``OUT``; ranking
-  (:func:`rank`, :func:`flag`), validation against the real fine-tunes (:func:`validation_table`,
-  :func:`validation_metrics`), the spectrum's power-law fit (:func:`fit_spectrum`), :func:`to_jsonable`;
+  (:func:`rank`, :func:`flag`, :func:`pareto_front`), validation against the real fine-tunes
+  (:func:`validation_table`, :func:`validation_metrics`) and the quality of the ranking there
+  (:func:`ranking_metrics`, :func:`ranking_summary`), the spectrum's power-law fit (:func:`fit_spectrum`),
+  :func:`to_jsonable`;
+* :mod:`ttp_ray.analysis.targets` -- the common target of a (dataset, loss) and the steps and cost for a
+  curve to reach it (the default ranking objective);
+* :mod:`ttp_ray.analysis.errors` -- :class:`AnalysisError`;
 * :mod:`ttp_ray.analysis.plots` -- the figures (matplotlib, imported there only) and :func:`write_plots`.
 
 ``ttp-ray rank | validate | plot`` (:mod:`ttp_ray.analysis_cli`) and notebooks/analysis.ipynb are thin
 layers over them. Bad input raises :class:`AnalysisError` (a ``ValueError``) naming the field and the
 allowed values.
 """
-from .metrics import (GROUP_KEYS, RANK_KEYS, VALIDATION_FILE, AnalysisError, SweepTables, dataset_as_str,
-                      default_selection, elr_over_gd_limit, fit_spectrum, flag, fmt, load_sweep, rank, rank_display,
-                      select, to_jsonable, validated_configs, validation_metrics, validation_table, write_validation)
+from .errors import AnalysisError
+from .metrics import (DEFAULT_RANK_KEY, GROUP_KEYS, PLATEAUS, RANK_KEYS, RANKING_GROUPS, RANKING_OBJECTIVES,
+                      STEP_RANK_KEYS, TARGET_RANK_KEYS, VALIDATION_FILE, SweepTables, dataset_as_str,
+                      default_selection, elr_over_gd_limit, fit_spectrum, flag, fmt, load_sweep, pareto_front, rank,
+                      rank_display, ranking_metrics, ranking_summary, regime_label, select, to_jsonable,
+                      validated_configs, validation_metrics, validation_table, write_validation)
+from .targets import TARGET_MARGIN, derive_targets, steps_to_target, with_cost_to_target
 from .plots import (PLOT_KINDS, cost_heatmap_figure, curve_figure, curves_overview_figure, safe_name,
                     spectrum_figure, t_eps_scatter_figure, write_figure, write_plots)
 
 __all__ = [
     "AnalysisError",
     "RANK_KEYS",
+    "TARGET_RANK_KEYS",
+    "STEP_RANK_KEYS",
+    "DEFAULT_RANK_KEY",
+    "PLATEAUS",
+    "TARGET_MARGIN",
     "GROUP_KEYS",
+    "RANKING_GROUPS",
+    "RANKING_OBJECTIVES",
     "PLOT_KINDS",
     "VALIDATION_FILE",
     "SweepTables",
@@ -31,9 +47,16 @@ __all__ = [
     "flag",
     "elr_over_gd_limit",
     "rank",
+    "pareto_front",
+    "regime_label",
     "rank_display",
+    "derive_targets",
+    "steps_to_target",
+    "with_cost_to_target",
     "validation_table",
     "validation_metrics",
+    "ranking_metrics",
+    "ranking_summary",
     "write_validation",
     "validated_configs",
     "fit_spectrum",

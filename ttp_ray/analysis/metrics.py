@@ -10,6 +10,12 @@ Formulas (METHOD.md §5, §7, §12):
 
 * predicted cost ``Ĉ = T̂ε × step_time_s`` (column ``predicted_cost_s`` of the sweep; the step time is
   measured for (model, dataset, B, loss) on the actor's device);
+* predicted cost to a common target = (first logged step at which the predicted curve reaches the target)
+  × ``step_time_s`` (:mod:`ttp_ray.analysis.targets`: the target rule), the default ranking key;
+* Pareto front: configs not dominated in (cost to target or to their plateau, predicted final error);
+* ranking quality over the fine-tuned configs: Spearman's ρ of predicted and real cost (the Pearson r of
+  their average ranks), top-1 regret = real cost of the predicted-cheapest config ÷ the cheapest real cost,
+  top-3 hit = the truly cheapest config is among the 3 predicted cheapest;
 * relative error ``|T̂ε − Tε| / Tε`` per (config, criterion, ε, ground-truth seed); its mean and median;
 * Pearson ``r = cov(T̂ε, Tε) / (sd(T̂ε) sd(Tε))`` over the same rows;
 * spectrum: ``λ_k / N`` against ``k`` (eigenvalues of Θ normalised by the set size), fitted by the power law
@@ -30,10 +36,19 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import pandas as pd
 
+from .errors import AnalysisError
+from .targets import FINAL_COLUMNS, TARGET_GROUPS, actual_cost_to_target, derive_targets, with_cost_to_target
+
 __all__ = [
     "AnalysisError",
     "RANK_KEYS",
+    "TARGET_RANK_KEYS",
+    "STEP_RANK_KEYS",
+    "DEFAULT_RANK_KEY",
+    "PLATEAUS",
     "GROUP_KEYS",
+    "RANKING_GROUPS",
+    "RANKING_OBJECTIVES",
     "VALIDATION_FILE",
     "SweepTables",
     "dataset_as_str",
@@ -43,9 +58,13 @@ __all__ = [
     "flag",
     "elr_over_gd_limit",
     "rank",
+    "pareto_front",
+    "regime_label",
     "rank_display",
     "validation_table",
     "validation_metrics",
+    "ranking_metrics",
+    "ranking_summary",
     "write_validation",
     "validated_configs",
     "fit_spectrum",
@@ -53,14 +72,19 @@ __all__ = [
     "to_jsonable",
 ]
 
-RANK_KEYS = ("predicted_cost_s", "predicted_steps", "predicted_final_error")
+TARGET_RANK_KEYS = ("predicted_cost_to_target_s", "predicted_steps_to_target")  # need the curves table
+STEP_RANK_KEYS = ("predicted_cost_s", "predicted_steps", "predicted_final_error")  # prediction rows alone
+RANK_KEYS = TARGET_RANK_KEYS + STEP_RANK_KEYS
+DEFAULT_RANK_KEY = "predicted_cost_to_target_s"
+PLATEAUS = "plateaus above target"  # the flag of a config whose predicted curve never reaches the target
 GROUP_KEYS = ("dataset", "loss", "regime")  # the slices of validation_metrics; regime = GD | SGD
+RANKING_GROUPS = ("dataset", "model", "loss", "criterion", "eps")  # the groups of ranking_metrics
+RANKING_OBJECTIVES = {  # objective -> (predicted, real) steps columns of validation_table; cost = steps x step time
+    "cost_to_target": ("predicted_steps_to_target", "actual_steps_to_target"),
+    "cost": ("predicted_steps", "actual_steps"),
+}
 VALIDATION_FILE = "validation.parquet"  # in ttp_ray.sweep.output.DERIVED: --fresh removes it
 _JOIN = ["dataset", "config_id", "criterion", "eps"]
-
-
-class AnalysisError(ValueError):
-    """Bad input to the analysis: one line naming the field and what is allowed (CLI: exit code 2)."""
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -162,18 +186,45 @@ def elr_over_gd_limit(pred: pd.DataFrame) -> pd.Series:
     return pred.effective_lr * (1.0 + pred.momentum) / pred.max_stable_lr
 
 
-def rank(pred: pd.DataFrame, by: str = "predicted_cost_s", *, criterion: Optional[str] = None,
-         eps: Optional[float] = None, datasets: Optional[Sequence[str]] = None,
+def _ensure_target_columns(df: pd.DataFrame, by: str, curves: Optional[pd.DataFrame], target_error: Optional[float],
+                           target_loss: Optional[float]) -> pd.DataFrame:
+    """``df`` with the cost-to-target columns (:func:`ttp_ray.analysis.targets.with_cost_to_target`): computed
+    from ``curves`` when given, else they must be there already."""
+    if curves is not None:
+        return with_cost_to_target(df, curves, target_error=target_error, target_loss=target_loss)
+    if target_error is not None or target_loss is not None:
+        raise AnalysisError("curves: a target needs the sweep's curves table (load_sweep(OUT).curves); "
+                            "allowed: pass curves=")
+    if "predicted_cost_to_target_s" not in df.columns:
+        raise AnalysisError(f"curves: ranking by {by} needs the sweep's curves table (load_sweep(OUT).curves); "
+                            f"allowed: pass curves=, or by= one of {', '.join(STEP_RANK_KEYS)}")
+    return df
+
+
+def rank(pred: pd.DataFrame, by: str = DEFAULT_RANK_KEY, *, curves: Optional[pd.DataFrame] = None,
+         target_error: Optional[float] = None, target_loss: Optional[float] = None,
+         criterion: Optional[str] = None, eps: Optional[float] = None, datasets: Optional[Sequence[str]] = None,
          max_final_error: Optional[float] = None) -> pd.DataFrame:
     """The prediction rows of one (criterion, ε) ordered for a decision, with columns ``rank`` and ``flag``.
 
-    Ranked first: the configs that converge (T̂ε reached, not diverging) with a value of ``by``, ascending
-    (ties by ``config_id``), numbered ``rank`` = 1, 2, ...; then, unranked (``rank`` null) and flagged, the
-    ones without a value of ``by`` (``flag`` = ``'no <by>'``), those not reaching ε (``'not reached'``) and
-    the diverging ones (``'diverges'``). ``criterion`` / ``eps`` ``None``: the rows must hold one only.
-    Also adds ``elr_over_gd_limit`` (:func:`elr_over_gd_limit`: how far to trust each row).
-    ``max_final_error``: configs whose predicted final error exceeds it are not ranked either (flag
-    ``'final error > x'``): the cheapest plateau is no use if it is a bad model.
+    ``by`` (:data:`RANK_KEYS`), ascending, ties by ``config_id``:
+
+    * ``predicted_cost_to_target_s`` (default) or ``predicted_steps_to_target``: the cost (steps) for the
+      predicted curve to reach a common target of the criterion (:mod:`ttp_ray.analysis.targets`: given as
+      ``target_error`` / ``target_loss``, or derived per (dataset, loss) as min + 0.25 × (median − min) of the
+      non-diverging configs' predicted final values; METHOD.md §12). Needs ``curves`` (the sweep's curves
+      table) unless ``pred`` already has the columns; adds ``target``, ``target_rule``,
+      ``predicted_steps_to_target``, ``predicted_cost_to_target_s``. Ties by the predicted final value of the
+      criterion, then ``config_id``. Unranked, after the ranked ones: configs whose curve never reaches the
+      target (``'plateaus above target'``), then the diverging ones (``'diverges'``);
+    * ``predicted_cost_s`` (T̂ε × step time), ``predicted_steps`` (T̂ε) or ``predicted_final_error``: T̂ε is
+      measured against each run's own final value. Unranked: configs without a value of ``by``
+      (``'no <by>'``), those not reaching ε (``'not reached'``) and the diverging ones (``'diverges'``).
+
+    Ranked rows are numbered ``rank`` = 1, 2, ...; the others have ``rank`` null and a ``flag``.
+    ``criterion`` / ``eps`` ``None``: the rows must hold one only. Also adds ``elr_over_gd_limit``
+    (:func:`elr_over_gd_limit`: how far to trust each row). ``max_final_error``: configs whose predicted final
+    error exceeds it are not ranked either (flag ``'final error > x'``).
     """
     if max_final_error is not None and not (0.0 <= max_final_error <= 1.0):
         raise AnalysisError(f"max_final_error: {max_final_error:g} is not allowed; allowed: a fraction in [0, 1]")
@@ -183,21 +234,65 @@ def rank(pred: pd.DataFrame, by: str = "predicted_cost_s", *, criterion: Optiona
     for col, val in (("criterion", criterion), ("eps", eps)):
         if val is None and df[col].nunique() > 1:
             raise AnalysisError(f"{col}: the sweep has several ({_fmt_values(sorted(set(df[col])))}); pick one")
+    to_target = by in TARGET_RANK_KEYS
+    if to_target or curves is not None or target_error is not None or target_loss is not None:
+        df = _ensure_target_columns(df, by, curves, target_error, target_loss)  # shown beside any key
     df["flag"] = flag(df)
     df["elr_over_gd_limit"] = elr_over_gd_limit(df)
-    missing = (df["flag"] == "") & df[by].isna()
-    df.loc[missing, "flag"] = f"no {by}"
-    order = {"": 0, f"no {by}": 2, "not reached": 3, "diverges": 4}
+    sort = ["_group", by, "config_id"]
+    if to_target:
+        df.loc[df["flag"] == "not reached", "flag"] = ""  # T̂ε does not matter here; the target does
+        live = df["flag"] == ""
+        no_curve = live & (df.predicted_curve_points == 0)
+        df.loc[no_curve, "flag"] = f"no {by}"
+        df.loc[live & ~no_curve & df[by].isna(), "flag"] = PLATEAUS
+        order = {"": 0, f"no {by}": 2, PLATEAUS: 3, "diverges": 4}
+        df["_final"] = df[FINAL_COLUMNS[str(df.criterion.iloc[0])]] if len(df) else np.nan
+        sort = ["_group", by, "_final", "config_id"]
+    else:
+        missing = (df["flag"] == "") & df[by].isna()
+        df.loc[missing, "flag"] = f"no {by}"
+        order = {"": 0, f"no {by}": 2, "not reached": 3, "diverges": 4}
     if max_final_error is not None:
         too_bad = f"final error > {max_final_error:g}"
         df.loc[(df["flag"] == "") & (df.predicted_final_error > max_final_error), "flag"] = too_bad
         order[too_bad] = 1
     df["_group"] = df["flag"].map(order)
-    df = df.sort_values(["_group", by, "config_id"], kind="stable", na_position="last")
+    df = df.sort_values(sort, kind="stable", na_position="last")
     ranked = (df["_group"] == 0).to_numpy()
     df["rank"] = pd.array(np.where(ranked, np.cumsum(ranked), 0), dtype="Int64")
     df.loc[~ranked, "rank"] = pd.NA
-    return df.drop(columns="_group").reset_index(drop=True)
+    return df.drop(columns=[c for c in ("_group", "_final") if c in df.columns]).reset_index(drop=True)
+
+
+def pareto_front(ranked: pd.DataFrame, groups: Sequence[str] = TARGET_GROUPS) -> pd.DataFrame:
+    """The configs of ``ranked`` (rows of :func:`rank` with the cost-to-target columns, one (criterion, ε))
+    that no other config of their ``groups`` (default (dataset, loss), the groups a derived target is per)
+    dominates in (cost, ``predicted_final_error``), both lower-is-better: ``b`` dominates ``a`` when it is no
+    worse in both and better in one.
+
+    The cost (column ``pareto_cost_s``) is the predicted cost to the target when the curve reaches it, else
+    the cost to the config's own plateau (``predicted_cost_s``), else the whole budget
+    (``budget_steps × step_time_s``: the final error is what the budget buys). Diverging configs and
+    those without a final error are not candidates. Sorted by ``groups``, then ascending cost."""
+    if "predicted_cost_to_target_s" not in ranked.columns:
+        raise AnalysisError("ranked: pareto_front needs the cost-to-target columns; allowed: the output of "
+                            "rank(pred, curves=...)")
+    df = ranked[~ranked.diverged.astype(bool) & ranked.predicted_final_error.notna()].copy()
+    budget = df.budget_steps.to_numpy(dtype=float) * df.step_time_s.to_numpy(dtype=float)
+    cost = df.predicted_cost_to_target_s.to_numpy(dtype=float)
+    plateau = df.predicted_cost_s.to_numpy(dtype=float)
+    df["pareto_cost_s"] = np.where(np.isfinite(cost), cost, np.where(np.isfinite(plateau), plateau, budget))
+    keep = []
+    for _, g in df.groupby(list(groups), sort=True):
+        c, e = g.pareto_cost_s.to_numpy(dtype=float), g.predicted_final_error.to_numpy(dtype=float)
+        for i in range(len(g)):
+            dominated = (c <= c[i]) & (e <= e[i]) & ((c < c[i]) | (e < e[i]))
+            if not dominated.any():
+                keep.append(g.index[i])
+    front = df.loc[keep]
+    return front.sort_values(list(groups) + ["pareto_cost_s", "predicted_final_error", "config_id"],
+                             kind="stable").reset_index(drop=True)
 
 
 def fmt(x, spec: str = ".4g", none: str = "-") -> str:
@@ -205,32 +300,56 @@ def fmt(x, spec: str = ".4g", none: str = "-") -> str:
     return none if x is None or (isinstance(x, float) and not math.isfinite(x)) or pd.isna(x) else format(x, spec)
 
 
+def regime_label(elr_over_limit: float) -> str:
+    """The display of :func:`elr_over_gd_limit`: ``'linear'`` at most 1 (the regime where T̂ε is most reliable),
+    else the ratio (``'3.8×'``); ``'-'`` when unknown."""
+    if elr_over_limit is None or pd.isna(elr_over_limit):
+        return "-"
+    return "linear" if elr_over_limit <= 1.0 else f"{elr_over_limit:.2g}×"
+
+
 def rank_display(ranked: pd.DataFrame) -> pd.DataFrame:
-    """Rows of :func:`rank` as strings for a terminal table (units in the headers)."""
+    """Rows of :func:`rank` as strings for a terminal table (units in the headers). With the cost-to-target
+    columns: steps (``to target``) and cost to the target, the predicted final error beside them, then T̂ε
+    (steps; its cost is ``predicted_cost_s`` in the frame); ``regime`` is :func:`regime_label` of
+    ``elr_over_gd_limit``."""
+    to_target = "predicted_cost_to_target_s" in ranked.columns
     rows = []
     for r in ranked.itertuples(index=False):
         b = f"full ({int(r.batch_size)})" if bool(r.full_batch) else str(int(r.batch_size))
-        rows.append({
-            "#": fmt(r.rank, "d", ""), "dataset": str(r.dataset), "loss": r.loss, "lr": fmt(r.lr),
-            "lr/max": fmt(r.lr_fraction, "g", ""), "mom": fmt(r.momentum, "g"), "B": b,
-            "T̂ε (steps)": fmt(r.predicted_steps, ".0f"), "T̂ε/T": fmt(r.predicted_fraction, ".2f"),
-            "step (ms)": fmt(r.step_time_s * 1e3, ".3g"), "cost (s)": fmt(r.predicted_cost_s, ".3g"),
-            "final loss": fmt(r.predicted_final_loss, ".3g"), "final err": fmt(r.predicted_final_error, ".3f"),
-            "η̃/GD lim": fmt(r.elr_over_gd_limit, ".2g"),
-            "flag": r.flag, "config_id": r.config_id,
-        })
+        row = {"#": fmt(r.rank, "d", ""), "dataset": str(r.dataset), "loss": r.loss, "lr": fmt(r.lr),
+               "lr/max": fmt(r.lr_fraction, "g", ""), "mom": fmt(r.momentum, "g"), "B": b}
+        if to_target:
+            row.update({"to target": fmt(r.predicted_steps_to_target, "d"),
+                        "step (ms)": fmt(r.step_time_s * 1e3, ".3g"),
+                        "cost to target (s)": fmt(r.predicted_cost_to_target_s, ".3g"),
+                        "final err": fmt(r.predicted_final_error, ".3f"),
+                        "T̂ε": fmt(r.predicted_steps, ".0f")})
+        else:
+            row.update({"T̂ε (steps)": fmt(r.predicted_steps, ".0f"), "T̂ε/T": fmt(r.predicted_fraction, ".2f"),
+                        "step (ms)": fmt(r.step_time_s * 1e3, ".3g"), "cost (s)": fmt(r.predicted_cost_s, ".3g"),
+                        "final loss": fmt(r.predicted_final_loss, ".3g"),
+                        "final err": fmt(r.predicted_final_error, ".3f")})
+        row.update({"regime": regime_label(r.elr_over_gd_limit), "flag": r.flag, "config_id": r.config_id})
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
 # ------------------------------------------------------------------------------------------ validation
 
-def validation_table(pred: pd.DataFrame, gt: pd.DataFrame) -> pd.DataFrame:
+def validation_table(pred: pd.DataFrame, gt: pd.DataFrame, curves: Optional[pd.DataFrame] = None, *,
+                     target_error: Optional[float] = None, target_loss: Optional[float] = None) -> pd.DataFrame:
     """Ground-truth rows joined with their predictions on (dataset, config_id, criterion, ε): one row per
     (config, criterion, ε, seed), with ``relative_error = |T̂ε − Tε| / Tε`` where both are finite and Tε > 0.
 
     ``status``: ``compared`` (relative error defined), ``both diverged`` (the prediction was right to refuse
     a number), ``predicted diverged`` / ``actual diverged`` (one side only), ``not reached``, ``T = 0``
     (real Tε is 0: no relative error), ``no prediction``. ``regime`` is ``GD`` (full batch) or ``SGD``.
+
+    With ``curves`` (the sweep's curves table, predicted and real): the cost to a common target too
+    (:mod:`ttp_ray.analysis.targets`; the target is derived from the whole grid's predictions, or given):
+    ``target``, ``target_rule``, ``predicted_steps_to_target``, ``predicted_cost_to_target_s`` (the predicted
+    curve), ``actual_steps_to_target``, ``actual_cost_to_target_s`` (each seed's real curve, the same target).
     """
     pred, gt = dataset_as_str(pred), dataset_as_str(gt)
     if gt.empty:
@@ -238,6 +357,18 @@ def validation_table(pred: pd.DataFrame, gt: pd.DataFrame) -> pd.DataFrame:
                             "sweep spec and re-run `ttp-ray sweep` (resuming adds the fine-tunes)")
     pcols = _JOIN + ["predicted_steps", "predicted_fraction", "diverged", "predicted_final_loss",
                      "predicted_final_error", "step_time_s", "predicted_cost_s", "method"]
+    target_cols: List[str] = []
+    if curves is not None:
+        pred = with_cost_to_target(pred, curves, target_error=target_error, target_loss=target_loss)
+        gt = actual_cost_to_target(gt, curves, derive_targets(pred, target_error=target_error,
+                                                              target_loss=target_loss))
+        pcols += ["target", "target_rule", "predicted_steps_to_target", "predicted_cost_to_target_s"]
+        gt = gt.drop(columns="target")
+        target_cols = ["target", "target_rule", "predicted_steps_to_target", "actual_steps_to_target",
+                       "predicted_cost_to_target_s", "actual_cost_to_target_s"]
+    elif target_error is not None or target_loss is not None:
+        raise AnalysisError("curves: a target needs the sweep's curves table (load_sweep(OUT).curves); "
+                            "allowed: pass curves=")
     p = pred[pcols].rename(columns={"diverged": "predicted_diverged", "step_time_s": "predicted_step_time_s"})
     g = gt.rename(columns={"diverged": "actual_diverged", "step_time_s": "actual_step_time_s"})
     m = g.merge(p, on=_JOIN, how="left", validate="many_to_one", indicator=True)
@@ -257,7 +388,7 @@ def validation_table(pred: pd.DataFrame, gt: pd.DataFrame) -> pd.DataFrame:
             "predicted_steps", "actual_steps", "relative_error", "status", "predicted_fraction", "actual_fraction",
             "predicted_diverged", "actual_diverged", "predicted_final_loss", "actual_final_loss",
             "predicted_final_error", "actual_final_error", "predicted_step_time_s", "actual_step_time_s",
-            "predicted_cost_s", "actual_cost_s", "method"]
+            "predicted_cost_s", "actual_cost_s", "method"] + target_cols
     out = m[cols].sort_values(["dataset", "config_id", "criterion", "eps", "seed"], kind="stable")
     out["predicted_steps"] = out.predicted_steps.astype("Int64")
     out["actual_steps"] = out.actual_steps.astype("Int64")
@@ -287,6 +418,129 @@ def validation_metrics(val: pd.DataFrame, groups: Sequence[str] = GROUP_KEYS) ->
     by_crit = [{"criterion": c, **_metrics(rows)} for c, rows in val.groupby("criterion", sort=True)]
     return {"overall": _metrics(val), "slices": slices, "by_criterion": by_crit,
             "status": {k: int(v) for k, v in val.status.value_counts().sort_index().items()}}
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's ρ: Pearson's r of the average ranks (ties share their mean rank); NaN without spread."""
+    rx, ry = pd.Series(x).rank(method="average").to_numpy(), pd.Series(y).rank(method="average").to_numpy()
+    if len(x) < 2 or rx.std() == 0 or ry.std() == 0:
+        return math.nan
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _side_cost(rows: pd.DataFrame, side: str, steps_col: str) -> Tuple[np.ndarray, np.ndarray]:
+    """(cost, flagged) of one side (``predicted`` / ``actual``) of validation rows: steps × step time, or the
+    budget × step time where the side diverges or never reaches (flagged)."""
+    steps = rows[steps_col].astype("Float64").to_numpy(dtype=float, na_value=np.nan)
+    flagged = rows[f"{side}_diverged"].eq(True).to_numpy() | np.isnan(steps)
+    st = rows[f"{side}_step_time_s"].to_numpy(dtype=float)
+    budget = rows.budget_steps.to_numpy(dtype=float)
+    return np.where(flagged, budget, steps) * st, flagged
+
+
+def _ranking_quality(rows: pd.DataFrame, steps: Tuple[str, str]) -> Dict[str, Any]:
+    pc, pflag = _side_cost(rows, "predicted", steps[0])
+    ac, aflag = _side_cost(rows, "actual", steps[1])
+    ok = np.isfinite(pc) & np.isfinite(ac)
+    per = (pd.DataFrame({"config_id": rows.config_id.to_numpy()[ok], "p": pc[ok], "a": ac[ok],
+                         "p_reached": ~pflag[ok], "a_reached": ~aflag[ok]})
+           .groupby("config_id", sort=True)
+           .agg(p=("p", "first"), a=("a", "mean"), p_reached=("p_reached", "first"), a_reached=("a_reached", "any"))
+           .reset_index())
+    out: Dict[str, Any] = {"configs": int(len(per)), "rows": int(len(rows)),
+                           "reached_predicted": int(per.p_reached.sum()), "reached_actual": int(per.a_reached.sum()),
+                           "flagged_predicted": int((pflag & ok).sum()), "flagged_actual": int((aflag & ok).sum()),
+                           "unranked_rows": int((~ok).sum()),
+                           "spearman": math.nan, "top1_regret": math.nan, "top3_hit": None,
+                           "predicted_best": None, "actual_best": None}
+    if not len(per) or not per.p_reached.any() or not per.a_reached.any():
+        return out  # nothing reached on one side: every cost there is the budget, no order to compare
+    by_pred = per.sort_values(["p", "config_id"], kind="stable")
+    best_real = float(per.a.min())
+    truly_best = set(per.config_id[per.a == best_real])
+    pick = by_pred.iloc[0]
+    regret = (float(pick.a) / best_real if best_real > 0 else (1.0 if float(pick.a) == 0 else math.inf))
+    out.update(top1_regret=regret, top3_hit=bool(truly_best & set(by_pred.config_id.iloc[:3])),
+               predicted_best=str(pick.config_id),
+               actual_best=str(per.sort_values(["a", "config_id"], kind="stable").config_id.iloc[0]))
+    if len(per) >= 3:
+        out["spearman"] = _spearman(per.p.to_numpy(), per.a.to_numpy())
+    return out
+
+
+def ranking_metrics(val: pd.DataFrame, groups: Sequence[str] = RANKING_GROUPS,
+                    objectives: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    """How well the predicted costs order the fine-tuned configs, per group of :func:`validation_table` rows
+    (default (dataset, model, loss, criterion, ε)) and objective (:data:`RANKING_OBJECTIVES`):
+
+    * ``cost``: T̂ε × predicted step time against Tε × the run's own step time;
+    * ``cost_to_target``: steps to the common target × step time, both sides (needs the target columns:
+      ``validation_table(..., curves=...)``). It does not depend on ε: ``eps`` is left out of its groups
+      (null) and each (config, seed) counted once.
+
+    A row whose prediction diverges or never reaches (ε, or the target) is *flagged* and costs the whole
+    budget (``budget_steps`` × its side's step time); so is a real run that diverges or never reaches: such
+    rows stay in the ranking, and ``flagged_predicted`` / ``flagged_actual`` count them. A config's real cost
+    is the mean over its seeds. Per group: ``configs`` ranked, ``rows``, ``reached_predicted`` /
+    ``reached_actual`` (configs not flagged on that side; real: in at least one seed), ``unranked_rows`` (no
+    cost even at the budget: no prediction, or no step time), ``spearman`` (Spearman's ρ of predicted and
+    real cost over the configs, ties at their mean rank; NaN with fewer than 3 configs or no spread),
+    ``top1_regret`` (real cost of the predicted-cheapest config ÷ the cheapest real cost; ties in the
+    prediction by ``config_id``), ``top3_hit`` (a truly cheapest config is among the 3 predicted cheapest),
+    ``predicted_best`` and ``actual_best`` (config ids). When no config reaches on one side, every cost there
+    is the budget and there is no order to compare: ρ and the regret are NaN, ``top3_hit`` None.
+    Summaries over groups: :func:`ranking_summary`.
+    """
+    objectives = list(objectives) if objectives is not None else [
+        o for o, (p, a) in RANKING_OBJECTIVES.items() if {p, a} <= set(val.columns)]
+    rows = []
+    for obj in objectives:
+        if obj not in RANKING_OBJECTIVES:
+            raise AnalysisError(f"objective: {obj!r} is not allowed; allowed: {', '.join(RANKING_OBJECTIVES)}")
+        steps = RANKING_OBJECTIVES[obj]
+        if not set(steps) <= set(val.columns):
+            raise AnalysisError(f"objective: {obj} needs the columns {', '.join(steps)}; allowed: a validation "
+                                f"table built with curves (validation_table(pred, gt, curves))")
+        keys = [g for g in groups if not (obj == "cost_to_target" and g == "eps")]
+        for key, g in val.groupby(keys, sort=True, dropna=False):
+            if obj == "cost_to_target":
+                g = g.drop_duplicates([c for c in ("config_id", "seed") if c in g.columns])
+            key = key if isinstance(key, tuple) else (key,)
+            rows.append({"objective": obj, **{k: None for k in groups}, **dict(zip(keys, key)),
+                         **_ranking_quality(g, steps)})
+    cols = ["objective", *groups, "configs", "rows", "reached_predicted", "reached_actual", "flagged_predicted",
+            "flagged_actual", "unranked_rows", "spearman", "top1_regret", "top3_hit", "predicted_best",
+            "actual_best"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def ranking_summary(metrics: pd.DataFrame, min_configs: int = 3) -> Dict[str, Dict[str, Any]]:
+    """Per objective, over the groups of :func:`ranking_metrics` with at least ``min_configs`` configs (with
+    fewer, ρ is undefined and a top-3 hit trivial) and something reached on both sides: ``groups``,
+    ``median_spearman``, ``min_spearman`` (groups without spread left out), ``mean_top1_regret``,
+    ``max_top1_regret``, ``top3_hit_rate`` (the fraction of groups whose truly cheapest config is in the
+    predicted top 3); ``groups_nothing_reached`` (groups of enough configs where no config reaches on one
+    side), and the flagged rows summed over all those groups."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for obj, m in metrics.groupby("objective", sort=False):
+        m = m[m.configs >= min_configs]
+        empty = (m.reached_predicted == 0) | (m.reached_actual == 0)
+        flagged = (int(m.flagged_predicted.sum()), int(m.flagged_actual.sum()))
+        m = m[~empty]
+        rho = m.spearman.to_numpy(dtype=float)
+        rho = rho[np.isfinite(rho)]
+        reg = m.top1_regret.to_numpy(dtype=float)
+        out[str(obj)] = {
+            "groups": int(len(m)),
+            "median_spearman": float(np.median(rho)) if rho.size else None,
+            "min_spearman": float(rho.min()) if rho.size else None,
+            "mean_top1_regret": float(reg.mean()) if reg.size else None,
+            "max_top1_regret": float(reg.max()) if reg.size else None,
+            "top3_hit_rate": float(m.top3_hit.astype(bool).mean()) if len(m) else None,
+            "groups_nothing_reached": int(empty.sum()),
+            "flagged_predicted": flagged[0], "flagged_actual": flagged[1],
+        }
+    return out
 
 
 def write_validation(val: pd.DataFrame, out: Union[str, Path]) -> Path:

@@ -20,7 +20,8 @@ Order of events (:func:`run_sweep`):
    dataset's ``max_stable_lr`` is known (lr fractions); a dataset's actors are released when its
    shards are done, so their CPUs go to the fine-tunes;
 6. the manifest is marked complete when every part exists; :func:`summary_text` ranks configs by
-   ``predicted_cost_s``.
+   predicted cost to a common target (``analysis.rank``'s default) and, with ground truth, says how well
+   that ranking and ``predicted_cost_s``'s order the fine-tuned configs (``analysis.ranking_metrics``).
 
 Ctrl-C or a killed driver loses nothing already written: parts are atomic and the next run with the
 same spec and ``--out`` skips them.
@@ -490,8 +491,9 @@ def _open_output(output: SweepOutput, spec: SweepSpec, plan: SweepPlan, fresh: b
 # ------------------------------------------------------------------------------------------- summary
 
 def summary_text(out: Path, spec: SweepSpec, top: int = 10) -> str:
-    """Top configs by predicted_cost_s for the first criterion and eps (``analysis.rank``: diverging or
-    never reaching eps last), the ground-truth comparison when there is one, and where the tables are."""
+    """Top configs by predicted cost to a common target for the first criterion and eps (``analysis.rank``'s
+    default objective: never reaching the target, then diverging, last), the ground-truth comparison and the
+    ranking quality over the fine-tuned configs when there are some, and where the tables are."""
     import pandas as pd
 
     from .. import analysis
@@ -500,20 +502,31 @@ def summary_text(out: Path, spec: SweepSpec, top: int = 10) -> str:
     lines = []
     if len(pred):
         crit, eps = spec.criteria[0], spec.eps[0]
-        sel = analysis.rank(pred, "predicted_cost_s", criterion=crit, eps=eps)
-        lines.append(f"top {min(top, len(sel))} of {len(sel)} configs by predicted_cost_s "
-                     f"(criterion {crit}, eps {eps:g}; diverging or never reaching eps last):")
+        curves = read_table(out, "curves").to_pandas()
+        sel = analysis.rank(pred, curves=curves, criterion=crit, eps=eps)
+        targets = sel.drop_duplicates(["dataset", "loss"])
+        lines.append(f"top {min(top, len(sel))} of {len(sel)} configs by predicted cost to a common {crit} target "
+                     f"(eps {eps:g} for T_hat; never reaching the target, then diverging, last); target per "
+                     f"(dataset, loss): " + ", ".join(f"{r.dataset}/{r.loss} {r.target:.4g} ({r.target_rule})"
+                                                      for r in targets.itertuples()))
         lines.append(f"  {'dataset':24s} {'loss':4s} {'lr':>10s} {'frac':>6s} {'mom':>5s} {'B':>6s} "
-                     f"{'T_hat':>7s} {'cost_s':>9s}  {'config_id'}")
+                     f"{'to_tgt':>6s} {'cost_s':>9s} {'final_err':>9s} {'T_hat':>7s} {'T_hat_cost_s':>12s}  "
+                     f"{'config_id'}")
         for r in sel.head(top).itertuples():
             t = "diverges" if r.diverged else ("-" if pd.isna(r.predicted_steps) else f"{int(r.predicted_steps)}")
-            cost = "-" if pd.isna(r.predicted_cost_s) else f"{r.predicted_cost_s:.3g}"
+            to = "-" if pd.isna(r.predicted_steps_to_target) else f"{int(r.predicted_steps_to_target)}"
             frac = "" if pd.isna(r.lr_fraction) else f"{r.lr_fraction:g}"
             lines.append(f"  {str(r.dataset)[:24]:24s} {r.loss:4s} {r.lr:10.4g} {frac:>6s} {r.momentum:5g} "
-                         f"{int(r.batch_size):6d} {t:>7s} {cost:>9s}  {r.config_id}")
+                         f"{int(r.batch_size):6d} {to:>6s} {analysis.fmt(r.predicted_cost_to_target_s, '.3g'):>9s} "
+                         f"{analysis.fmt(r.predicted_final_error, '.3f'):>9s} {t:>7s} "
+                         f"{analysis.fmt(r.predicted_cost_s, '.3g'):>12s}  {r.config_id}")
+        lines.append(f"  (`ttp-ray rank {out}`: the table with flags and regime; `--by predicted_cost_s`: by "
+                     f"T_hat x step time, against each run's own final value; `--pareto`: the cost / final-error "
+                     f"front)")
         gt = read_table(out, "ground_truth").to_pandas()
         if len(gt):
-            overall = analysis.validation_metrics(analysis.validation_table(pred, gt))["overall"]
+            val = analysis.validation_table(pred, gt, curves)
+            overall = analysis.validation_metrics(val)["overall"]
             head = f"ground truth: {gt.config_id.nunique()} config(s) fine-tuned"
             if overall["compared"]:
                 lines.append(f"{head}; relative error |T_hat - T| / T over {overall['compared']} (criterion, eps, "
@@ -521,8 +534,31 @@ def summary_text(out: Path, spec: SweepSpec, top: int = 10) -> str:
                              f"{overall['mean_relative_error']:.3f} (`ttp-ray validate {out}` for the slices)")
             else:
                 lines.append(f"{head}; none with T_eps both predicted and real")
+            lines += _ranking_lines(analysis, val)
     else:
         lines.append("no predictions written")
     lines.append(f"tables: {out}/predictions, {out}/ground_truth, {out}/curves, {out}/spectra (Parquet, "
                  f"hive-partitioned by dataset); manifest: {out}/manifest.json")
     return "\n".join(lines)
+
+
+def _ranking_lines(analysis, val) -> List[str]:
+    """The ranking quality over the fine-tuned configs (``analysis.ranking_summary``), one line per objective."""
+    summary = analysis.ranking_summary(analysis.ranking_metrics(val))
+    names = {"cost_to_target": "cost to target", "cost": "T_hat x step time"}
+    out = []
+    for obj, s in summary.items():
+        none = (f"; {s['groups_nothing_reached']} group(s) left out: no fine-tuned config reaches there on one "
+                f"side, predicted or real" if s["groups_nothing_reached"] else "")
+        flagged = (f"; flagged rows (diverging or never reaching, ranked at the budget): {s['flagged_predicted']} "
+                   f"predicted, {s['flagged_actual']} real")
+        if not s["groups"]:
+            out.append(f"ranking by {names.get(obj, obj)}: no group of >= 3 fine-tuned configs to compare{none}"
+                       f"{flagged}")
+            continue
+        out.append(f"ranking by {names.get(obj, obj)} over {s['groups']} group(s) of >= 3 fine-tuned configs: "
+                   f"Spearman rho median {analysis.fmt(s['median_spearman'], '.2f')} (min "
+                   f"{analysis.fmt(s['min_spearman'], '.2f')}), top-1 regret mean "
+                   f"{analysis.fmt(s['mean_top1_regret'], '.2f')} (max {analysis.fmt(s['max_top1_regret'], '.2f')}), "
+                   f"top-3 hit rate {analysis.fmt(s['top3_hit_rate'], '.2f')}{none}{flagged}")
+    return out
