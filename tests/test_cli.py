@@ -81,6 +81,13 @@ def test_predict_image_folder_with_embedded_backbone(tmp_path, capsys):
     code, out, err = run_cli(["predict", "--dataset", f"folder:{root}", "--model", "digits-cnn", "--steps", "5",
                               "--lr", "0.05", "--no-cache"], capsys)
     assert code == 0 and "images adapted to the backbone's input: RGB images -> 1 x 8 x 8" in out
+    code, out, err = run_cli(["finetune", "--dataset", f"folder:{root}", "--model", "digits-cnn", "--steps", "3",
+                              "--lr", "0.05", "--input-size", "12", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["input"].startswith("RGB images -> 1 x 12 x 12")
+    code, _, err = run_cli(["finetune", "--dataset", f"folder:{root}", "--steps", "3", "--lr", "0.05", "--no-adapt",
+                            "--input-size", "12"], capsys)
+    assert code == 2 and err.startswith("error: input_size:") and err.count("\n") == 1
 
 
 def test_unadaptable_channels_are_one_line_exit_2(tmp_path, capsys):
