@@ -122,3 +122,59 @@ def test_bad_names_and_options():
     with pytest.raises(DatasetError, match="n must be an integer"):
         load_dataset("synthetic:n=ten")
     assert str(parse_dataset_ref("synthetic:n=10,classes=2")) == "synthetic:n=10,classes=2"
+
+
+# ------------------------------------------------------------------- user images adapted to a backbone
+
+def test_npz_digits_export_reaches_digits_cnn_in_its_training_range(tmp_path):
+    from sklearn.datasets import load_digits
+
+    from ttp_ray.models import input_spec, load_dataset_for_model
+
+    d = load_digits()
+    keep = d.target >= 5
+    x = np.round(d.images[keep] * 255 / 16).astype(np.uint8)  # the 8x8 digits as 8-bit pixels
+    np.savez(tmp_path / "digits.npz", x=x, y=d.target[keep] - 5)
+    plain = load_dataset(f"npz:{tmp_path / 'digits.npz'}")
+    assert float(plain.x.min()) >= 0.0 and float(plain.x.max()) <= 1.0  # without a model: [0, 1] as before
+    ds = load_dataset_for_model(f"npz:{tmp_path / 'digits.npz'}", "digits-cnn")
+    lo, hi = input_spec("digits-cnn").input_range()
+    assert (lo, hi) == (-1.0, 1.0)
+    assert ds.x.shape == (896, 1, 8, 8)
+    assert float(ds.x.min()) == pytest.approx(lo) and float(ds.x.max()) == pytest.approx(hi)
+    assert torch.allclose(ds.x, load_dataset("digits-5to9").x, atol=1e-2)  # as the embedded copy, to 8 bits
+    assert "values to [-1, 1]" in ds.meta["input"]
+
+
+def test_folder_adapted_to_a_grey_8x8_backbone_and_overrides(tmp_path):
+    from ttp_ray.inputs import AdaptOptions
+    from ttp_ray.models import load_dataset_for_model
+
+    _write_images(tmp_path / "imgs", ["a", "b"], 2, size=20)
+    ref = f"folder:{tmp_path / 'imgs'}"
+    ds = load_dataset_for_model(ref, "digits-cnn")
+    assert ds.image_shape == (1, 8, 8) and float(ds.x.min()) >= -1.0 and float(ds.x.max()) <= 1.0
+    assert ds.fingerprint() != load_dataset(ref).fingerprint()  # another pipeline, another kernel cache entry
+    assert load_dataset_for_model(ref, "digits-cnn", adapt=AdaptOptions(size=12)).image_shape == (1, 12, 12)
+    assert load_dataset(ref).image_shape == (3, 224, 224)  # no model: as before
+    # a backbone whose input is the loader's default keeps the default fingerprint (and its kernel caches)
+    assert load_dataset_for_model(ref, "resnet18").fingerprint() == load_dataset(ref).fingerprint()
+
+
+def test_channels_that_cannot_be_adapted_are_one_line(tmp_path):
+    from ttp_ray.inputs import AdaptOptions, InputMismatchError
+    from ttp_ray.models import load_dataset_for_model
+
+    _write_images(tmp_path / "imgs", ["a", "b"], 2)
+    ref = f"folder:{tmp_path / 'imgs'}"
+    with pytest.raises(InputMismatchError) as info:
+        load_dataset_for_model(ref, "tests.helpers:four_channel_factory")
+    assert str(info.value).startswith(f"dataset {ref} gives 3 x 224 x 224 images; "
+                                      "model tests.helpers:four_channel_factory expects 4 channels")
+    assert "\n" not in str(info.value)
+    with pytest.raises(InputMismatchError, match="adaptation is off"):
+        load_dataset_for_model(ref, "digits-cnn", adapt=AdaptOptions(adapt=False))
+    with pytest.raises(InputMismatchError, match="embedded datasets are used as they are"):
+        load_dataset_for_model("synthetic:n=20,classes=2,channels=3", "digits-cnn")
+    with pytest.raises(ValueError, match="input_size"):
+        AdaptOptions(adapt=False, size=8)

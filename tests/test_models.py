@@ -88,3 +88,26 @@ def test_imagenet_weights_absent_is_a_clear_error():
 def test_unknown_model():
     with pytest.raises(ModelError, match="unknown name 'vgg'"):
         load_backbone("vgg")
+
+
+def test_every_backbone_kind_declares_its_input(tmp_path):
+    from ttp_ray.inputs import IMAGENET_MEAN, IMAGENET_STD, InputSpec
+    from ttp_ray.models import DIGITS_INPUT, input_spec
+
+    for name in ("digits-cnn", "digits-resnet"):
+        spec = input_spec(name)
+        assert spec == DIGITS_INPUT and (spec.channels, spec.size, spec.input_range()) == (1, 8, (-1.0, 1.0))
+    r = input_spec("resnet18")  # from the weights' transforms, without the weights file
+    assert (r.channels, r.size, r.mean, r.std) == (3, 224, IMAGENET_MEAN, IMAGENET_STD)
+    net = load_backbone("digits-cnn")
+    torch.save(net.state_dict(), tmp_path / "plain.pt")
+    plain = input_spec(f"digits-cnn:{tmp_path / 'plain.pt'}")  # unknown but for the first conv's channels
+    assert (plain.channels, plain.size, plain.mean) == (1, None, None)
+    torch.save({"state_dict": net.state_dict(), "input_spec": {"channels": 1, "size": 16, "mean": 0.5, "std": 0.25}},
+               tmp_path / "declared.pt")
+    declared = input_spec(f"digits-cnn:{tmp_path / 'declared.pt'}")
+    assert declared == InputSpec(channels=1, size=16, mean=(0.5,), std=(0.25,))
+    assert input_spec("tests.helpers:tiny_factory").known is False  # no conv, nothing declared: used as is
+    assert input_spec("tests.helpers:four_channel_factory").channels == 4
+    with pytest.raises(ModelError, match="unknown name 'vgg'"):
+        input_spec("vgg")

@@ -236,3 +236,44 @@ def test_killed_driver_loses_nothing_and_resumes(local_ray, tmp_path):
     for name, blob in survived.items():  # what was written before the kill is kept as it was
         assert next(out.glob(f"predictions/*/{name}")).read_bytes() == blob
     assert not list(out.rglob(".*.tmp"))  # temp files of writes cut short are swept on resume
+
+
+@pytest.mark.timeout(240)
+def test_two_models_as_a_grid_axis(local_ray, tmp_path):
+    """model: [digits-cnn, digits-resnet]: one kernel state per (dataset, model), rows carrying their model, parts
+    under the same dataset partition (the model in the file name), ground truth per model."""
+    from ttp_ray.sweep.driver import run_sweep
+
+    d = {"name": "two-models", "model": ["digits-cnn", "digits-resnet"], "datasets": ["digits-5to9:subset=100"],
+         "losses": ["mse"], "lr": {"fraction_of_max_stable": [0.2, 0.8]}, "budget": {"steps": 10},
+         "kernel": {"k": 64}, "simulation": {"paths": 2, "log_every": 5},
+         "ground_truth": {"where": {"lr_fraction": [0.2]}}}
+    spec = parse_spec(d)
+    out = tmp_path / "out"
+    res = run_sweep(spec, str(out), progress=False)
+    assert res.complete and not res.failures
+    label = "digits-5to9:subset=100"
+    assert set(res.datasets) == {f"{label} @ digits-cnn", f"{label} @ digits-resnet"}
+    lams = {k: v["lambda_max"] for k, v in res.datasets.items()}
+    assert len(set(lams.values())) == 2  # two kernel states
+
+    pred = read_table(out, "predictions").to_pandas()
+    assert set(pred.dataset.astype(str)) == {label} and set(pred.model) == {"digits-cnn", "digits-resnet"}
+    counts = pred.groupby("config_id").size()
+    assert len(counts) == spec.grid_size * len(spec.models) and (counts == len(spec.criteria)).all()
+    for model, rows in pred.groupby("model"):  # each model's lr is its own kernel's fraction
+        assert rows.max_stable_lr.nunique() == 1
+        assert rows.max_stable_lr.iloc[0] == pytest.approx(
+            2 * 100 / lams[f"{label} @ {model}"], rel=1e-9)
+    parts = sorted(p.name for p in out.glob("predictions/dataset=*/*.parquet"))
+    assert parts == ["part-digits-cnn-00000.parquet", "part-digits-resnet-00000.parquet"]
+
+    gt = read_table(out, "ground_truth").to_pandas()
+    assert set(gt.model) == {"digits-cnn", "digits-resnet"} and set(gt.config_id) <= set(pred.config_id)
+    joined = gt.merge(pred, on=["config_id", "criterion", "eps"], suffixes=("", "_pred"))
+    assert len(joined) == len(gt) and (joined.model == joined.model_pred).all()
+    spectra = read_table(out, "spectra").to_pandas()
+    assert set(spectra.model) == {"digits-cnn", "digits-resnet"}
+
+    again = run_sweep(spec, str(out), progress=False)  # resumed: everything found on disk
+    assert again.complete and again.written == {"predictions": 0, "ground_truth": 0}

@@ -579,3 +579,67 @@ def test_predictor_field_bad_values_are_one_line(changes, start):
         parse_spec(spec_with(**changes))
     msg = str(info.value)
     assert msg.startswith(start) and "\n" not in msg, msg
+
+
+# --- a list of models as a grid axis; user images' adaptation per dataset entry
+
+def test_model_list_is_a_grid_axis_with_its_own_units_and_parts(capsys, tmp_path):
+    single = parse_spec(BASE)
+    assert parse_spec(spec_with(model=["digits-cnn"])).identity_hash() == single.identity_hash()  # one is that one
+    assert single.models == ("digits-cnn",)
+    s = parse_spec(spec_with(model=["digits-cnn", "digits-resnet"], ground_truth={"where": {"model": "digits-resnet"}}))
+    assert s.models == ("digits-cnn", "digits-resnet") and s.identity_hash() != single.identity_hash()
+    p = build_plan(s, {s.datasets[0].label: DatasetSize(100, 5, "loaded")})
+    assert [(d.label, d.model, d.key) for d in p.datasets] == [
+        ("digits-5to9:subset=100", m, f"digits-5to9:subset=100 @ {m}") for m in s.models]
+    one = build_plan(single, {single.datasets[0].label: DatasetSize(100, 5, "loaded")})
+    # the first model's configs are those of the single-model spec (same config_id), the second's differ
+    assert [c.config_id for c in p.datasets[0].configs] == [c.config_id for c in one.datasets[0].configs]
+    assert not {c.config_id for c in p.datasets[0].configs} & {c.config_id for c in p.datasets[1].configs}
+    assert {c.model for c in p.datasets[1].configs} == {"digits-resnet"}
+    assert [s_.shard_id for s_ in p.datasets[1].shards] == ["digits-resnet-00000"]
+    assert [s_.shard_id for s_ in one.datasets[0].shards] == ["00000"]  # one model: parts named as before
+    assert {g.config.model for g in p.ground_truth_runs()} == {"digits-resnet"}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec_with(model=["digits-cnn", "digits-resnet"])))
+    code, out, err = run_cli(["sweep", str(path), "--dry-run"], capsys)
+    assert code == 0, err
+    assert "models digits-cnn, digits-resnet" in out and "4 configs" in out
+    assert "digits-5to9:subset=100 @ digits-cnn" in out and "digits-5to9:subset=100 @ digits-resnet" in out
+    for bad, msg in ((["digits-cnn", "digits-cnn"], "model: value 'digits-cnn' is listed twice"),
+                     ([], "model: must not be empty"), (["digits-cnn", "vgg"], "model[1]: unknown model 'vgg'")):
+        with pytest.raises(SpecError) as info:
+            parse_spec(spec_with(model=bad))
+        assert str(info.value).startswith(msg), str(info.value)
+
+
+def test_dataset_entry_adaptation_options():
+    plain = parse_spec(BASE)
+    s = parse_spec(spec_with(datasets=[{"name": "digits-5to9:subset=100", "input_size": 12, "input_channels": 3}]))
+    e = s.datasets[0]
+    assert (e.input.size, e.input.channels, e.input.adapt) == (12, 3, True) and e.ref == plain.datasets[0].ref
+    assert e.key == "digits-5to9:subset=100|size=12,channels=3"
+    assert s.identity_hash() != plain.identity_hash()
+    assert parse_spec(spec_with(datasets=[{"name": "digits-5to9:subset=100", "adapt": True}])).identity_hash() == \
+        plain.identity_hash()
+    p = build_plan(s, {e.label: DatasetSize(100, 5, "loaded")})
+    c0 = p.datasets[0].configs[0]
+    assert c0.config_id == config_id("digits-cnn", e.key, c0.loss, c0.lr, None, c0.momentum, c0.batch_size, 20, 0, "all")
+    for entry, msg in (({"input_size": 0}, "datasets[0].input_size"), ({"adapt": "no"}, "datasets[0].adapt"),
+                       ({"adapt": False, "input_size": 8}, "datasets[0].input_size: sets what images are adapted to")):
+        with pytest.raises(SpecError) as info:
+            parse_spec(spec_with(datasets=[{"name": "digits-5to9", **entry}]))
+        assert str(info.value).startswith(msg) and "\n" not in str(info.value), str(info.value)
+
+
+def test_sweep_refuses_a_dataset_the_model_cannot_take_before_ray(tmp_path, capsys):
+    import ray
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec_with(datasets=["synthetic:n=50,classes=5,channels=3"])))
+    out = tmp_path / "out"
+    code, _, err = run_cli(["sweep", str(path), "--out", str(out)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: dataset synthetic:n=50,classes=5,channels=3 gives 3 x 8 x 8 images; "
+                          "model digits-cnn expects 1 channel"), err
+    assert not out.exists() and not ray.is_initialized()

@@ -111,7 +111,19 @@ def common_run_options(f):
         click.option("--dataset", default="digits-5to9", show_default=True, help="Dataset name (ttp-ray datasets)."),
         click.option("--subset", type=int, default=None, help="Class-balanced seeded subset of N0 samples."),
         click.option("--model", default="digits-cnn", show_default=True, help="Backbone (ttp-ray models)."),
-        click.option("--lr", type=float, required=True, help="SGD learning rate eta (> 0)."),
+        click.option("--input-size", type=int, default=None, metavar="S",
+                     help="Adapt user images (npz, folder) to S x S instead of the backbone's declared size."),
+        click.option("--input-channels", type=int, default=None, metavar="C",
+                     help="Adapt user images to C channels (1: grey by luminance, 3: RGB) instead of the backbone's."),
+        click.option("--no-adapt", is_flag=True,
+                     help="Use user images as loaded (npz: [0, 1] pixels; folder: RGB 224 x 224, ImageNet-normalised) "
+                          "instead of adapting them to the backbone's input (channels, size, values)."),
+        click.option("--lr", type=float, default=None, help="SGD learning rate eta (> 0); or --lr-fraction."),
+        click.option("--lr-fraction", type=float, default=None, metavar="F",
+                     help="The lr as a fraction F of the stability limit 2(1+m)N/lambda_max of the dataset's kernel "
+                          "(max_stable_lr; above 1 diverges). predict: of the kernel it prepares; finetune: of the "
+                          "default predictor's kernel (default kernel options), computed once and cached on disk "
+                          "(the same limit as `predict` with its defaults). Exactly one of --lr, --lr-fraction."),
         click.option("--momentum", type=float, default=0.0, show_default=True, help="SGD momentum m in [0, 1)."),
         click.option("--batch-size", type=BatchSize(), default="full", show_default=True,
                      help="Batch size B, or 'full' for gradient descent."),
@@ -137,20 +149,33 @@ def common_run_options(f):
 def _validate_common(kw, n: Optional[int] = None) -> None:
     from .finetune import FinetuneConfig
 
+    if (kw["lr"] is None) == (kw["lr_fraction"] is None):
+        raise InputError("lr: give exactly one of --lr (absolute) or --lr-fraction (of max_stable_lr)")
+    if kw["lr_fraction"] is not None and not kw["lr_fraction"] > 0:
+        raise InputError(f"lr_fraction: must be > 0 (a fraction of max_stable_lr), got {kw['lr_fraction']}")
     if any(e <= 0 for e in kw["eps_list"]):
         raise InputError(f"eps: every value must be > 0, got {', '.join(map(str, kw['eps_list']))}")
     if kw["subset"] is not None and kw["subset"] <= 0:
         raise InputError(f"subset: must be a positive integer, got {kw['subset']}")
-    FinetuneConfig(lr=kw["lr"], momentum=kw["momentum"], batch_size=kw["batch_size"], loss=kw["loss"],
+    lr = kw["lr"] if kw["lr"] is not None else 1.0  # a fraction's lr is known once the kernel is
+    FinetuneConfig(lr=lr, momentum=kw["momentum"], batch_size=kw["batch_size"], loss=kw["loss"],
                    steps=kw["steps"], seed=kw["seed"], log_every=kw["log_every"],
                    trainable=kw["trainable"]).validate(n)
 
 
+def _adapt_options(kw):
+    from .inputs import AdaptOptions
+
+    return AdaptOptions(adapt=not kw["no_adapt"], size=kw["input_size"], channels=kw["input_channels"])
+
+
 def _load_dataset(kw):
-    from .data import load_dataset
+    """The dataset as the backbone takes it (user images adapted to its input; a mismatch: one line)."""
+    from .models import load_dataset_for_model
 
     _validate_common(kw)
-    ds = load_dataset(kw["dataset"], subset=kw["subset"], download=kw["download"])
+    ds = load_dataset_for_model(kw["dataset"], kw["model"], adapt=_adapt_options(kw), subset=kw["subset"],
+                                download=kw["download"])
     _validate_common(kw, len(ds))
     return ds
 
@@ -161,6 +186,21 @@ def _load_inputs(kw):
     ds = _load_dataset(kw)
     model = build_finetune_model(kw["model"], ds.num_classes, kw["head_seed"], allow_download=kw["download"])
     return ds, model
+
+
+def _finetune_lr(kw, ds) -> Optional[float]:
+    """``finetune --lr-fraction``: sets ``kw["lr"]`` to the fraction of max_stable_lr(m) of the default predictor's
+    kernel (prepared with the default kernel options, from the disk cache when there); returns that limit."""
+    if kw["lr_fraction"] is None:
+        return None
+    from .predictors import PredictionInputs, get_predictor
+
+    prepared = get_predictor().prepare(PredictionInputs(model=kw["model"], dataset=ds, head_seed=kw["head_seed"],
+                                                        trainable=kw["trainable"], device=kw["device"],
+                                                        allow_download=kw["download"]))
+    limit = prepared.max_stable_lr(kw["momentum"])
+    kw["lr"] = kw["lr_fraction"] * limit
+    return limit
 
 
 def _curve_rows(steps, curves, kw, diverged):
@@ -177,6 +217,7 @@ def finetune(**kw) -> None:
     from .finetune import FinetuneConfig, finetune as run_finetune
 
     ds, model = _load_inputs(kw)
+    limit = _finetune_lr(kw, ds)
     cfg = FinetuneConfig(lr=kw["lr"], momentum=kw["momentum"], batch_size=kw["batch_size"], loss=kw["loss"],
                          steps=kw["steps"], seed=kw["seed"], log_every=kw["log_every"], trainable=kw["trainable"])
     res = run_finetune(model, ds, cfg, device=kw["device"])
@@ -184,9 +225,10 @@ def finetune(**kw) -> None:
     out = {
         "kind": "finetune",
         "dataset": kw["dataset"], "model": kw["model"], "n": res.n, "num_classes": ds.num_classes,
-        "lr": cfg.lr, "momentum": cfg.momentum, "batch_size": res.batch_size, "loss": cfg.loss,
-        "steps": cfg.steps, "seed": cfg.seed, "head_seed": kw["head_seed"], "trainable": cfg.trainable,
-        "effective_lr": cfg.effective_lr, "eps_mode": kw["eps_mode"],
+        "lr": cfg.lr, "lr_fraction": kw["lr_fraction"], "momentum": cfg.momentum, "batch_size": res.batch_size,
+        "loss": cfg.loss, "steps": cfg.steps, "seed": cfg.seed, "head_seed": kw["head_seed"],
+        "trainable": cfg.trainable, "effective_lr": cfg.effective_lr, "eps_mode": kw["eps_mode"],
+        "input": ds.meta.get("input"), "max_stable_lr": limit,
         "diverged": res.diverged,
         "final_loss": None if res.diverged else float(res.loss[-1]),
         "final_error": None if res.diverged else float(res.error[-1]),
@@ -314,10 +356,12 @@ def predict(**kw) -> None:
         class_trace = False if predictor.needs_full_kernel else KernelOptions().class_trace
     kopt = KernelOptions(method=kw["kernel_method"], projection=kw["projection"], k=kw["sketch_k"],
                          class_trace=class_trace, seed=kw["kernel_seed"])
-    cfg = SimConfig(lr=kw["lr"], momentum=kw["momentum"], batch_size=kw["batch_size"], loss=kw["loss"])
     prepared = predictor.prepare(PredictionInputs(model=kw["model"], dataset=ds, kernel=kopt, head_seed=kw["head_seed"],
                                                   trainable=kw["trainable"], device=kw["device"],
                                                   cache=not kw["no_cache"], allow_download=kw["download"]))
+    if kw["lr_fraction"] is not None:  # of this kernel's limit; --validate fine-tunes at the same lr
+        kw["lr"] = kw["lr_fraction"] * prepared.max_stable_lr(kw["momentum"])
+    cfg = SimConfig(lr=kw["lr"], momentum=kw["momentum"], batch_size=kw["batch_size"], loss=kw["loss"])
     sim = SimOptions(method=kw["method"], momentum_mode=kw["momentum_mode"], noise=kw["noise"], paths=kw["paths"],
                      seed=kw["seed"], log_every=kw["log_every"])
     settings = PredictSettings(sim=sim, eps_mode=kw["eps_mode"])
@@ -354,9 +398,10 @@ def _prediction_header(kw, ds, cfg, diverged: bool, loss, error, times, step_tim
     return {
         "kind": "predict",
         "dataset": kw["dataset"], "model": kw["model"], "n": len(ds), "num_classes": ds.num_classes,
-        "lr": cfg.lr, "momentum": cfg.momentum, "batch_size": kw["batch_size"] or len(ds), "loss": cfg.loss,
+        "lr": cfg.lr, "lr_fraction": kw["lr_fraction"], "momentum": cfg.momentum,
+        "batch_size": kw["batch_size"] or len(ds), "loss": cfg.loss,
         "steps": kw["steps"], "seed": kw["seed"], "head_seed": kw["head_seed"], "trainable": kw["trainable"],
-        "effective_lr": cfg.effective_lr, "eps_mode": kw["eps_mode"],
+        "effective_lr": cfg.effective_lr, "eps_mode": kw["eps_mode"], "input": ds.meta.get("input"),
         "diverged": diverged,
         "final_loss": None if diverged else float(loss[-1]),
         "final_error": None if diverged or error is None else float(error[-1]),
@@ -404,9 +449,12 @@ def _validate_against_training(kw, ds, predicted: dict) -> dict:
 
 
 def _print_run(out: dict) -> None:
+    frac = "" if out.get("lr_fraction") is None else f" ({out['lr_fraction']:g} x max stable lr)"
     click.echo(f"{out['kind']}: {out['model']} on {out['dataset']} (N={out['n']}, C={out['num_classes']}), "
-               f"loss {out['loss']}, lr {out['lr']}, momentum {out['momentum']}, B {out['batch_size']}, "
+               f"loss {out['loss']}, lr {out['lr']:.6g}{frac}, momentum {out['momentum']}, B {out['batch_size']}, "
                f"T {out['steps']}")
+    if out.get("input"):
+        click.echo(f"  images adapted to the backbone's input: {out['input']}")
     if out["diverged"]:
         click.echo("  diverged")
     else:

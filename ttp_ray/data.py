@@ -6,14 +6,19 @@ Names understood by :func:`load_dataset`:
 * embedded, offline: ``digits`` (scikit-learn's 1797 8x8 digits, 10 classes), ``digits-0to4`` (the
   backbones' pre-training task) and ``digits-5to9`` (new classes, relabelled 0..4); ``synthetic`` with
   parameters, e.g. ``synthetic:n=4000,classes=10,size=8,channels=1,seed=0`` (seeded Gaussian mixture);
-* user data: ``npz:PATH`` (arrays ``x`` N x H x W or N x ch x H x W, ``y`` N ints) and
-  ``folder:ROOT`` (torchvision ImageFolder layout, ``ROOT/CLASS/IMAGE``);
+* user data: ``npz:PATH`` (arrays ``x`` N x H x W or N x ch x H x W, ``y`` N ints; integer pixels read as
+  [0, 255] and scaled to [0, 1]) and ``folder:ROOT`` (torchvision ImageFolder layout, ``ROOT/CLASS/IMAGE``;
+  RGB at 224 x 224, ImageNet-normalised);
 * the paper's datasets (METHOD.md §8) under ``$TTP_RAY_DATA`` (default ``<cache>/data``): ``cifar10``,
   ``cifar100``, ``fgvc-aircraft``, ``stanford-cars`` through torchvision's loaders, and ``cub200``,
   ``mit67``, ``minc2500`` as ImageFolder trees (layouts in :data:`PAPER_DATASETS`). Files are never
   downloaded unless ``download=True`` is passed (``--download`` in the CLI).
 
 Any name takes ``subset=N0`` (seeded, class-balanced), e.g. ``digits-5to9:subset=200``.
+
+``adapt_to`` (an :class:`~ttp_ray.inputs.InputSpec`, given by :func:`ttp_ray.models.load_dataset_for_model`)
+brings user and paper images to a backbone's input instead (channels, size, values: :mod:`ttp_ray.inputs`);
+the embedded datasets ignore it and are always loaded as they are.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .inputs import InputSpec, adapt_images, image_pipeline, shape_text
 from .paths import cache_dir
 
 __all__ = [
@@ -35,6 +41,7 @@ __all__ = [
     "PAPER_DATASETS",
     "list_datasets",
     "load_dataset",
+    "is_embedded",
     "parse_dataset_ref",
     "data_dir",
     "image_transform",
@@ -213,7 +220,7 @@ def _synthetic(n: int = 1000, classes: int = 10, size: int = 8, channels: int = 
                         meta={"source": "synthetic gaussian mixture"})
 
 
-def _npz(path: str) -> ImageDataset:
+def _npz(path: str, adapt_to: Optional[InputSpec] = None) -> ImageDataset:
     p = Path(path).expanduser()
     if not p.is_file():
         raise DatasetError(f"dataset npz: file {p} does not exist")
@@ -234,10 +241,26 @@ def _npz(path: str) -> ImageDataset:
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
         raise DatasetError(f"dataset npz: {p}: y must hold non-negative integer labels")
     xt = torch.tensor(x, dtype=torch.float32)
-    if np.issubdtype(x.dtype, np.integer):
+    integer = np.issubdtype(x.dtype, np.integer)
+    if integer:
         xt = xt / 255.0
-    return ImageDataset(f"npz:{p}", torch.tensor(y, dtype=torch.long), int(y.max()) + 1, _images=xt,
-                        meta={"source": str(p)})
+    meta: Dict[str, object] = {"source": str(p)}
+    if adapt_to is not None:
+        # integer pixels are intensities; floats are when they lie in [0, 1], else already in the model's scale
+        intensities = integer or bool(xt.numel() and xt.min() >= 0 and xt.max() <= 1)
+        before = tuple(xt.shape[1:])
+        xt = adapt_images(xt, adapt_to, intensities=intensities)
+        meta["input"] = _adapted_note(before, tuple(xt.shape[1:]), adapt_to, intensities)
+    return ImageDataset(f"npz:{p}", torch.tensor(y, dtype=torch.long), int(y.max()) + 1, _images=xt, meta=meta)
+
+
+def _adapted_note(before, after, target: InputSpec, values: bool) -> str:
+    """What adaptation did, in words (``ds.meta["input"]``)."""
+    r = target.input_range()
+    vals = f", values to [{r[0]:.3g}, {r[1]:.3g}]" if values and r is not None else ""
+    if not values and r is not None:
+        vals = ", values kept (not in [0, 1]: taken as already in the model's scale)"
+    return f"{shape_text(before)} -> {shape_text(after)}{vals}"
 
 
 def image_transform(size: int):
@@ -252,7 +275,8 @@ def image_transform(size: int):
     ])
 
 
-def _from_torchvision(name: str, tv_dataset, image_size: int, files_id: str) -> ImageDataset:
+def _from_torchvision(name: str, tv_dataset, image_size: int, files_id: str, pipeline_key: str = "",
+                      note: str = "") -> ImageDataset:
     """Wrap a torchvision dataset lazily; labels read without decoding images where possible."""
     targets = None
     for attr in ("targets", "_labels", "_samples"):
@@ -264,24 +288,39 @@ def _from_torchvision(name: str, tv_dataset, image_size: int, files_id: str) -> 
         targets = [tv_dataset[i][1] for i in range(len(tv_dataset))]
     classes = getattr(tv_dataset, "classes", None)
     num_classes = len(classes) if classes else int(max(targets)) + 1
+    meta: Dict[str, object] = {"source": type(tv_dataset).__name__, "image_size": image_size}
+    if note:
+        meta["input"] = note
     return ImageDataset(name, torch.tensor(targets, dtype=torch.long), num_classes,
                         _source=lambda i: tv_dataset[i][0],
-                        _source_id=f"{name}|{image_size}|{files_id}",
-                        meta={"source": type(tv_dataset).__name__, "image_size": image_size})
+                        _source_id=f"{name}|{image_size}|{files_id}" + (f"|{pipeline_key}" if pipeline_key else ""),
+                        meta=meta)
 
 
-def _folder(root: str, name: Optional[str] = None, image_size: int = 224) -> ImageDataset:
+def _pipeline_note(target: Optional[InputSpec], image_size: int, key: str) -> str:
+    if target is None or not key:
+        return ""
+    size = target.size or image_size
+    r = target.input_range()
+    values = f"values in [{r[0]:.3g}, {r[1]:.3g}]" if r is not None else "ImageNet-normalised"
+    return f"RGB images -> {1 if target.channels == 1 else 3} x {size} x {size}, {values}"
+
+
+def _folder(root: str, name: Optional[str] = None, image_size: int = 224,
+            adapt_to: Optional[InputSpec] = None) -> ImageDataset:
     from torchvision.datasets import ImageFolder
 
     r = Path(root).expanduser()
     if not r.is_dir():
         raise DatasetError(f"dataset {name or 'folder'}: directory {r} does not exist")
+    tf, key = image_pipeline(adapt_to, image_size)
     try:
-        tv = ImageFolder(str(r), transform=image_transform(image_size))
+        tv = ImageFolder(str(r), transform=tf)
     except (FileNotFoundError, RuntimeError) as exc:
         raise DatasetError(f"dataset {name or 'folder'}: {r}: {exc}".splitlines()[0]) from None
     files_id = hashlib.sha256("\n".join(f"{p}|{os.path.getsize(p)}" for p, _ in tv.samples).encode()).hexdigest()
-    return _from_torchvision(name or f"folder:{r}", tv, image_size, files_id)
+    return _from_torchvision(name or f"folder:{r}", tv, image_size, files_id, key,
+                             _pipeline_note(adapt_to, image_size, key))
 
 
 # The paper's seven target datasets (supplement Table 2): how each is found under $TTP_RAY_DATA.
@@ -311,12 +350,12 @@ PAPER_DATASETS: Dict[str, Dict[str, object]] = {
 }
 
 
-def _paper_dataset(name: str, download: bool, image_size: int) -> ImageDataset:
+def _paper_dataset(name: str, download: bool, image_size: int, adapt_to: Optional[InputSpec] = None) -> ImageDataset:
     from torchvision import datasets as tvd
 
     info = PAPER_DATASETS[name]
     root = data_dir()
-    tf = image_transform(image_size)
+    tf, key = image_pipeline(adapt_to, image_size)
     missing = (f"dataset {name}: files not found under {root} (expected {info['layout']}); "
                f"get them from {info['get']} and set TTP_RAY_DATA to their parent directory")
     try:
@@ -331,13 +370,13 @@ def _paper_dataset(name: str, download: bool, image_size: int) -> ImageDataset:
             sub = root / name / "train"
             if not sub.is_dir():
                 raise DatasetError(missing)
-            return _folder(str(sub), name=name, image_size=image_size)
+            return _folder(str(sub), name=name, image_size=image_size, adapt_to=adapt_to)
     except DatasetError:
         raise
     except (RuntimeError, FileNotFoundError, OSError):
         raise DatasetError(missing) from None
     files_id = f"{root}|{len(tv)}"
-    return _from_torchvision(name, tv, image_size, files_id)
+    return _from_torchvision(name, tv, image_size, files_id, key, _pipeline_note(adapt_to, image_size, key))
 
 
 _EMBEDDED = {
@@ -345,6 +384,12 @@ _EMBEDDED = {
     "digits-0to4": lambda: _digits_split(0, 4, "digits-0to4"),
     "digits-5to9": lambda: _digits_split(5, 9, "digits-5to9"),
 }
+
+
+def is_embedded(ref: Union[str, DatasetRef]) -> bool:
+    """Whether ``ref`` names an embedded dataset (``digits*``, ``synthetic``): those are never adapted."""
+    ref = parse_dataset_ref(ref) if isinstance(ref, str) else ref
+    return ref.name in _EMBEDDED or ref.name == "synthetic"
 
 
 def list_datasets() -> Dict[str, str]:
@@ -363,8 +408,9 @@ def list_datasets() -> Dict[str, str]:
 
 
 def load_dataset(ref: Union[str, DatasetRef], *, subset: Optional[int] = None, subset_seed: int = 0,
-                 download: bool = False, image_size: int = 224) -> ImageDataset:
-    """Load a dataset by name (see the module docstring); raises :class:`DatasetError` with one line."""
+                 download: bool = False, image_size: int = 224, adapt_to: Optional[InputSpec] = None) -> ImageDataset:
+    """Load a dataset by name (see the module docstring); raises :class:`DatasetError` with one line.
+    ``adapt_to``: user and paper images brought to that backbone input (the embedded datasets ignore it)."""
     ref = parse_dataset_ref(ref) if isinstance(ref, str) else ref
     opts = ref.options
     if "subset" in opts and subset is None:
@@ -379,12 +425,12 @@ def load_dataset(ref: Union[str, DatasetRef], *, subset: Optional[int] = None, s
         kw = {k: _int_opt(ref, opts, k) for k in ("n", "classes", "size", "channels", "seed") if k in opts}
         ds = _synthetic(**kw)
     elif name == "npz":
-        ds = _npz(opts["path"])
+        ds = _npz(opts["path"], adapt_to)
     elif name == "folder":
-        ds = _folder(opts["path"], image_size=image_size)
+        ds = _folder(opts["path"], image_size=image_size, adapt_to=adapt_to)
     elif name in PAPER_DATASETS:
         _no_extra(ref, opts, {"subset"})
-        ds = _paper_dataset(name, download, image_size)
+        ds = _paper_dataset(name, download, image_size, adapt_to)
     else:
         allowed = ", ".join(list(_EMBEDDED) + ["synthetic", "npz:PATH", "folder:ROOT"] + list(PAPER_DATASETS))
         raise DatasetError(f"dataset: unknown name {ref.name!r}; allowed: {allowed}")

@@ -12,6 +12,13 @@ Backbone names understood by :func:`load_backbone`:
   (``torch.load(weights_only=True)``);
 * ``package.module:function``: a user factory returning an ``nn.Module``.
 
+Every backbone declares its input (:func:`input_spec`, an :class:`~ttp_ray.inputs.InputSpec`): the digits nets
+1 x 8 x 8 with values in [-1, 1] (:data:`DIGITS_INPUT`, as ``digits*`` are scaled); the torchvision ResNets what
+their ``IMAGENET1K_V1`` weights' transforms say (3 x 224 x 224, ImageNet mean / std); a checkpoint or a factory
+what it declares (an ``input_spec`` attribute of the module or the factory, or an ``input_spec`` entry beside
+``state_dict`` in a checkpoint: an InputSpec or a mapping of its fields), else unknown but for the channels of
+its first convolution. :func:`load_dataset_for_model` loads a dataset brought to that input (:mod:`ttp_ray.inputs`).
+
 The fine-tuning model is the backbone's features followed by a **new** linear head for C classes,
 seeded; batch-norm statistics stay frozen (the model is always in eval mode).
 """
@@ -24,14 +31,15 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from .atomic import atomic_write
-from .data import load_dataset
+from .data import ImageDataset, is_embedded, load_dataset
+from .inputs import UNKNOWN_INPUT, AdaptOptions, InputSpec, check_channels
 from .paths import cache_dir  # re-exported: ttp_ray.models.cache_dir keeps working
 
 __all__ = [
@@ -54,6 +62,10 @@ __all__ = [
     "build_finetune_model",
     "functional_model",
     "state_dict_hash",
+    "DIGITS_INPUT",
+    "input_spec",
+    "module_input_spec",
+    "load_dataset_for_model",
 ]
 
 
@@ -272,7 +284,9 @@ def _load_checkpoint(arch: str, path: str) -> nn.Module:
     except Exception as exc:
         raise ModelError(f"model {arch}:{path}: not a loadable weights-only checkpoint "
                          f"({type(exc).__name__})") from None
+    declared = None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        declared = sd.get("input_spec")
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ModelError(f"model {arch}:{path}: checkpoint is not a state dict (name -> tensor)")
@@ -283,6 +297,8 @@ def _load_checkpoint(arch: str, path: str) -> nn.Module:
     except RuntimeError as exc:
         raise ModelError(f"model {arch}:{path}: state dict does not fit {arch}: "
                          f"{str(exc).splitlines()[0]}") from None
+    if declared is not None:
+        model.input_spec = _declared_spec(declared, f"model {arch}:{path}", "the checkpoint's input_spec")
     return model
 
 
@@ -303,9 +319,82 @@ def load_backbone(name: str, *, allow_download: bool = False, verbose: bool = Fa
         model = factory()
         if not isinstance(model, nn.Module):
             raise ModelError(f"model {name}: factory returned {type(model).__name__}, not an nn.Module")
+        if getattr(model, "input_spec", None) is None and getattr(factory, "input_spec", None) is not None:
+            model.input_spec = factory.input_spec
         return model.eval()
     allowed = ", ".join(list(_DIGITS_ARCHS) + list(_TORCHVISION_ARCHS) + ["ARCH:PATH", "package.module:function"])
     raise ModelError(f"model: unknown name {name!r}; allowed: {allowed}")
+
+
+# ------------------------------------------------------------------------------------ input specs
+
+DIGITS_INPUT = InputSpec(channels=1, size=8, mean=(0.5,), std=(0.5,),
+                         source="pre-trained by ttp-ray on digits-0to4 (intensities x / 16, normalised to [-1, 1])")
+
+
+def _declared_spec(value: Any, where: str, what: str) -> InputSpec:
+    if isinstance(value, InputSpec):
+        return value
+    if isinstance(value, dict):
+        try:
+            return InputSpec.from_mapping(value, source=what)
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"{where}: {what}: {exc}".splitlines()[0]) from None
+    raise ModelError(f"{where}: {what} must be an InputSpec or a mapping, got {type(value).__name__}")
+
+
+def module_input_spec(module: nn.Module, name: str = "") -> InputSpec:
+    """What ``module`` declares as its input (attribute ``input_spec``), else unknown but for the input channels
+    of its first ``Conv2d`` (a fact of the weights)."""
+    declared = getattr(module, "input_spec", None)
+    if declared is not None:
+        return _declared_spec(declared, f"model {name or type(module).__name__}", "input_spec attribute")
+    conv = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        return UNKNOWN_INPUT
+    return InputSpec(channels=int(conv.in_channels), source="the first convolution's input channels")
+
+
+def _torchvision_input(arch: str) -> InputSpec:
+    """The input of torchvision's ``IMAGENET1K_V1`` weights of ``arch``, read from the transforms they carry."""
+    from torchvision import models as tvm
+
+    tf = tvm.get_model_weights(arch).IMAGENET1K_V1.transforms()
+    return InputSpec(channels=3, size=int(tf.crop_size[0]), mean=tuple(tf.mean), std=tuple(tf.std),
+                     source=f"torchvision {arch} IMAGENET1K_V1 transforms")
+
+
+def input_spec(name: str, *, allow_download: bool = False) -> InputSpec:
+    """The input of backbone ``name`` (module docstring): known without loading weights for the embedded and
+    torchvision backbones; a checkpoint or factory is loaded to read what it declares."""
+    if name in _DIGITS_ARCHS:
+        return DIGITS_INPUT
+    if name in _TORCHVISION_ARCHS:
+        return _torchvision_input(name)
+    return module_input_spec(load_backbone(name, allow_download=allow_download), name)
+
+
+def load_dataset_for_model(ref: Union[str, ImageDataset], model: str, *, adapt: AdaptOptions = AdaptOptions(),
+                           subset: Optional[int] = None, subset_seed: int = 0, download: bool = False
+                           ) -> ImageDataset:
+    """The dataset ``ref`` as backbone ``model`` takes it: user and paper images adapted to :func:`input_spec`
+    (channels, size, values; ``adapt`` overrides), the embedded datasets as they are. A dataset whose channels the
+    backbone cannot take is :class:`~ttp_ray.inputs.InputMismatchError`, one line naming both, before any kernel
+    work. An :class:`~ttp_ray.data.ImageDataset` passed in is only checked."""
+    spec = input_spec(model, allow_download=download)
+    target = adapt.target(spec)
+    if isinstance(ref, ImageDataset):
+        ds, shown, why = ref, ref.name, "a loaded dataset is used as it is"
+    else:
+        embedded = is_embedded(ref)
+        ds = load_dataset(ref, subset=subset, subset_seed=subset_seed, download=download,
+                          adapt_to=None if embedded else target)
+        shown = str(ref)
+        why = ("embedded datasets are used as they are" if embedded else
+               "adaptation is off (--no-adapt, or adapt: false in a spec)" if target is None else
+               f"adapted to the {adapt.channels} channels asked for" if adapt.channels else "")
+    check_channels(ds.image_shape, spec, shown, model, why)
+    return ds
 
 
 # ------------------------------------------------------------------------------- fine-tuning model

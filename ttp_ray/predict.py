@@ -19,10 +19,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .data import ImageDataset, load_dataset
+from .data import ImageDataset
 from .dynamics import SimConfig, SimOptions, SimResult, simulate
 from .kernel import KernelOptions, kernel_state
-from .models import FinetuneModel, build_finetune_model
+from .inputs import AdaptOptions
+from .models import FinetuneModel, build_finetune_model, load_dataset_for_model
 from .state import KernelState
 from .tables import prediction_rows
 from .training_time import CRITERIA, EPS_MODES, TIME_DEFINITIONS
@@ -80,10 +81,11 @@ class PreparedState:
 
 def load_state(model: str, dataset, kernel: KernelOptions = KernelOptions(), *, subset: Optional[int] = None,
                head_seed: int = 0, trainable: str = "all", device: str = "cpu", cache: bool = True,
-               allow_download: bool = False) -> PreparedState:
-    """Load dataset and backbone, then the kernel state (disk cache first; METHOD.md §6)."""
-    ds = dataset if isinstance(dataset, ImageDataset) else load_dataset(dataset, subset=subset,
-                                                                        download=allow_download)
+               allow_download: bool = False, adapt: AdaptOptions = AdaptOptions()) -> PreparedState:
+    """Load dataset (a name: as the backbone takes it, :func:`ttp_ray.models.load_dataset_for_model`) and
+    backbone, then the kernel state (disk cache first; METHOD.md §6)."""
+    ds = dataset if isinstance(dataset, ImageDataset) else load_dataset_for_model(
+        dataset, model, adapt=adapt, subset=subset, download=allow_download)
     net = build_finetune_model(model, ds.num_classes, head_seed, allow_download=allow_download)
     t0 = time.perf_counter()
     state = kernel_state(net, ds, kernel, device=device, trainable=trainable, cache=cache)
@@ -191,11 +193,11 @@ class PreparedSubset:
 def load_subset_state(model: str, dataset, n0: int, kernel: KernelOptions = KernelOptions(), *,
                       options: SubsetOptions = SubsetOptions(), subset_seed: int = 0, subset: Optional[int] = None,
                       head_seed: int = 0, trainable: str = "all", device: str = "cpu", cache: bool = True,
-                      allow_download: bool = False) -> PreparedSubset:
+                      allow_download: bool = False, adapt: AdaptOptions = AdaptOptions()) -> PreparedSubset:
     """Kernel of a seeded class-balanced subset of ``n0`` samples, F0 on the full set (one forward pass),
     and the extrapolated full-set spectrum (:func:`ttp_ray.subset.extrapolate_state`, METHOD.md §7)."""
-    ds = dataset if isinstance(dataset, ImageDataset) else load_dataset(dataset, subset=subset,
-                                                                        download=allow_download)
+    ds = dataset if isinstance(dataset, ImageDataset) else load_dataset_for_model(
+        dataset, model, adapt=adapt, subset=subset, download=allow_download)
     if not 0 < int(n0) < len(ds):
         raise ValueError(f"kernel_subset: must be an integer in 1..{len(ds) - 1} (below the dataset size), got {n0}")
     t0 = time.perf_counter()

@@ -33,6 +33,7 @@ import numpy as np
 
 from .drift import DRIFT_METHOD, DriftOptions, KernelDrift, calibrate_drift, reference_drift, simulate_with_drift
 from .dynamics import SimConfig, SimResult, simulate
+from .inputs import AdaptOptions
 from .kernel import KernelOptions
 from .predict import (PredictedConfig, PredictSettings, check_request, load_state, load_subset_state,
                       predicted_configs, simulate_subset, subset_row_fields)
@@ -68,6 +69,7 @@ class PredictionInputs:
     device: str = "cpu"
     cache: bool = True  # kernel states from and to the disk cache
     allow_download: bool = False
+    adapt: AdaptOptions = field(default_factory=AdaptOptions)  # a dataset name's images brought to the backbone
 
 
 @dataclass
@@ -171,7 +173,7 @@ class Predictor(ABC):
         """The per-dataset state (F0 and the Θ0 eigendecomposition, from the disk cache when there)."""
         base = load_state(inputs.model, inputs.dataset, inputs.kernel, head_seed=inputs.head_seed,
                           trainable=inputs.trainable, device=inputs.device, cache=inputs.cache,
-                          allow_download=inputs.allow_download)
+                          allow_download=inputs.allow_download, adapt=inputs.adapt)
         return PreparedPredictor(self, base)
 
     def rebind(self, prepared: PreparedPredictor) -> PreparedPredictor:
@@ -262,7 +264,7 @@ class SubsetExtrapolation(Predictor):
         base = load_subset_state(inputs.model, inputs.dataset, self.size, inputs.kernel,
                                  options=SubsetOptions(alpha=self.alpha), subset_seed=self.seed,
                                  head_seed=inputs.head_seed, trainable=inputs.trainable, device=inputs.device,
-                                 cache=inputs.cache, allow_download=inputs.allow_download)
+                                 cache=inputs.cache, allow_download=inputs.allow_download, adapt=inputs.adapt)
         prepared = PreparedPredictor(self, base)
         prepared.count("forward_samples", base.n)
         return prepared

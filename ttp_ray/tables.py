@@ -118,6 +118,7 @@ SPECTRUM_SCHEMA = pa.schema([
     ("n", pa.int64()),  # samples of the set this kernel is on (N, or N0 for 'subset_kernel')
     ("num_classes", pa.int64()),
     ("class_trace", pa.bool_()),
+    ("model", pa.string()),  # the backbone whose kernel this is (null in parts written before the column existed)
 ])
 
 SCHEMAS = {"predictions": PREDICTION_SCHEMA, "ground_truth": GROUND_TRUTH_SCHEMA, "curves": CURVE_SCHEMA,

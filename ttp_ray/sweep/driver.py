@@ -10,8 +10,8 @@ Order of events (:func:`run_sweep`):
    (``--fresh`` clears it); parts already on disk are skipped (resume);
 3. **Ray**: a local instance on 127.0.0.1 without dashboard (default), or the cluster at ``--address`` /
    ``RAY_ADDRESS``, or the instance this process is already connected to;
-4. per dataset with work left, one :class:`~ttp_ray.sweep.actors.DatasetActor` (more with
-   ``resources.actors``), GPU-requesting when the cluster has GPUs, spread over nodes. Its ``prepare``
+4. per dataset (per (dataset, model) with a list of models) with work left, one
+   :class:`~ttp_ray.sweep.actors.DatasetActor` (more with ``resources.actors``), GPU-requesting when the cluster has GPUs, spread over nodes. Its ``prepare``
    computes the kernel state once (or loads it from the disk cache) and, when ``OUT/spectra`` lacks the
    dataset's part, returns the Theta spectrum, written there at once; then shards flow to it, at most
    two in flight per actor, each written as soon as it returns. Actors are restartable
@@ -55,9 +55,9 @@ class SweepResult:
     written: Dict[str, int]  # parts written by this run: predictions, ground_truth
     skipped: Dict[str, int]  # parts found on disk and skipped
     failures: List[str]
-    datasets: Dict[str, Dict[str, Any]]  # per dataset label: the actor's prepare() info
+    datasets: Dict[str, Dict[str, Any]]  # per unit (the dataset label, or '<label> @ <model>'): prepare() info
     seconds: float
-    actor_nodes: Dict[str, str] = field(default_factory=dict)  # dataset label -> node id of its first actor
+    actor_nodes: Dict[str, str] = field(default_factory=dict)  # unit -> node id of its first actor
     shard_seconds: float = 0.0  # actor-side wall time of the shards predicted by this run, summed
 
 
@@ -75,7 +75,7 @@ def resource_view(spec: SweepSpec, plan: SweepPlan, cluster: Dict[str, float]) -
     gpus = float(cluster.get("GPU", 0.0))
     per_actor_gpus = (1.0 if gpus >= 1 else 0.0) if r.gpus_per_actor == "auto" else float(r.gpus_per_actor)
     gt_gpus = (1.0 if gpus >= 1 else 0.0) if gt.gpus == "auto" else float(gt.gpus)
-    per_dataset = {d.label: actors_for(spec, len(d.shards)) for d in plan.datasets}
+    per_dataset = {d.key: actors_for(spec, len(d.shards)) for d in plan.datasets}
     return {
         "cluster": f"{cluster.get('CPU', 0):g} CPU, {gpus:g} GPU",
         "actors": sum(per_dataset.values()),
@@ -222,14 +222,15 @@ class _Reporter:
 
 @dataclass
 class _DatasetRun:
-    label: str
+    label: str  # the unit's key (DatasetPlan.key): the dataset label, or '<label> @ <model>'
+    unit: Any  # its DatasetPlan
     pending: Deque[Shard]
     gt_pending: List[GroundTruthRun]
     actors: List[Any] = field(default_factory=list)
     inflight: Dict[int, int] = field(default_factory=dict)  # actor index -> shards in flight
     info: Optional[Dict[str, Any]] = None
     failed: bool = False
-    needs_spectrum: bool = False  # OUT/spectra lacks this dataset's part
+    needs_spectrum: bool = False  # OUT/spectra lacks this unit's part
 
 
 class _Sweep:
@@ -254,12 +255,12 @@ class _Sweep:
     def start(self, pending_shards: Dict[str, List[Shard]], pending_gt: Dict[str, List[GroundTruthRun]],
               pending_spectra: Sequence[str] = ()) -> None:
         for d in self.plan.datasets:
-            run = _DatasetRun(d.label, collections.deque(pending_shards.get(d.label, [])),
-                              list(pending_gt.get(d.label, [])), needs_spectrum=d.label in pending_spectra)
-            self.datasets[d.label] = run
+            run = _DatasetRun(d.key, d, collections.deque(pending_shards.get(d.key, [])),
+                              list(pending_gt.get(d.key, [])), needs_spectrum=d.key in pending_spectra)
+            self.datasets[d.key] = run
             if run.pending or run.gt_pending or run.needs_spectrum:
                 actor = self._new_actor(run)
-                self.refs[actor.prepare.remote(run.needs_spectrum)] = ("prepare", d.label, None, 0)
+                self.refs[actor.prepare.remote(run.needs_spectrum)] = ("prepare", d.key, None, 0)
 
     def _new_actor(self, run: _DatasetRun):
         from .actors import DatasetActor, actor_options
@@ -267,7 +268,7 @@ class _Sweep:
 
         r = self.spec.resources
         opts = actor_options(r.cpus_per_actor, self.view["_actor_gpus"], r.max_restarts, r.max_task_retries)
-        job = WorkerJob(self.spec, run.label, crash_marker=self.crash_marker)
+        job = WorkerJob(self.spec, run.unit.label, crash_marker=self.crash_marker, model=run.unit.model)
         actor = DatasetActor.options(**opts).remote(job)
         run.actors.append(actor)
         run.inflight[len(run.actors) - 1] = 0
@@ -318,7 +319,7 @@ class _Sweep:
     def _on_prepare(self, run: _DatasetRun, info: Dict[str, Any], _payload, _idx) -> None:
         spectrum = info.pop("spectrum", None)
         if spectrum is not None:
-            self.output.write_parts(run.label, SPECTRUM_PART, {"spectra": spectrum})
+            self.output.write_parts(run.unit.label, run.unit.prefix + SPECTRUM_PART, {"spectra": spectrum})
             run.needs_spectrum = False
         run.info = info
         self.actor_nodes[run.label] = info.get("node_id", "")
@@ -384,10 +385,11 @@ def _plan_summary(plan: SweepPlan) -> Dict[str, Any]:
     return {
         "configs": plan.n_configs, "shards": plan.n_shards, "shard_size": plan.shard_size,
         "ground_truth_runs": plan.n_ground_truth,
-        "datasets": {d.label: {"ref": d.entry.ref, "n": d.size.n, "num_classes": d.size.num_classes,
-                               "configs": len(d.configs), "shards": len(d.shards),
-                               "distinct_simulations": d.distinct_simulations,
-                               "ground_truth_runs": len(d.ground_truth)} for d in plan.datasets},
+        "datasets": {d.key: {"ref": d.entry.ref, "n": d.size.n, "num_classes": d.size.num_classes,
+                             "configs": len(d.configs), "shards": len(d.shards),
+                             "distinct_simulations": d.distinct_simulations,
+                             "ground_truth_runs": len(d.ground_truth),
+                             **({"model": d.model, "label": d.label} if d.prefix else {})} for d in plan.datasets},
     }
 
 
@@ -446,15 +448,15 @@ def _open(spec: SweepSpec, output: SweepOutput, plan: SweepPlan, fresh: bool):
                  layout_hash=plan.layout_hash(), plan_summary=_plan_summary(plan), previous=previous)
     done_shards = output.completed_keys("predictions")
     done_gt = output.completed_keys("ground_truth")
-    pending_shards = {d.label: [s for s in d.shards if s.key not in done_shards] for d in plan.datasets}
-    pending_gt = {d.label: [g for g in d.ground_truth if g.key not in done_gt] for d in plan.datasets}
+    pending_shards = {d.key: [s for s in d.shards if s.key not in done_shards] for d in plan.datasets}
+    pending_gt = {d.key: [g for g in d.ground_truth if g.key not in done_gt] for d in plan.datasets}
     return plan, previous, (pending_shards, pending_gt, _pending_spectra(output, plan))
 
 
 def _pending_spectra(output: SweepOutput, plan: SweepPlan) -> List[str]:
-    """Dataset labels whose ``spectra`` part is not on disk yet."""
+    """Units (:attr:`~ttp_ray.sweep.plan.DatasetPlan.key`) whose ``spectra`` part is not on disk yet."""
     done = output.completed_keys("spectra")
-    return [d.label for d in plan.datasets if f"{d.label}/{SPECTRUM_PART}" not in done]
+    return [d.key for d in plan.datasets if f"{d.label}/{d.prefix}{SPECTRUM_PART}" not in done]
 
 
 def _has_work(pending) -> bool:

@@ -9,6 +9,11 @@ Layout under ``OUT``::
     curves/dataset=<label>/part-gt-<id>-s<seed>.parquet    the real curve of a fine-tune
     spectra/dataset=<label>/part-spectrum.parquet          the dataset state's Theta spectrum (one part)
 
+With a list of models (a grid axis) each (dataset, model) has its own parts under the same ``dataset=<label>``
+partition, the model (percent-encoded) in the file name: ``part-<model>-<shard>.parquet``,
+``part-<model>-spectrum.parquet`` (ground-truth parts are already distinct: their config_id includes the model).
+Every row carries a ``model`` column, so the readers need no new partition level.
+
 The ``spectra`` part is written when the dataset's actor has its kernel state (before any shard); a
 resumed sweep whose OUT lacks it (an OUT written before this table existed) starts the actor to add it.
 
@@ -63,7 +68,7 @@ __all__ = [
 ]
 
 MANIFEST_VERSION = 1
-SPECTRUM_PART = "spectrum"  # the one part of ``spectra`` per dataset
+SPECTRUM_PART = "spectrum"  # the one part of ``spectra`` per dataset (per (dataset, model): prefixed by the model)
 DERIVED = ("validation.parquet",)  # written from the tables by ``ttp-ray validate``; stale once they are cleared
 
 

@@ -1,5 +1,9 @@
-"""The plan of a sweep: the grid expanded per dataset, a stable ``config_id`` per config, shards (groups of
-configs one actor call predicts), the ground-truth selection, and the ``--dry-run`` text. Ray-free.
+"""The plan of a sweep: the grid expanded per (dataset, model), a stable ``config_id`` per config, shards (groups
+of configs one actor call predicts), the ground-truth selection, and the ``--dry-run`` text. Ray-free.
+
+A spec with one model plans one unit per dataset, keyed by its label, with parts ``part-00000`` ...; a list of
+models plans one unit per (dataset, model), keyed ``<label> @ <model>``, whose parts carry the model in their
+file name (``part-<model>-00000``, the model percent-encoded) under the same ``dataset=<label>`` partition.
 
 Configs of a dataset are ordered so that those sharing one simulation after the time-rescaling collapse
 (:func:`ttp_ray.dynamics.simulation_groups`: equal eta/(1-m) for GD, equal temperature eta_eff/B for SGD)
@@ -14,6 +18,7 @@ import json
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from urllib.parse import quote
 
 from .spec import DatasetEntry, SpecError, SweepSpec
 
@@ -25,6 +30,8 @@ __all__ = [
     "DatasetPlan",
     "SweepPlan",
     "config_id",
+    "part_prefix",
+    "unit_key",
     "auto_shard_size",
     "build_plan",
     "resolve_lr",
@@ -72,10 +79,12 @@ class Shard:
     dataset: str
     index: int
     configs: Tuple[PlannedConfig, ...]
+    prefix: str = ""  # part_prefix of its model ('' with one model)
 
     @property
     def shard_id(self) -> str:
-        return f"{self.index:05d}"
+        """The part name: ``00000``, or ``<model>-00000`` in a sweep of several models."""
+        return f"{self.prefix}{self.index:05d}"
 
     @property
     def key(self) -> str:
@@ -100,6 +109,8 @@ class GroundTruthRun:
 
 @dataclass(frozen=True)
 class DatasetPlan:
+    """One unit of work: a dataset with one model (one kernel state, one actor)."""
+
     entry: DatasetEntry
     size: DatasetSize
     configs: Tuple[PlannedConfig, ...]
@@ -107,10 +118,17 @@ class DatasetPlan:
     ground_truth: Tuple[GroundTruthRun, ...]
     distinct_simulations: int  # after the collapse, the grid taken whole
     sharded_simulations: int  # as the shards will run them (a group cut by a shard boundary counts twice)
+    model: str = ""
+    prefix: str = ""  # part_prefix of the model ('' with one model)
 
     @property
     def label(self) -> str:
         return self.entry.label
+
+    @property
+    def key(self) -> str:
+        """The unit's key (manifest, progress): the label, or ``<label> @ <model>`` with several models."""
+        return unit_key(self.label, self.model) if self.prefix else self.label
 
 
 @dataclass(frozen=True)
@@ -138,7 +156,12 @@ class SweepPlan:
         return [g for d in self.datasets for g in d.ground_truth]
 
     def dataset(self, label: str) -> DatasetPlan:
+        """The (first) unit of dataset ``label``."""
         return next(d for d in self.datasets if d.label == label)
+
+    def unit(self, key: str) -> DatasetPlan:
+        """The unit of key ``key`` (:attr:`DatasetPlan.key`)."""
+        return next(d for d in self.datasets if d.key == key)
 
     def layout(self) -> Dict[str, object]:
         """Shard and ground-truth membership by config_id: what a resumed run must find unchanged."""
@@ -168,6 +191,16 @@ def config_id(model: str, dataset_ref: str, loss: str, lr: Optional[float], lr_f
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def part_prefix(spec: SweepSpec, model: str) -> str:
+    """What a model's part names start with: '' with one model, else ``<model percent-encoded>-``."""
+    return f"{quote(model, safe='')}-" if len(spec.models) > 1 else ""
+
+
+def unit_key(label: str, model: str) -> str:
+    """The key of a (dataset, model) unit in a sweep of several models."""
+    return f"{label} @ {model}"
+
+
 def resolve_lr(cfg: PlannedConfig, max_stable_lr) -> float:
     """The absolute lr of ``cfg``; ``max_stable_lr(m)`` gives a dataset's stability limit for momentum m."""
     if cfg.lr is not None:
@@ -188,7 +221,7 @@ def auto_shard_size(n_configs: int) -> int:
     return int(min(MAX_SHARD, max(MIN_SHARD, math.ceil(n_configs / SHARDS_PER_DATASET))))
 
 
-def _expand(spec: SweepSpec, entry: DatasetEntry, size: DatasetSize) -> List[PlannedConfig]:
+def _expand(spec: SweepSpec, entry: DatasetEntry, size: DatasetSize, model: str) -> List[PlannedConfig]:
     relative = spec.lr.relative
     out = []
     for loss, b, m, x in itertools.product(spec.losses, spec.batch_size, spec.momentum, spec.lr.values):
@@ -197,9 +230,9 @@ def _expand(spec: SweepSpec, entry: DatasetEntry, size: DatasetSize) -> List[Pla
                             f"allowed: 1..{size.n} or full")
         lr, frac = (None, x) if relative else (x, None)
         budget = spec.budget.steps_for(size.n, b)
-        cid = config_id(spec.model, entry.ref, loss, lr, frac, m, b, budget, spec.kernel.head_seed,
+        cid = config_id(model, entry.key, loss, lr, frac, m, b, budget, spec.kernel.head_seed,
                         spec.kernel.trainable)
-        out.append(PlannedConfig(cid, entry.label, spec.model, loss, lr, frac, m, b, budget))
+        out.append(PlannedConfig(cid, entry.label, model, loss, lr, frac, m, b, budget))
     return out
 
 
@@ -228,8 +261,8 @@ def _groups(spec: SweepSpec, configs: Sequence[PlannedConfig], n: int) -> List[L
     return out
 
 
-def _cut_shards(label: str, configs: Sequence[PlannedConfig], groups: List[List[int]], shard_size: int
-                ) -> Tuple[Tuple[Shard, ...], int]:
+def _cut_shards(label: str, configs: Sequence[PlannedConfig], groups: List[List[int]], shard_size: int,
+                prefix: str = "") -> Tuple[Tuple[Shard, ...], int]:
     """Pack whole groups into shards of at most ``shard_size`` configs (a larger group is split)."""
     shards: List[List[int]] = []
     cur: List[int] = []
@@ -249,7 +282,7 @@ def _cut_shards(label: str, configs: Sequence[PlannedConfig], groups: List[List[
         pieces += 1
     if cur:
         shards.append(cur)
-    return tuple(Shard(label, i, tuple(configs[j] for j in s)) for i, s in enumerate(shards)), pieces
+    return tuple(Shard(label, i, tuple(configs[j] for j in s), prefix) for i, s in enumerate(shards)), pieces
 
 
 def _matches(cfg: PlannedConfig, where) -> bool:
@@ -281,24 +314,27 @@ def _select_ground_truth(spec: SweepSpec, configs: Sequence[PlannedConfig]) -> T
 
 
 def build_plan(spec: SweepSpec, sizes: Mapping[str, DatasetSize]) -> SweepPlan:
-    """Expand ``spec`` on datasets of the given sizes (keyed by label) into shards and ground-truth runs."""
+    """Expand ``spec`` on datasets of the given sizes (keyed by label) into shards and ground-truth runs, one unit
+    per (dataset, model)."""
     per_dataset = []
     shard_size = spec.resources.shard_size
     if shard_size == "auto":
         shard_size = auto_shard_size(spec.grid_size)
     for entry in spec.datasets:
         size = sizes[entry.label]
-        expanded = _expand(spec, entry, size)
-        groups = _groups(spec, expanded, size.n)
-        ordered = [expanded[i] for g in groups for i in g]
-        regroup = []
-        pos = 0
-        for g in groups:
-            regroup.append(list(range(pos, pos + len(g))))
-            pos += len(g)
-        shards, pieces = _cut_shards(entry.label, ordered, regroup, int(shard_size))
-        per_dataset.append(DatasetPlan(entry, size, tuple(expanded), shards, _select_ground_truth(spec, expanded),
-                                       len(groups), pieces))
+        for model in spec.models:
+            expanded = _expand(spec, entry, size, model)
+            groups = _groups(spec, expanded, size.n)
+            ordered = [expanded[i] for g in groups for i in g]
+            regroup = []
+            pos = 0
+            for g in groups:
+                regroup.append(list(range(pos, pos + len(g))))
+                pos += len(g)
+            prefix = part_prefix(spec, model)
+            shards, pieces = _cut_shards(entry.label, ordered, regroup, int(shard_size), prefix)
+            per_dataset.append(DatasetPlan(entry, size, tuple(expanded), shards, _select_ground_truth(spec, expanded),
+                                           len(groups), pieces, model, prefix))
     return SweepPlan(spec, tuple(per_dataset), int(shard_size))
 
 
@@ -313,11 +349,14 @@ def dry_run_text(plan: SweepPlan, resources: Mapping[str, object]) -> str:
     truth, actors and resources. ``resources`` is the driver's view (see ``driver.resource_view``)."""
     spec = plan.spec
     lr_desc = ("fraction of max_stable_lr " if spec.lr.relative else "") + _fmt_values(spec.lr.values)
+    several = len(spec.models) > 1
+    w = max([34] + [len(d.key) for d in plan.datasets]) if several else 34  # column of the unit's name
+    models = f"models {', '.join(spec.models)}" if several else f"model {spec.model}"
     lines = [
-        f"sweep {spec.name!r}: model {spec.model}, {len(plan.datasets)} dataset(s), {plan.n_configs} configs, "
+        f"sweep {spec.name!r}: {models}, {len(spec.datasets)} dataset(s), {plan.n_configs} configs, "
         f"{plan.n_shards} shards of <= {plan.shard_size}, {plan.n_ground_truth} ground-truth run(s)",
-        f"  grid per dataset ({spec.grid_size}): loss {list(spec.losses)} x lr {lr_desc} x momentum "
-        f"{_fmt_values(spec.momentum)} x batch_size {_fmt_values(spec.batch_size, '{}')}",
+        f"  grid per {'(dataset, model)' if several else 'dataset'} ({spec.grid_size}): loss {list(spec.losses)} x "
+        f"lr {lr_desc} x momentum {_fmt_values(spec.momentum)} x batch_size {_fmt_values(spec.batch_size, '{}')}",
         "  budget: " + (f"{spec.budget.steps} steps" if spec.budget.steps else f"{spec.budget.epochs} epochs")
         + f"; eps {list(spec.eps)} ({spec.simulation.eps_mode}); criteria {list(spec.criteria)}",
         f"  kernel: {spec.kernel.method} k={spec.kernel.k} {spec.kernel.projection}"
@@ -325,11 +364,12 @@ def dry_run_text(plan: SweepPlan, resources: Mapping[str, object]) -> str:
         f"simulation: method {spec.simulation.method}, momentum {spec.simulation.momentum_mode}, "
         f"paths {spec.simulation.paths}, log_every {spec.simulation.log_every}",
         "",
-        f"  {'dataset':34s} {'N':>7s} {'C':>4s} {'configs':>8s} {'distinct sims':>14s} {'shards':>7s} {'gt runs':>8s}",
+        f"  {'dataset @ model' if several else 'dataset':{w}s} {'N':>7s} {'C':>4s} {'configs':>8s} {'distinct sims':>14s} "
+        f"{'shards':>7s} {'gt runs':>8s}",
     ]
     for d in plan.datasets:
         sims = f"{d.distinct_simulations}" + (f" ({d.sharded_simulations})" if d.sharded_simulations != d.distinct_simulations else "")
-        lines.append(f"  {d.label[:34]:34s} {d.size.n:7d} {d.size.num_classes:4d} {len(d.configs):8d} "
+        lines.append(f"  {d.key[:w]:{w}s} {d.size.n:7d} {d.size.num_classes:4d} {len(d.configs):8d} "
                      f"{sims:>14s} {len(d.shards):7d} {len(d.ground_truth):8d}"
                      + ("" if d.size.source == "loaded" else f"  [N from the {d.size.source}]"))
     total_sims = sum(d.distinct_simulations for d in plan.datasets)
@@ -339,6 +379,7 @@ def dry_run_text(plan: SweepPlan, resources: Mapping[str, object]) -> str:
         + ("" if spec.lr.relative else "; before the kernel, the ELR-to-heavy-ball fallback is not counted"),
         "",
         "  resources: " + ", ".join(f"{k} {v}" for k, v in resources.items()),
-        f"  output: {spec.output_dir()}/{{predictions,ground_truth,curves,spectra}}/dataset=.../*.parquet + manifest.json",
+        f"  output: {spec.output_dir()}/{{predictions,ground_truth,curves,spectra}}/dataset=.../"
+        f"{'part-<model>-*' if several else '*'}.parquet + manifest.json",
     ]
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Preflight of a sweep: every dataset's size (N, C) and the backbone, checked before any work starts.
+"""Preflight of a sweep: every dataset's size (N, C) and the backbones, checked before any work starts.
 
 Run by the driver before Ray starts, or, attached to a cluster, as a Ray task there
 (:func:`ttp_ray.sweep.actors.preflight_task`), where the data lives. Nothing here imports Ray.
@@ -13,9 +13,11 @@ __all__ = ["preflight"]
 
 
 def preflight(spec: SweepSpec, *, allow_missing: bool = False) -> Dict[str, Dict[str, Any]]:
-    """Load every dataset (N, C) and the backbone. ``allow_missing`` (dry run): a paper dataset whose
-    files are absent takes its size from :data:`ttp_ray.data.PAPER_DATASETS`, and the model is not
-    loaded. Raises :class:`~ttp_ray.data.DatasetError` / :class:`~ttp_ray.models.ModelError`."""
+    """Load every dataset (N, C) and every backbone, and check each dataset as each backbone takes it (user
+    images adapted to its input; channels it cannot take: :class:`~ttp_ray.inputs.InputMismatchError`, one line).
+    ``allow_missing`` (dry run): a paper dataset whose files are absent takes its size from
+    :data:`ttp_ray.data.PAPER_DATASETS`, and the models are not loaded. Raises
+    :class:`~ttp_ray.data.DatasetError` / :class:`~ttp_ray.models.ModelError`."""
     from ..data import PAPER_DATASETS, DatasetError, load_dataset
 
     sizes: Dict[str, Dict[str, Any]] = {}
@@ -31,7 +33,10 @@ def preflight(spec: SweepSpec, *, allow_missing: bool = False) -> Dict[str, Dict
             sizes[entry.label] = {"n": n, "num_classes": int(info["classes"]),
                                   "source": "paper table (data absent)"}
     if not allow_missing:
-        from ..models import load_backbone
+        from ..models import load_backbone, load_dataset_for_model
 
-        load_backbone(spec.model)
+        for model in spec.models:
+            load_backbone(model)
+            for entry in spec.datasets:
+                load_dataset_for_model(entry.ref, model, adapt=entry.input)
     return sizes

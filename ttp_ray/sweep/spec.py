@@ -3,10 +3,13 @@
 Every field, its default and its allowed values (``*`` marks the required ones)::
 
     name*: quickstart                  # [A-Za-z0-9_.-]+, names the run
-    model*: digits-cnn                 # backbone (``ttp-ray models``)
+    model*: digits-cnn                 # backbone (``ttp-ray models``), or a list of distinct backbones: a grid
+                                       # axis, one kernel state per (dataset, model)
     datasets*:                         # non-empty list; each entry a string or a mapping
       - digits-5to9                    #   registry name, npz:PATH, folder:ROOT, NAME:subset=N
-      - {name: digits, subset: 300}    #   mapping: name*, subset (int > 0), label (partition value)
+      - {name: digits, subset: 300}    #   mapping: name*, subset (int > 0), label (partition value),
+                                       #   input_size, input_channels (ints > 0), adapt (true): user images
+                                       #   (npz, folder) brought to each backbone's input (ttp_ray.inputs)
     losses: [ce]                       # subset of mse, ce
     lr*: [0.01, 0.1]                   # absolute values > 0, or {values: [...]}, or
                                        # {fraction_of_max_stable: [0.05, 0.5, 1.2]} (of each dataset's
@@ -59,6 +62,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union, get_args, \
     get_origin, get_type_hints
 
+from ..inputs import AdaptOptions
 from ..objectives import LOSSES
 from ..training_time import CRITERIA
 from .spec_types import (AUTO, GT_FILTER_FIELDS, LR_MODES, NAME_CHARS, Budget, CostSpec, DatasetEntry,
@@ -279,8 +283,9 @@ def _parse_datasets(value: Any) -> Tuple[DatasetEntry, ...]:
         path = f"datasets[{i}]"
         label = None
         subset = None
+        adapt = AdaptOptions()
         if isinstance(item, Mapping):
-            m = _mapping(item, path, ("name", "subset", "label"))
+            m = _mapping(item, path, ("name", "subset", "label") + _ADAPT_KEYS)
             if "name" not in m:
                 _fail(f"{path}.name", "is required", allowed)
             text = m["name"]
@@ -288,6 +293,7 @@ def _parse_datasets(value: Any) -> Tuple[DatasetEntry, ...]:
                 subset = _integer(m["subset"], f"{path}.subset")
             if m.get("label") is not None:
                 label = str(m["label"])
+            adapt = _parse_adapt(m, path)
         else:
             text = item
         if not isinstance(text, str) or not text.strip():
@@ -310,21 +316,50 @@ def _parse_datasets(value: Any) -> Tuple[DatasetEntry, ...]:
         normal = str(type(ref)(ref.name, params))
         if ref.name in ("npz", "folder"):
             normal = f"{ref.name}:{opts['path']}" + (f",subset={subset}" if subset is not None else "")
-        out.append(_build(DatasetEntry, path, ref=normal, name=ref.name, subset=subset, label=label or normal))
+        out.append(_build(DatasetEntry, path, ref=normal, name=ref.name, subset=subset, label=label or normal,
+                          input=adapt))
     return tuple(out)
 
 
-def _parse_model(value: Any) -> str:
+_ADAPT_KEYS = ("input_size", "input_channels", "adapt")
+
+
+def _parse_adapt(m: Mapping[str, Any], path: str) -> AdaptOptions:
+    """A dataset entry's ``input_size``, ``input_channels``, ``adapt`` as :class:`~ttp_ray.inputs.AdaptOptions`."""
+    kw: Dict[str, Any] = {}
+    for key, field_name in (("input_size", "size"), ("input_channels", "channels")):
+        if m.get(key) is not None:
+            kw[field_name] = _integer(m[key], f"{path}.{key}", "a positive integer")
+            if kw[field_name] < 1:
+                _fail(f"{path}.{key}", f"must be >= 1, got {kw[field_name]}", "a positive integer")
+    if m.get("adapt") is not None:
+        kw["adapt"] = _boolean(m["adapt"], f"{path}.adapt")
+    try:
+        return AdaptOptions(**kw)
+    except ValueError as exc:  # its messages name the spec's keys (input_size, input_channels, adapt)
+        raise SpecError(f"{path}.{exc}") from None
+
+
+def _parse_model(value: Any) -> Union[str, Tuple[str, ...]]:
+    """One backbone name, or a list of distinct ones (a one-element list is that name)."""
     from ..models import list_models
 
     known = [k for k in list_models() if ":" not in k]
-    allowed = ", ".join(known + ["ARCH:PATH", "package.module:function"])
-    if not isinstance(value, str) or not value.strip():
-        _fail("model", f"{_show(value)} is not a model name", allowed)
-    value = value.strip()
-    if ":" not in value and value not in known:
-        _fail("model", f"unknown model {value!r}", allowed)
-    return value
+    allowed = ", ".join(known + ["ARCH:PATH", "package.module:function"]) + " (or a list of them)"
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        _fail("model", "must not be empty", allowed)
+    names = []
+    for i, item in enumerate(items):
+        path = f"model[{i}]" if isinstance(value, (list, tuple)) else "model"
+        if not isinstance(item, str) or not item.strip():
+            _fail(path, f"{_show(item)} is not a model name", allowed)
+        item = item.strip()
+        if ":" not in item and item not in known:
+            _fail(path, f"unknown model {item!r}", allowed)
+        names.append(item)
+    names = _unique(names, "model")
+    return names[0] if len(names) == 1 else tuple(names)
 
 
 def _parse_lr(value: Any) -> LrGrid:
@@ -350,12 +385,13 @@ def _parse_ground_truth(value: Any) -> GroundTruthSpec:
 
 
 def _parse_where(value: Any) -> Tuple[Tuple[str, Tuple[Any, ...]], ...]:
-    read = {"dataset": lambda x, p: str(x), "loss": lambda x, p: x, "batch_size": _batch_size}  # else: numbers
+    read = {"dataset": lambda x, p: str(x), "model": lambda x, p: str(x), "loss": lambda x, p: x,
+            "batch_size": _batch_size}  # else: numbers
     out = []
     for key, v in _mapping(value, "ground_truth.where", GT_FILTER_FIELDS).items():
         path = f"ground_truth.where.{key}"
         items = _as_list(v, path, "values")
-        if key == "loss":
+        if key in ("loss", "model"):
             items = _unique(items, path)
         out.append((key, tuple(read.get(key, _number)(x, path) for x in items)))
     return tuple(sorted(out))
@@ -368,7 +404,7 @@ _TOP_LEVEL = ("name", "model", "datasets", "losses", "lr", "momentum", "batch_si
 _REQUIRED = ("name", "model", "datasets", "lr", "budget")
 _REQUIRED_HINT = {
     "name": NAME_CHARS,
-    "model": "a backbone name (ttp-ray models)",
+    "model": "a backbone name (ttp-ray models) or a list of them",
     "datasets": "a list of dataset names (ttp-ray datasets)",
     "lr": "a list of values > 0 or {fraction_of_max_stable: [...]}",
     "budget": "{steps: T} or {epochs: E}",

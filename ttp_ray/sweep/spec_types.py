@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 from ..drift import check_reference_fraction
 from ..dynamics import SimConfig, SimOptions
 from ..finetune import FinetuneConfig
+from ..inputs import AdaptOptions
 from ..kernel import KernelOptions
 from ..models import check_trainable
 from ..objectives import check_loss
@@ -46,7 +47,7 @@ __all__ = [
 ]
 
 LR_MODES = ("absolute", "fraction_of_max_stable")
-GT_FILTER_FIELDS = ("dataset", "loss", "lr", "lr_fraction", "momentum", "batch_size")
+GT_FILTER_FIELDS = ("dataset", "model", "loss", "lr", "lr_fraction", "momentum", "batch_size")
 AUTO = "auto"  # resolved at run time (see the fields that allow it)
 DEVICES = (AUTO, "cpu", "cuda")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -92,9 +93,16 @@ class DatasetEntry:
     name: str  # registry part: "digits-5to9", "npz", "cifar10", ...
     subset: Optional[int] = None
     label: str = ""  # partition value and display name; defaults to ref
+    input: AdaptOptions = field(default_factory=AdaptOptions)  # user images brought to the backbone's input
 
     def __post_init__(self):
         _check_min("subset", self.subset, 1, also=(None,))
+
+    @property
+    def key(self) -> str:
+        """What identifies the data a backbone sees (``config_id``): ``ref``, and the adaptation when not default."""
+        tag = self.input.tag()
+        return f"{self.ref}|{tag}" if tag else self.ref
 
     @property
     def is_paper(self) -> bool:
@@ -339,7 +347,7 @@ class SweepSpec:
     """A validated sweep; see the module docstring for every field."""
 
     name: str
-    model: str
+    model: Union[str, Tuple[str, ...]]  # one backbone, or a grid axis of several (distinct)
     datasets: Tuple[DatasetEntry, ...]
     lr: LrGrid
     budget: Budget
@@ -359,6 +367,8 @@ class SweepSpec:
     def __post_init__(self):
         if not (isinstance(self.name, str) and _NAME_RE.match(self.name)):
             raise ValueError(f"name: {self.name!r} is not a valid name; allowed: {NAME_CHARS}")
+        if isinstance(self.model, tuple) and (len(self.model) < 2 or len(set(self.model)) != len(self.model)):
+            raise ValueError(f"model: a list must hold at least two distinct backbones, got {list(self.model)}")
         labels = [d.label for d in self.datasets]
         for label in labels:
             if labels.count(label) > 1:
@@ -416,8 +426,13 @@ class SweepSpec:
         return tuple(out)
 
     @property
+    def models(self) -> Tuple[str, ...]:
+        """The backbones of the sweep (``model`` as a tuple)."""
+        return self.model if isinstance(self.model, tuple) else (self.model,)
+
+    @property
     def grid_size(self) -> int:
-        """Configs per dataset."""
+        """Configs per (dataset, model)."""
         return len(self.losses) * len(self.lr.values) * len(self.momentum) * len(self.batch_size)
 
     def output_dir(self) -> str:
@@ -432,6 +447,9 @@ class SweepSpec:
         and how many resources compute it (so a resumed run may use other resources)."""
         d = self.to_dict()
         d.pop("output")
+        for entry in d["datasets"]:  # default adaptation: older specs keep their identity
+            if entry["input"] == _jsonable(asdict(AdaptOptions())):
+                entry.pop("input")
         if d["predictor"] == {"name": None, "options": []}:  # the default predictor: older specs keep their identity
             d.pop("predictor")
         d["resources"] = {"shard_size": d["resources"]["shard_size"]}

@@ -1,6 +1,6 @@
 """The work Ray distributes, as plain functions and classes (Ray-free, testable without a cluster):
 
-* :class:`DatasetWork` -- one dataset's prepared state (kernel computed once, or loaded from the disk
+* :class:`DatasetWork` -- one (dataset, model)'s prepared state (kernel computed once, or loaded from the disk
   cache), predicting shard after shard with :func:`ttp_ray.predict.predict_grid` and measuring step times
   with :func:`ttp_ray.finetune.measure_step_time`; its Theta spectrum as a table (:meth:`spectrum_table`);
 * :func:`run_ground_truth` -- one real fine-tune (:func:`ttp_ray.finetune.finetune`), T_eps read off its
@@ -38,16 +38,25 @@ def pick_device(preference: str, has_gpu: bool) -> str:
 
 @dataclass(frozen=True)
 class WorkerJob:
-    """What a dataset actor needs: the spec and which dataset (by label)."""
+    """What a dataset actor needs: the spec, which dataset (by label) and which model (None: the spec's only one)."""
 
     spec: SweepSpec
     dataset_label: str
     device: str = "cpu"  # resolved by the caller (see pick_device)
     crash_marker: Optional[str] = None  # test hook: exit the process once, mid-sweep (see DatasetWork)
+    model: Optional[str] = None
 
     @property
     def entry(self):
         return next(d for d in self.spec.datasets if d.label == self.dataset_label)
+
+    @property
+    def backbone(self) -> str:
+        if self.model is not None:
+            return self.model
+        if len(self.spec.models) > 1:
+            raise ValueError(f"model: the spec has {len(self.spec.models)} models; the job must name one")
+        return self.spec.models[0]
 
 
 @dataclass
@@ -80,9 +89,10 @@ class DatasetWork:
             from ..predictors import PredictionInputs
 
             spec, k = self.job.spec, self.job.spec.kernel
-            inputs = PredictionInputs(model=spec.model, dataset=self.job.entry.ref, kernel=k.options(),
+            entry = self.job.entry
+            inputs = PredictionInputs(model=self.job.backbone, dataset=entry.ref, kernel=k.options(),
                                       head_seed=k.head_seed, trainable=k.trainable, device=self.job.device,
-                                      cache=k.cache)
+                                      cache=k.cache, adapt=entry.input)
             self._prepared = spec_predictor(spec).prepare(inputs)
             base = self._prepared.base
             if self.job.device != "cpu" and hasattr(base, "kernel"):  # the kernel comes back on the CPU; simulate there
@@ -99,7 +109,8 @@ class DatasetWork:
             "kernel_seconds": float(meta.get("total_seconds", p.kernel_seconds)),
             "kernel_load_seconds": float(p.kernel_seconds), "kernel_cache_hit": bool(p.cache_hit),
             "kernel_method": meta.get("method"), "device": self.job.device, "host": socket.gethostname(),
-            "pid": os.getpid(),
+            "pid": os.getpid(), "model": self.job.backbone,
+            **({"input": p.dataset.meta["input"]} if "input" in p.dataset.meta else {}),
         }
 
     def max_stable_lr(self, momentum: float) -> float:
@@ -123,7 +134,7 @@ class DatasetWork:
             n = int(sp.n)
             for i, (lam, q) in enumerate(zip(np.asarray(sp.eigvals), np.asarray(sp.projections))):
                 rows.append({"kind": kind, "k": i + 1, "eigenvalue": float(lam) * n, "projection": float(q) * n,
-                             "n": n, "num_classes": c, "class_trace": trace})
+                             "n": n, "num_classes": c, "class_trace": trace, "model": self.job.backbone})
         return as_table(rows, "spectra")
 
     def step_time(self, batch_size: Optional[int], loss: str) -> float:
@@ -237,9 +248,8 @@ class GroundTruthOutput:
 
 def run_ground_truth(job: GroundTruthJob) -> GroundTruthOutput:
     """Fine-tune one config for real with ``torch.optim.SGD`` and read T_eps off its curves."""
-    from ..data import load_dataset
     from ..finetune import FinetuneConfig, finetune
-    from ..models import build_finetune_model
+    from ..models import build_finetune_model, load_dataset_for_model
     from ..training_time import curve_training_times
     from ..tables import as_table, curve_table, ground_truth_rows
 
@@ -247,8 +257,8 @@ def run_ground_truth(job: GroundTruthJob) -> GroundTruthOutput:
     spec, run = job.spec, job.run
     c = run.config
     entry = next(d for d in spec.datasets if d.label == c.dataset)
-    ds = load_dataset(entry.ref)
-    model = build_finetune_model(spec.model, ds.num_classes, spec.kernel.head_seed)
+    ds = load_dataset_for_model(entry.ref, c.model, adapt=entry.input)
+    model = build_finetune_model(c.model, ds.num_classes, spec.kernel.head_seed)
     log_every = spec.ground_truth.log_every or spec.simulation.log_every
     cfg = FinetuneConfig(lr=job.lr, momentum=c.momentum, batch_size=c.batch_size, loss=c.loss, steps=c.budget_steps,
                          seed=run.seed, log_every=log_every, trainable=spec.kernel.trainable)
