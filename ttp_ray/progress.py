@@ -100,11 +100,12 @@ class Task:
         if self._owner is not None and not self.closed:
             self._owner._changed(self)
 
-    def close(self) -> None:
+    def close(self, outcome: str = "done") -> None:
+        """End the task; plain: one line ``'<description>: <outcome>, <units> in <time>'``."""
         if self._owner is None or self.closed:
             return
         self.closed = True
-        self._owner._closed(self)
+        self._owner._closed(self, outcome)
 
     def __enter__(self) -> "Task":
         return self
@@ -211,7 +212,7 @@ class Progress:
             t._last_line = now
             self._line(f"{t.description}: {t.status()}")
 
-    def _closed(self, t: Task) -> None:
+    def _closed(self, t: Task, outcome: str) -> None:
         if t in self._open:
             self._open.remove(t)
         if self._rich is not None and t._rich_id is not None:
@@ -222,7 +223,9 @@ class Progress:
             return
         unit = f" {t.unit}" if t.unit and t.completed else ""
         done = f"{t.completed:g}{unit} in " if t.completed else ""
-        self._line(f"{t.description}: done, {done}{format_seconds(t.elapsed)}")
+        if t.total and t.completed < t.total:
+            done = f"{t.completed:g}/{t.total:g}{unit} in "
+        self._line(f"{t.description}: {outcome}, {done}{format_seconds(t.elapsed)}")
 
 
 NULL_PROGRESS = Progress(enabled=False)

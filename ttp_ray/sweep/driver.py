@@ -180,9 +180,9 @@ def check_address(address: str, timeout_s: float = ADDRESS_TIMEOUT_S) -> None:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
             pass
     except OSError as exc:
-        why = "timed out" if isinstance(exc, socket.timeout) else (exc.strerror or type(exc).__name__).lower()
-        raise AddressError(f"--address: cannot reach {host}:{port} ({why} within {timeout_s:g} s); "
-                           f"{_ADDRESS_ALLOWED}") from None
+        why = (f"no answer within {timeout_s:g} s" if isinstance(exc, socket.timeout)
+               else (exc.strerror or type(exc).__name__).lower())
+        raise AddressError(f"--address: cannot reach {host}:{port} ({why}); {_ADDRESS_ALLOWED}") from None
 
 
 def _connect(spec: SweepSpec, address: Optional[str], num_cpus: Optional[int]) -> bool:
@@ -259,7 +259,8 @@ class _Reporter:
     def close(self) -> None:
         for unit in list(self.kernels):
             self.kernel_done(unit)
-        self.units.close()
+        full = self.units.total is not None and self.units.completed >= self.units.total
+        self.units.close("done" if full else "stopped")
 
 
 @dataclass
@@ -496,8 +497,8 @@ def _run_sweep(spec: SweepSpec, out: Optional[str], *, address: Optional[str], f
             sweep.loop()
         finally:
             reporter.close()
-            if sweep is not None:
-                sweep.shutdown_actors()
+            if sweep is not None and not started:  # Ray outlives this call: free its CPUs now
+                sweep.shutdown_actors()  # (else ray.shutdown ends the job's actors, without retry noise)
         return _finish(spec, output, opened, sweep, t0)
     finally:
         try:
