@@ -41,9 +41,12 @@ def main(argv=None) -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         cli.main(args=argv, prog_name="ttp-ray", standalone_mode=False)
-    except Interrupted as exc:  # a sweep stopped by SIGINT / SIGTERM: its parts are on disk
+    except Interrupted as exc:  # a sweep stopped by SIGINT / SIGTERM: its parts are on disk, Ray is shut down
         click.echo(INTERRUPTED_MESSAGE, err=True)
-        sys.exit(exc.exit_code)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # nothing is left to do: skip the interpreter's teardown (torch's and Ray's threads take seconds more)
+        os._exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

@@ -151,7 +151,8 @@ def start_local_ray(num_cpus: Optional[int] = None, object_store_mb=None) -> Non
     kw: Dict[str, Any] = {}
     if object_store_mb not in (None, "auto"):
         kw["object_store_memory"] = int(object_store_mb) * 1024 * 1024
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
+    # address="local": a new instance even where `ray start` left one running (ray.init() would join that)
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
              logging_level=logging.WARNING, **kw)
 
 
