@@ -169,10 +169,10 @@ def state_dict_hash(sd: Dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def pretrain_backbone(name: str, recipe: PretrainRecipe = PRETRAIN_RECIPE, *, progress: Optional[Progress] = None
-                      ) -> Tuple[nn.Module, Dict[str, float]]:
+def pretrain_backbone(name: str, recipe: PretrainRecipe = PRETRAIN_RECIPE, *, progress: Optional[Progress] = None,
+                      why: str = "") -> Tuple[nn.Module, Dict[str, float]]:
     """Pre-train a digits backbone from scratch, deterministically; returns (model, report). ``progress``: one
-    task advanced per epoch (default: the ambient one, :func:`ttp_ray.progress.current`)."""
+    task advanced per epoch (default: the ambient one, :func:`ttp_ray.progress.current`), described with ``why``."""
     if name not in _DIGITS_ARCHS:
         raise ModelError(f"model: only {', '.join(_DIGITS_ARCHS)} are pre-trained by ttp-ray, not {name!r}")
     ds = load_dataset(recipe.dataset)
@@ -193,8 +193,8 @@ def pretrain_backbone(name: str, recipe: PretrainRecipe = PRETRAIN_RECIPE, *, pr
                               weight_decay=recipe.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=recipe.epochs)
         t0 = time.perf_counter()
-        task = resolve(progress).task(f"pre-training {name} on {recipe.dataset} (first use, then cached)",
-                                      total=recipe.epochs, unit="epochs")
+        task = resolve(progress).task(f"pre-training {name} on {recipe.dataset}{why}", total=recipe.epochs,
+                                      unit="epochs")
         for _ in range(recipe.epochs):
             model.train()
             order = train[torch.randperm(len(train), generator=g)]
@@ -237,7 +237,8 @@ def load_pretrained_digits(name: str, recipe: PretrainRecipe = PRETRAIN_RECIPE, 
                 return model, dict(blob["report"])
         except Exception:
             pass  # corrupt or stale cache: fall through and rebuild it
-    model, report = pretrain_backbone(name, recipe, progress=progress)
+    why = "" if rebuild else f" (first use; cached in {path.parent})"
+    model, report = pretrain_backbone(name, recipe, progress=progress, why=why)
     sd = model.state_dict()
     blob = {"state_dict": sd, "num_classes": model.fc.out_features, "sha256": state_dict_hash(sd), "report": report}
     atomic_write(path, lambda tmp: torch.save(blob, tmp))
