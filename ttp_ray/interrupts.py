@@ -1,8 +1,9 @@
 """Ctrl-C (SIGINT) and SIGTERM during long work as one exception, :class:`Interrupted`; no Ray, no click.
 
 :func:`stop_on_signals` installs handlers that raise :class:`Interrupted` in the main thread at the next
-Python instruction (a loop waiting on Ray wakes at least once a second), so the ``finally`` blocks of the work
-run: nothing half-written is left (parts are written atomically), Ray is shut down. A second signal while
+Python instruction, or, within ``trap.deferred()`` (around calls into C code that block and poll for signals,
+such as Ray's), at the next ``trap.check()`` (a loop waiting on Ray checks at least once a second); so the
+``finally`` blocks of the work run: nothing half-written is left (parts are written atomically), Ray is shut down. A second signal while
 that clean-up runs ends the process at once with the same line and exit code. The CLI prints
 :data:`INTERRUPTED_MESSAGE` once and exits with :attr:`Interrupted.exit_code` (128 + the signal number: 130
 for SIGINT, 143 for SIGTERM, as a shell reports a process killed by them).
@@ -17,7 +18,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Dict, Iterator, Sequence
+from typing import Dict, Iterator, Optional, Sequence
 
 __all__ = ["INTERRUPTED_MESSAGE", "Interrupted", "stop_on_signals", "SIGNALS"]
 
@@ -36,21 +37,43 @@ class Interrupted(BaseException):
 
 class _Trap:
     """The installed handlers; :meth:`install` again after a library replaced them (``ray.init`` sets its
-    own SIGTERM handler)."""
+    own SIGTERM handler). Within :meth:`deferred` a signal is only recorded and :meth:`check` raises it: C
+    extensions that poll for signals while they block (Ray's ``wait`` and ``get``) turn an exception raised by
+    a handler into a ``SystemError``."""
 
     def __init__(self, signals: Sequence[int]):
         self.signals = tuple(signals)
         self.previous: Dict[int, object] = {}
-        self.fired = False
+        self.fired: Optional[int] = None  # the first signal received
+        self.raised = False
+        self.deferring = False
         self.active = threading.current_thread() is threading.main_thread()
 
     def handler(self, signum, _frame) -> None:
-        if self.fired:  # a second signal during the clean-up: end now
+        if self.fired is not None:  # a second signal during the clean-up: end now
             sys.stderr.write(INTERRUPTED_MESSAGE + "\n")
             sys.stderr.flush()
             os._exit(128 + signum)
-        self.fired = True
-        raise Interrupted(signum)
+        self.fired = int(signum)
+        if not self.deferring:
+            self.check()
+
+    def check(self) -> None:
+        """Raise :class:`Interrupted` if a signal was received (once)."""
+        if self.fired is not None and not self.raised:
+            self.raised = True
+            raise Interrupted(self.fired)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator["_Trap"]:
+        """Within the block signals are recorded, not raised (call :meth:`check` between blocking calls); on a
+        normal exit a recorded one is raised."""
+        self.deferring = True
+        try:
+            yield self
+        finally:
+            self.deferring = False
+        self.check()
 
     def install(self) -> None:
         if not self.active:

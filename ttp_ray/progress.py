@@ -221,7 +221,7 @@ class Progress:
             if not self._open:
                 self._stop()
             return
-        unit = f" {t.unit}" if t.unit and t.completed else ""
+        unit = f" {t.unit}" if t.unit and (t.completed or t.total) else ""
         done = f"{t.completed:g}{unit} in " if t.completed else ""
         if t.total and t.completed < t.total:
             done = f"{t.completed:g}/{t.total:g}{unit} in "

@@ -37,7 +37,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..interrupts import stop_on_signals
 from ..progress import NULL_PROGRESS, Progress, Task, current
@@ -225,17 +225,20 @@ def _remote_preflight(spec: SweepSpec) -> Dict[str, Dict[str, Any]]:
 # --------------------------------------------------------------------------------------- the sweep
 
 class _Reporter:
-    """A sweep's progress (:mod:`ttp_ray.progress`): one task over its units (prediction shards and
-    ground-truth runs; done / total with an ETA, parts found on disk counted as done), one open-ended task
-    per (dataset, model) while its actor prepares the kernel state, and notes (kernel loaded, errors)."""
+    """A sweep's progress (:mod:`ttp_ray.progress`): one task per kind of unit, prediction shards and
+    ground-truth fine-tunes (done / total with an ETA each, as their costs differ; parts found on disk count as
+    done), one open-ended task per (dataset, model) while its actor prepares the kernel state, and notes
+    (kernel loaded, errors)."""
 
     def __init__(self, name: str, plan: SweepPlan, skipped: Dict[str, int], progress: Progress):
         self.progress = progress
         self.kernels: Dict[str, Task] = {}
-        total = plan.n_shards + plan.n_ground_truth
-        parts = f"{plan.n_shards} shards" + (f" + {plan.n_ground_truth} fine-tunes" if plan.n_ground_truth else "")
-        self.units = progress.task(f"sweep {name} ({parts})", total=total, unit="units",
-                                   completed=sum(skipped.values()))
+        self.units: Dict[str, Task] = {}
+        for kind, total, what, unit in (("predictions", plan.n_shards, "prediction shards", "shards"),
+                                        ("ground_truth", plan.n_ground_truth, "fine-tunes (ground truth)", "runs")):
+            if total:
+                self.units[kind] = progress.task(f"sweep {name}: {what}", total=total, unit=unit,
+                                                 completed=skipped[kind])
 
     def kernel_started(self, unit: str) -> None:
         self.kernels[unit] = self.progress.task(f"{unit}: kernel state")
@@ -245,13 +248,12 @@ class _Reporter:
         if task is not None:
             task.close()
 
-    def advance(self) -> None:
-        self.units.advance()
+    def advance(self, kind: str) -> None:
+        self.units[kind].advance()
 
     def tick(self) -> None:
         """Time passed: plain lines are due every few seconds even when nothing finished."""
-        self.units.tick()
-        for task in self.kernels.values():
+        for task in list(self.units.values()) + list(self.kernels.values()):
             task.tick()
 
     def note(self, text: str) -> None:
@@ -260,8 +262,8 @@ class _Reporter:
     def close(self) -> None:
         for unit in list(self.kernels):
             self.kernel_done(unit)
-        full = self.units.total is not None and self.units.completed >= self.units.total
-        self.units.close("done" if full else "stopped")
+        for task in self.units.values():
+            task.close("done" if task.completed >= (task.total or 0) else "stopped")
 
 
 @dataclass
@@ -281,9 +283,11 @@ class _Sweep:
     """The driver loop of one run (state kept here so the loop reads as a list of events)."""
 
     def __init__(self, spec: SweepSpec, plan: SweepPlan, output: SweepOutput, view: Dict[str, Any],
-                 reporter: _Reporter, crash_marker: Optional[str], stop_after: Optional[int]):
+                 reporter: _Reporter, crash_marker: Optional[str], stop_after: Optional[int],
+                 check_stop: Callable[[], None]):
         import ray
 
+        self.check_stop = check_stop  # raises Interrupted after a signal (ttp_ray.interrupts)
         self.ray = ray
         self.spec, self.plan, self.output, self.view, self.reporter = spec, plan, output, view, reporter
         self.crash_marker = crash_marker
@@ -351,6 +355,7 @@ class _Sweep:
     def loop(self) -> None:
         while self.refs:
             ready, _ = self.ray.wait(list(self.refs), num_returns=1, timeout=1.0)
+            self.check_stop()
             self.reporter.tick()
             for ref in ready:
                 kind, label, payload, idx = self.refs.pop(ref)
@@ -386,7 +391,7 @@ class _Sweep:
         self.written["predictions"] += 1
         self.shard_seconds += out.seconds
         run.inflight[idx] -= 1
-        self.reporter.advance()
+        self.reporter.advance("predictions")
         self._feed(run)
         self._release_if_done(run)
         if self.stop_after is not None and self.written["predictions"] >= self.stop_after:
@@ -396,7 +401,7 @@ class _Sweep:
         self.output.write_parts(out.dataset, out.run_id, {"curves": out.curves, "ground_truth": out.rows})
         self.output.sync()
         self.written["ground_truth"] += 1
-        self.reporter.advance()
+        self.reporter.advance("ground_truth")
 
     def _failed(self, kind: str, run: _DatasetRun, payload, idx: int, exc: Exception) -> None:
         cause = getattr(exc, "cause", None) or exc
@@ -479,13 +484,28 @@ def _run_sweep(spec: SweepSpec, out: Optional[str], *, address: Optional[str], f
         opened = _open(spec, output, plan, fresh)
         if not _has_work(opened[2]):
             return _finish(spec, output, opened, None, t0)
+    # Ray's blocking calls turn an exception raised by a signal handler into a SystemError: from here on a
+    # signal is recorded and raised by check() between them (at least once a second in the loop)
+    with trap.deferred() if trap is not None else contextlib.nullcontext():
+        return _run_on_ray(spec, output, opened, address=address, fresh=fresh, num_cpus=num_cpus, progress=progress,
+                           trap=trap, crash_marker=crash_marker, stop_after=stop_after, t0=t0)
+
+
+def _run_on_ray(spec: SweepSpec, output: SweepOutput, opened, *, address: Optional[str], fresh: bool,
+                num_cpus: Optional[int], progress: Progress, trap, crash_marker: Optional[str],
+                stop_after: Optional[int], t0: float) -> SweepResult:
+    import ray
+
+    check = trap.check if trap is not None else (lambda: None)
     started = _connect(spec, address, num_cpus)
     if trap is not None:
         trap.install()  # ray.init replaced the SIGTERM handler
     sweep = None
     try:
+        check()
         if opened is None:
             opened = _open(spec, output, plan_sweep(spec, _remote_preflight(spec)), fresh)
+            check()
         plan, _, pending = opened
         view = resource_view(spec, plan, ray.cluster_resources())
         reporter = _Reporter(spec.name, plan, _skipped(plan, pending), progress)
@@ -493,7 +513,7 @@ def _run_sweep(spec: SweepSpec, out: Optional[str], *, address: Optional[str], f
             if any(_skipped(plan, pending).values()):
                 reporter.note(f"resuming {output.root}: " + ", ".join(
                     f"{v} {k} part(s)" for k, v in _skipped(plan, pending).items()) + " already written, skipped")
-            sweep = _Sweep(spec, plan, output, view, reporter, crash_marker, stop_after)
+            sweep = _Sweep(spec, plan, output, view, reporter, crash_marker, stop_after, check)
             sweep.start(*pending)
             sweep.loop()
         finally:
