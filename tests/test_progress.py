@@ -43,6 +43,14 @@ def test_eta_is_the_mean_rate_of_the_units_done_here():
     t.completed = 50.0
     t.started -= 10.0  # 10 units in 10 s
     assert t.eta_s == pytest.approx(50.0, rel=0.05)
+    p = Progress(stream=io.StringIO(), interval_s=3600.0)
+    t = p.task("sweep", total=10)  # a 100 s set-up phase, then 1 unit, then 2 more in 10 s
+    t.started -= 100.0
+    t.advance()
+    t._first = (t._first[0] - 10.0, t._first[1])
+    t.advance(2)
+    assert t.eta_s == pytest.approx(7 * 10.0 / 2, rel=0.05)  # the rate after the first unit, not 3 per 110 s
+    t.close()
     assert format_seconds(None) == "?" and format_seconds(2.54) == "2.5 s" and format_seconds(125) == "2 min 05 s"
     assert format_seconds(3720) == "1 h 02 min"
 

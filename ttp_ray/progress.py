@@ -10,7 +10,8 @@
   functions given no progress use :func:`current` (``NULL_PROGRESS`` unless a caller set one), so a library
   user sees nothing and a Ray worker prints nothing.
 
-The ETA is the remaining units at the mean rate so far: ``(total - done) × elapsed / done``.
+The ETA is the remaining units at the mean rate so far, ``(total - done) × elapsed / done``, with elapsed time and
+units counted from the first unit on once a second one is done (a set-up phase does not slow the rate).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import contextlib
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Optional, TextIO
+from typing import Any, Callable, Iterator, List, Optional, TextIO, Tuple
 
 __all__ = ["Progress", "Task", "NULL_PROGRESS", "current", "using", "resolve", "format_seconds",
            "DEFAULT_INTERVAL_S"]
@@ -55,6 +56,7 @@ class Task:
         self.started = time.monotonic()
         self.closed = False
         self._last_line = self.started
+        self._first: Optional[Tuple[float, float]] = None  # (time, completed) of the first advance
         self._rich_id: Any = None
 
     # ---- reading
@@ -64,10 +66,15 @@ class Task:
 
     @property
     def eta_s(self) -> Optional[float]:
-        """Seconds left at the mean rate so far; None without a total or before the first unit done here."""
+        """Seconds left at the mean rate so far; None without a total or before the first unit done here. The rate
+        is taken from the first advance on once there are later ones (a set-up phase before the first unit,
+        such as a sweep's kernel, does not slow it), else from the start."""
         if not self.total or self.completed <= self.initial:
             return None
-        return max(0.0, (self.total - self.completed) * self.elapsed / (self.completed - self.initial))
+        left = self.total - self.completed
+        if self._first is not None and self.completed > self._first[1]:
+            return max(0.0, left * (time.monotonic() - self._first[0]) / (self.completed - self._first[1]))
+        return max(0.0, left * self.elapsed / (self.completed - self.initial))
 
     def status(self) -> str:
         """``'45/120 samples (38%), 12 s, ETA 20 s'`` (``'3 units, 12 s'`` without a total)."""
@@ -88,6 +95,8 @@ class Task:
         if self._owner is None or self.closed:
             return
         if completed is not None:
+            if self._first is None and completed > self.completed:
+                self._first = (time.monotonic(), float(completed))
             self.completed = float(completed)
         if total is not None:
             self.total = total
