@@ -423,6 +423,16 @@ class _Sweep:
             self._feed(run)
             self._release_if_done(run)
 
+    def cancel_pending(self) -> None:
+        """Cancel what is in flight (stopping early): fine-tune tasks are killed, shard calls dropped; so that Ray's
+        shutdown has no failed task left to report."""
+        for ref, (kind, *_rest) in list(self.refs.items()):
+            try:
+                self.ray.cancel(ref, force=kind == "gt")
+            except Exception:  # pragma: no cover - already finished or gone
+                pass
+        self.refs.clear()
+
     def shutdown_actors(self) -> None:
         for run in self.datasets.values():
             for actor in run.actors:
@@ -516,6 +526,10 @@ def _run_on_ray(spec: SweepSpec, output: SweepOutput, opened, *, address: Option
             sweep = _Sweep(spec, plan, output, view, reporter, crash_marker, stop_after, check)
             sweep.start(*pending)
             sweep.loop()
+        except BaseException:
+            if sweep is not None:
+                sweep.cancel_pending()
+            raise
         finally:
             reporter.close()
             if sweep is not None and not started:  # Ray outlives this call: free its CPUs now
