@@ -217,7 +217,8 @@ class Progress:
             self._rich.update(t._rich_id, completed=t.completed, total=t.total, description=t.description)
             return
         now = time.monotonic()
-        if now - t._last_line >= self.interval_s:
+        finished = t.total is not None and t.completed >= t.total  # its end line will say so
+        if not finished and now - t._last_line >= self.interval_s:
             t._last_line = now
             self._line(f"{t.description}: {t.status()}")
 

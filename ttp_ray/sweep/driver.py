@@ -241,7 +241,7 @@ class _Reporter:
                                                  completed=skipped[kind])
 
     def kernel_started(self, unit: str) -> None:
-        self.kernels[unit] = self.progress.task(f"{unit}: kernel state")
+        self.kernels[unit] = self.progress.task(f"{unit}: actor start and kernel state")
 
     def kernel_done(self, unit: str) -> None:
         task = self.kernels.pop(unit, None)
@@ -249,7 +249,10 @@ class _Reporter:
             task.close()
 
     def advance(self, kind: str) -> None:
-        self.units[kind].advance()
+        task = self.units[kind]
+        task.advance()
+        if task.total is not None and task.completed >= task.total:
+            task.close()
 
     def tick(self) -> None:
         """Time passed: plain lines are due every few seconds even when nothing finished."""
@@ -263,7 +266,7 @@ class _Reporter:
         for unit in list(self.kernels):
             self.kernel_done(unit)
         for task in self.units.values():
-            task.close("done" if task.completed >= (task.total or 0) else "stopped")
+            task.close("stopped")  # a finished one closed when its last unit came
 
 
 @dataclass
