@@ -33,7 +33,7 @@ def test_plain_lines_start_end_and_throttled_status():
         for _ in range(4):
             t.advance()
     lines = out.getvalue().splitlines()
-    assert len(lines) == 1 + 4 + 1
+    assert len(lines) == 1 + 3 + 1  # start, 1/4 .. 3/4, end (4/4 is said by the end line)
     assert lines[2].startswith("steps: 2/4 steps (50%), ") and ", ETA " in lines[2]
 
 
