@@ -129,7 +129,7 @@ def checkout(tmp_path_factory):
         for k in range(4):
             Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(
                 work / "home" / "photos" / cls / f"{k}.png")
-    np.savez(work / "my.npz", x=rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8), y=np.arange(12) % 3)
+    np.savez(work / "my.npz", x=rng.integers(0, 256, (12, 3, 16, 16), dtype=np.uint8), y=np.arange(12) % 3)  # N C H W
     hub = work / "torch" / "hub" / "checkpoints"  # where the README says resnet18's download goes
     hub.mkdir(parents=True)
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
