@@ -65,6 +65,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 from ..inputs import AdaptOptions
 from ..objectives import LOSSES
 from ..training_time import CRITERIA
+from .grid import SpecError, grid_axes, read_spec
 from .spec_types import (AUTO, GT_FILTER_FIELDS, LR_MODES, NAME_CHARS, Budget, CostSpec, DatasetEntry,
                          GroundTruthSpec, KernelSpec, LrGrid, OutputSpec, PredictorSpec, ResourcesSpec, SimulationSpec,
                          SweepSpec, freeze_value)
@@ -86,11 +87,12 @@ __all__ = [
     "GT_FILTER_FIELDS",
     "load_spec",
     "parse_spec",
+    "read_spec",
+    "grid_axes",
+    "code_models",
+    "check_code",
+    "ground_truth_from_identity",
 ]
-
-
-class SpecError(ValueError):
-    """An invalid sweep spec; the message is one line: ``<field>: <problem>; allowed: <values>``."""
 
 
 # ------------------------------------------------------------------- building: errors as SpecError
@@ -159,12 +161,13 @@ def _as_list(value: Any, path: str, what: str) -> List[Any]:
 
 
 def _unique(items: Sequence[Any], path: str) -> tuple:
-    seen = []
+    seen = set()
     for x in items:
-        if x in seen:
+        key = freeze_value(x)
+        if key in seen:
             _fail(path, f"value {_show(x)} is listed twice", "distinct values")
-        seen.append(x)
-    return tuple(seen)
+        seen.add(key)
+    return tuple(items)
 
 
 def _number(value: Any, path: str, allowed: str = "a number") -> float:
@@ -457,16 +460,33 @@ def parse_spec(data: Any) -> SweepSpec:
 
 def load_spec(path: Union[str, Path]) -> SweepSpec:
     """Read and validate a YAML spec file (``yaml.safe_load``)."""
-    import yaml
+    return parse_spec(read_spec(path))
 
-    p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"spec: file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise SpecError(f"spec: {p} is not valid YAML{where}: {problem}") from None
-    return parse_spec(data)
+
+def ground_truth_from_identity(d: Mapping[str, Any]) -> GroundTruthSpec:
+    """The :class:`GroundTruthSpec` recorded in a manifest's ``identity`` (its resource fields take their defaults)."""
+    known = {f.name for f in fields(GroundTruthSpec)}
+    kw = {k: v for k, v in d.items() if k in known}
+    if "seeds" in kw:
+        kw["seeds"] = tuple(kw["seeds"])
+    if "where" in kw:
+        kw["where"] = tuple((str(k), tuple(v)) for k, v in kw["where"])
+    return GroundTruthSpec(**kw)
+
+
+def code_models(spec: SweepSpec) -> Tuple[str, ...]:
+    """The spec's backbones that are Python factories (``package.module:function``): code the sweep imports and
+    calls on the driver and in every actor."""
+    from ..models import is_factory
+
+    return tuple(m for m in spec.models if is_factory(m))
+
+
+def check_code(spec: SweepSpec, allowed: bool) -> None:
+    """A spec naming Python code (``model: pkg.mod:fn``) needs the user's consent: ``--allow-code`` or
+    ``TTP_RAY_ALLOW_CODE=1``; else one-line SpecError naming ``model``."""
+    code = code_models(spec)
+    if code and not allowed:
+        raise SpecError(f"model: {code[0]!r} is Python code (package.module:function) that the sweep would import "
+                        f"and call on the driver and every actor; allowed: a backbone name or ARCH:PATH, or pass "
+                        f"--allow-code (or set TTP_RAY_ALLOW_CODE=1) to run code from this spec")

@@ -24,6 +24,7 @@ from ..kernel import KernelOptions
 from ..models import check_trainable
 from ..objectives import check_loss
 from ..predict import PredictSettings
+from ..preflight import check_label, check_lr
 from ..subset import SubsetOptions
 
 __all__ = [
@@ -97,6 +98,7 @@ class DatasetEntry:
 
     def __post_init__(self):
         _check_min("subset", self.subset, 1, also=(None,))
+        check_label(self.label)  # it names the dataset's directories under OUT
 
     @property
     def key(self) -> str:
@@ -123,6 +125,7 @@ class LrGrid:
             raise ValueError(f"mode: {self.mode!r} is not one of {', '.join(LR_MODES)}")
         for value in self.values:  # SimConfig's lr rule; a fraction of max_stable_lr is > 0 exactly when its lr is
             SimConfig(lr=value)
+            _as_field("values", check_lr, value)  # the preflight's bound (MAX_LR), for absolute lrs and fractions
 
     @property
     def relative(self) -> bool:
