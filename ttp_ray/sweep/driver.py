@@ -500,6 +500,7 @@ def _open(spec: SweepSpec, output: SweepOutput, plan: SweepPlan, fresh: bool, si
           notes: List[str], echo: Callable[[str], None]):
     """Claim the output directory for ``plan`` (its lock, then the manifest) and find what is left to do: parts that
     do not read back are dropped and recomputed."""
+    _open_output(output, spec, plan, fresh, sizes, dry=True)  # refusals before the lock: nothing written
     note = output.acquire_lock()
     try:
         previous = _open_output(output, spec, plan, fresh, sizes)
@@ -557,9 +558,14 @@ def _finish(spec: SweepSpec, output: SweepOutput, opened, sweep: Optional["_Swee
 
 
 def _open_output(output: SweepOutput, spec: SweepSpec, plan: SweepPlan, fresh: bool,
-                 sizes: Dict[str, Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+                 sizes: Dict[str, Dict[str, Any]], dry: bool = False) -> Optional[Dict[str, Any]]:
+    """The manifest of the sweep ``output`` holds, if it is this one (``--fresh``: cleared, None); ``dry``: only the
+    checks, nothing removed."""
     if fresh:
-        output.clear()
+        if dry:
+            output.check_clearable()
+        else:
+            output.clear()
         return None
 
     def relayout(old_ground_truth: Dict[str, Any]) -> str:

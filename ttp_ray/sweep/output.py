@@ -176,12 +176,11 @@ class SweepOutput:
                               f"dataset sizes); use --fresh to overwrite it or another --out")
         return old
 
-    def clear(self) -> None:
-        """Remove this sweep's tables, what was derived from them and the manifest (``--fresh``); other files
-        are left alone. Only in a directory whose manifest says it is a ttp-ray sweep's OUT (a new or empty one has
-        nothing to clear): else :class:`OutputError` and nothing is touched."""
+    def check_clearable(self) -> bool:
+        """Whether ``--fresh`` has something to clear here: False for a new or empty directory, True for a ttp-ray
+        sweep's OUT (its manifest says so); :class:`OutputError` for anything else. Reads only."""
         if not self.root.is_dir() or not [p for p in self.root.iterdir() if p.name != LOCK]:
-            return
+            return False
         try:
             ours = read_manifest(self.root)
         except ManifestError as e:
@@ -190,6 +189,14 @@ class SweepOutput:
         if ours is None:
             raise OutputError(f"output: {self.root} is not a ttp-ray sweep's OUT (it holds files but no {MANIFEST} of a "
                               f"sweep); --fresh clears only those; allowed: a new or empty directory, or a sweep's OUT")
+        return True
+
+    def clear(self) -> None:
+        """Remove this sweep's tables, what was derived from them and the manifest (``--fresh``); other files
+        are left alone. Only in a directory whose manifest says it is a ttp-ray sweep's OUT (a new or empty one has
+        nothing to clear): else :class:`OutputError` and nothing is touched (:meth:`check_clearable`)."""
+        if not self.check_clearable():
+            return
         for table in TABLES:
             shutil.rmtree(self.root / table, ignore_errors=True)
         for name in DERIVED:
