@@ -3,15 +3,19 @@
 Every field, its default and its allowed values (``*`` marks the required ones)::
 
     name*: quickstart                  # [A-Za-z0-9_.-]+, names the run
-    model*: digits-cnn                 # backbone (``ttp-ray models``), or a list of distinct backbones: a grid
-                                       # axis, one kernel state per (dataset, model)
+    model*: digits-cnn                 # backbone (``ttp-ray models``), ARCH:PATH (a checkpoint), or a list of
+                                       # distinct backbones: a grid axis, one kernel state per (dataset, model);
+                                       # package.module:function is Python code the sweep imports and calls on
+                                       # the driver and in every actor: refused unless the CLI has --allow-code
+                                       # (or TTP_RAY_ALLOW_CODE=1)
     datasets*:                         # non-empty list; each entry a string or a mapping
       - digits-5to9                    #   registry name, npz:PATH, folder:ROOT, NAME:subset=N
-      - {name: digits, subset: 300}    #   mapping: name*, subset (int > 0), label (partition value),
+      - {name: digits, subset: 300}    #   mapping: name*, subset (int > 0), label (partition value, default the
+                                       #   name: at most 100 of letters, digits, _ . - : = , / + @ ~),
                                        #   input_size, input_channels (ints > 0), adapt (true): user images
                                        #   (npz, folder) brought to each backbone's input (ttp_ray.inputs)
     losses: [ce]                       # subset of mse, ce
-    lr*: [0.01, 0.1]                   # absolute values > 0, or {values: [...]}, or
+    lr*: [0.01, 0.1]                   # absolute values in (0, 1e6], or {values: [...]}, or
                                        # {fraction_of_max_stable: [0.05, 0.5, 1.2]} (of each dataset's
                                        # 2(1+m)N/lambda_max, measured on the kernel), lists may be
                                        # written {geomspace: [lo, hi, count]} or {linspace: [...]}
@@ -41,6 +45,12 @@ Every field, its default and its allowed values (``*`` marks the required ones):
                                        # subset, drift, relinearised, flow), or {name: drift, reference_fraction:
                                        # 0.6} with the predictor's options; kernel.subset and
                                        # simulation.drift_reference are its old spellings (deprecated)
+
+Before anything runs (``ttp-ray sweep``, :mod:`ttp_ray.sweep.preflight` and :mod:`ttp_ray.preflight`): the grid's
+size, the product of the axes' lengths read off the YAML (at most ``--max-configs``, default 100,000), the data
+(finite values, labels, at most ``--max-classes`` classes, default 1,000, readable images), every backbone built
+with its head and run on two images, the output directory, and the memory one actor needs (kernel N x k,
+simulation of a shard; at most ``--max-memory-gb``, default 16). Each refusal is one line naming the field.
 
 The defaults of the kernel and simulation options are those of :class:`ttp_ray.kernel.KernelOptions`,
 :class:`ttp_ray.dynamics.SimOptions`, :class:`ttp_ray.predict.PredictSettings` (and ``trainable`` that of
