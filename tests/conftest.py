@@ -21,7 +21,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         marker = item.get_closest_marker("timeout")
         if marker is not None and marker.args:
-            item.add_marker(pytest.mark.timeout(float(marker.args[0]) * scale))
+            item.add_marker(pytest.mark.timeout(float(marker.args[0]) * scale), append=False)  # the closest one
 
 
 @pytest.fixture(scope="session")
