@@ -221,6 +221,8 @@ CASES = {
                                       "datasets[0].label:"),
     "sweep label with a newline": (_sweep({"datasets": [{"name": "digits-5to9:subset=100", "label": "a\nb"}]}),
                                    "datasets[0].label:"),
+    "sweep model path too long for part names": (_sweep({"model": ["digits-cnn", "digits-resnet:/" + "p/" * 100
+                                                                   + "w.pt"]}), "model[1]:"),
     "sweep code without --allow-code": (_sweep({"model": "os:getcwd"}), "--allow-code"),
     "sweep factory raises": (_sweep({"model": "tests.helpers:raising_factory"}, ["--allow-code"]),
                              "the factory raised"),

@@ -245,7 +245,12 @@ def _load_inputs(kw):
     lr = kw["lr"] if kw["lr"] is not None else 1.0
     cfg = FinetuneConfig(lr=lr, momentum=kw["momentum"], batch_size=kw["batch_size"], loss=kw["loss"],
                          steps=kw["steps"], seed=kw["seed"], log_every=kw["log_every"], trainable=kw["trainable"])
-    _check_memory(kw, ds, finetune=cfg)
+    kernel = None
+    if kw["lr_fraction"] is not None:  # the default predictor's kernel gives the limit (_finetune_lr)
+        from .kernel import KernelOptions
+
+        kernel = KernelOptions()
+    _check_memory(kw, ds, kernel=kernel, finetune=cfg)
     model = build_finetune_model(kw["model"], ds.num_classes, kw["head_seed"], allow_download=kw["download"])
     return ds, model
 
