@@ -616,6 +616,7 @@ def summary_text(out: Path, spec: SweepSpec, top: int = 10) -> str:
         lines.append(f"  (`ttp-ray rank {out}`: the table with flags and regime; `--by predicted_cost_s`: by "
                      f"T_hat x step time, against each run's own final value; `--pareto`: the cost / final-error "
                      f"front)")
+        lines += _extra_work_lines(pred)
         gt = read_table(out, "ground_truth").to_pandas()
         if len(gt):
             val = analysis.validation_table(pred, gt, curves)
@@ -633,6 +634,16 @@ def summary_text(out: Path, spec: SweepSpec, top: int = 10) -> str:
     lines.append(f"tables: {out}/predictions, {out}/ground_truth, {out}/curves, {out}/spectra (Parquet, "
                  f"hive-partitioned by dataset); manifest: {out}/manifest.json")
     return "\n".join(lines)
+
+
+def _extra_work_lines(pred) -> List[str]:
+    """What the predictor spent beyond the Θ0 sketch, per (dataset, model, loss), from the rows' ``extra_gradients``."""
+    if "extra_gradients" not in pred or not pred.extra_gradients.notna().any():
+        return []
+    work = pred.dropna(subset=["extra_gradients"]).groupby(["dataset", "model", "loss"]).agg(
+        g=("extra_gradients", "max"), n=("n", "first"), method=("method", "first"))
+    return ["extra work beyond the kernel (per-sample gradients of the drift probes, per actor; docs/METHOD.md §14): "
+            + ", ".join(f"{d}/{m}/{l} {int(r.g)} ({r.g / r.n:.1f} N)" for (d, m, l), r in work.iterrows())]
 
 
 def _ranking_lines(analysis, val) -> List[str]:
