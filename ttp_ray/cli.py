@@ -13,6 +13,8 @@ from typing import Optional
 
 import click
 
+from .preflight import DEFAULT_MAX_CLASSES, DEFAULT_MAX_MEMORY_GB
+
 __all__ = ["main", "cli", "InputError"]
 
 
@@ -21,12 +23,9 @@ class InputError(ValueError):
 
 
 def _user_errors():
-    from .data import DatasetError
-    from .models import ModelError
-
-    from .sweep.spec import SpecError
-
-    return (InputError, DatasetError, ModelError, SpecError, ValueError)
+    """Bad input: every one-line error of the core (``DatasetError``, ``ModelError``, ``SpecError``,
+    ``PreflightError``, ...) is a ``ValueError``."""
+    return (ValueError,)
 
 
 def _fail(msg: str) -> None:
@@ -75,7 +74,34 @@ class BatchSize(click.ParamType):
             self.fail(f"{value!r} is not an integer or 'full'", param, ctx)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The command group. ``predict`` (whose option defaults and choices are read from the core dataclasses, which
+    import torch) and the analysis commands (pandas) are built on first use, so that ``sweep``'s refusals and the
+    light commands cost no heavy import."""
+
+    lazy = {
+        "predict": lambda: _predict_command(),
+        "rank": lambda: _analysis_command("rank"),
+        "validate": lambda: _analysis_command("validate"),
+        "plot": lambda: _analysis_command("plot"),
+    }
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx, cmd_name):
+        if cmd_name not in self.commands and cmd_name in self.lazy:
+            self.add_command(self.lazy[cmd_name](), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+def _analysis_command(name: str) -> click.Command:
+    from . import analysis_cli
+
+    return getattr(analysis_cli, name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ttp-ray")
 def cli() -> None:
     """Predict how many SGD steps fine-tuning will take, without training (Zancato et al. 2020)."""
@@ -162,6 +188,11 @@ def common_run_options(f):
         click.option("--head-seed", type=int, default=0, show_default=True, help="Seed of the new linear head."),
         click.option("--trainable", type=click.Choice(["all", "head"]), default="all", show_default=True),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
+        click.option("--max-classes", type=click.IntRange(min=1), default=DEFAULT_MAX_CLASSES, show_default=True,
+                     help="Refuse a dataset with more classes (the new head's outputs)."),
+        click.option("--max-memory-gb", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_MEMORY_GB,
+                     show_default=True, help="Refuse a run whose estimated memory (kernel N x k, simulation paths x N "
+                                             "x C, per-step records) exceeds this many GB."),
         click.option("--download", is_flag=True, help="Allow downloading missing datasets/weights."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
     ]
@@ -172,11 +203,16 @@ def common_run_options(f):
 
 def _validate_common(kw, n: Optional[int] = None) -> None:
     from .finetune import FinetuneConfig
+    from .preflight import check_device, check_lr
 
     if (kw["lr"] is None) == (kw["lr_fraction"] is None):
         raise InputError("lr: give exactly one of --lr (absolute) or --lr-fraction (of max_stable_lr)")
     if kw["lr_fraction"] is not None and not kw["lr_fraction"] > 0:
         raise InputError(f"lr_fraction: must be > 0 (a fraction of max_stable_lr), got {kw['lr_fraction']}")
+    for name in ("lr", "lr_fraction"):
+        if kw[name] is not None:
+            check_lr(kw[name], name)
+    check_device(kw["device"])
     if any(e <= 0 for e in kw["eps_list"]):
         raise InputError(f"eps: every value must be > 0, got {', '.join(map(str, kw['eps_list']))}")
     if kw["subset"] is not None and kw["subset"] <= 0:
@@ -193,21 +229,52 @@ def _adapt_options(kw):
     return AdaptOptions(adapt=not kw["no_adapt"], size=kw["input_size"], channels=kw["input_channels"])
 
 
+def _limits(kw):
+    from .preflight import ResourceLimits
+
+    return ResourceLimits(max_memory_gb=kw["max_memory_gb"], max_classes=kw["max_classes"])
+
+
 def _load_dataset(kw):
-    """The dataset as the backbone takes it (user images adapted to its input; a mismatch: one line)."""
+    """The dataset as the backbone takes it (user images adapted to its input; a mismatch: one line), checked by
+    the preflight (:mod:`ttp_ray.preflight`: labels, classes, readable images) and the backbone built and run on it."""
     from .models import load_dataset_for_model
+    from .preflight import check_dataset, check_dataset_ref, check_model
 
     _validate_common(kw)
+    check_dataset_ref(kw["dataset"], _limits(kw))
     ds = load_dataset_for_model(kw["dataset"], kw["model"], adapt=_adapt_options(kw), subset=kw["subset"],
                                 download=kw["download"])
+    check_dataset(ds, _limits(kw), ref=kw["dataset"])
     _validate_common(kw, len(ds))
+    check_model(kw["model"], ds, allow_download=kw["download"])
     return ds
 
 
+def _check_memory(kw, ds, kernel=None, sim=None, finetune=None) -> None:
+    """The run's estimated memory against ``--max-memory-gb`` (:func:`ttp_ray.preflight.memory_estimate`)."""
+    from .preflight import check_memory, memory_estimate
+
+    est = memory_estimate(len(ds), int(ds.num_classes), fields={"k": "k", "steps": "steps", "paths": "paths"},
+                          kernel=kernel, sim=sim, budget_steps=kw["steps"], n_configs=1, max_batch=kw["batch_size"],
+                          finetune=finetune)
+    check_memory(est, _limits(kw))
+
+
 def _load_inputs(kw):
+    from .finetune import FinetuneConfig
     from .models import build_finetune_model
 
     ds = _load_dataset(kw)
+    lr = kw["lr"] if kw["lr"] is not None else 1.0
+    cfg = FinetuneConfig(lr=lr, momentum=kw["momentum"], batch_size=kw["batch_size"], loss=kw["loss"],
+                         steps=kw["steps"], seed=kw["seed"], log_every=kw["log_every"], trainable=kw["trainable"])
+    kernel = None
+    if kw["lr_fraction"] is not None:  # the default predictor's kernel gives the limit (_finetune_lr)
+        from .kernel import KernelOptions
+
+        kernel = KernelOptions()
+    _check_memory(kw, ds, kernel=kernel, finetune=cfg)
     model = build_finetune_model(kw["model"], ds.num_classes, kw["head_seed"], allow_download=kw["download"])
     return ds, model
 
@@ -359,10 +426,11 @@ def _chosen_predictor(kw):
     return get_predictor(name, **options), notes
 
 
-@cli.command()
-@common_run_options
-@prediction_options
-@with_progress
+def _predict_command() -> click.Command:
+    """``ttp-ray predict``, built on first use (see :class:`_Commands`)."""
+    return click.command(name="predict")(common_run_options(prediction_options(with_progress(predict))))
+
+
 def predict(**kw) -> None:
     """Predict the loss/error curve and T_eps without training (Algorithm 1); --validate trains too."""
     from .dynamics import SimConfig, SimOptions
@@ -382,14 +450,20 @@ def predict(**kw) -> None:
         class_trace = False if predictor.needs_full_kernel else KernelOptions().class_trace
     kopt = KernelOptions(method=kw["kernel_method"], projection=kw["projection"], k=kw["sketch_k"],
                          class_trace=class_trace, seed=kw["kernel_seed"])
+    sim = SimOptions(method=kw["method"], momentum_mode=kw["momentum_mode"], noise=kw["noise"], paths=kw["paths"],
+                     seed=kw["seed"], log_every=kw["log_every"])
+    if kw["validate"]:
+        from .finetune import FinetuneConfig
+
+        tuned = FinetuneConfig(lr=kw["lr"] or 1.0, momentum=kw["momentum"], batch_size=kw["batch_size"],
+                               loss=kw["loss"], steps=kw["steps"], log_every=kw["log_every"])
+    _check_memory(kw, ds, kernel=kopt, sim=sim, finetune=tuned if kw["validate"] else None)
     prepared = predictor.prepare(PredictionInputs(model=kw["model"], dataset=ds, kernel=kopt, head_seed=kw["head_seed"],
                                                   trainable=kw["trainable"], device=kw["device"],
                                                   cache=not kw["no_cache"], allow_download=kw["download"]))
     if kw["lr_fraction"] is not None:  # of this kernel's limit; --validate fine-tunes at the same lr
         kw["lr"] = kw["lr_fraction"] * prepared.max_stable_lr(kw["momentum"])
     cfg = SimConfig(lr=kw["lr"], momentum=kw["momentum"], batch_size=kw["batch_size"], loss=kw["loss"])
-    sim = SimOptions(method=kw["method"], momentum_mode=kw["momentum_mode"], noise=kw["noise"], paths=kw["paths"],
-                     seed=kw["seed"], log_every=kw["log_every"])
     settings = PredictSettings(sim=sim, eps_mode=kw["eps_mode"])
     (pred,) = prepared.predict([cfg], budget_steps=kw["steps"], eps_list=kw["eps_list"], settings=settings)
     res = pred.result
@@ -507,11 +581,6 @@ def _print_run(out: dict) -> None:
 
 from .sweep.cli import sweep as _sweep_command  # noqa: E402
 cli.add_command(_sweep_command)
-
-from .analysis_cli import plot as _plot_command, rank as _rank_command, validate as _validate_command  # noqa: E402
-cli.add_command(_rank_command)
-cli.add_command(_validate_command)
-cli.add_command(_plot_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

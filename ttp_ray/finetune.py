@@ -22,7 +22,7 @@ from .progress import Progress, resolve
 from .sampling import batch_schedule
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "evaluate", "measure_step_time", "result_summary",
-           "DIVERGENCE_FACTOR"]
+           "DIVERGENCE_FACTOR", "finetune_memory"]
 
 DIVERGENCE_FACTOR = 1e3  # a loss above this multiple of L_0 (or non-finite) counts as diverged
 
@@ -202,6 +202,18 @@ def finetune(model: FinetuneModel, dataset: ImageDataset, config: FinetuneConfig
         grad_norm_sq=np.asarray(grad_sq) if full_batch else None,
         outputs=np.stack(outs) if outs else None,
     )
+
+
+def finetune_memory(n: int, config: FinetuneConfig) -> Dict[str, int]:
+    """Bytes :func:`finetune` holds for its bookkeeping, by what drives them (an upper estimate, for refusing a run
+    before it starts; the model and the images are not counted): ``batches`` (the minibatch schedule, ``T x B``
+    indices, built whole) and ``records`` (the logged curves; full batch: a gradient norm per step)."""
+    t = int(config.steps)
+    b = int(config.batch_size or n)
+    logged = t // int(config.log_every) + 2
+    minibatch = b < n
+    return {"batches": 16 * t * b if minibatch else 0,
+            "records": 3 * 32 * logged + (0 if minibatch else 32 * t)}
 
 
 def result_summary(result: FinetuneResult) -> Dict[str, object]:

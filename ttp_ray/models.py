@@ -67,6 +67,7 @@ __all__ = [
     "input_spec",
     "module_input_spec",
     "load_dataset_for_model",
+    "is_factory",
 ]
 
 
@@ -321,9 +322,16 @@ def load_backbone(name: str, *, allow_download: bool = False) -> nn.Module:
             return _load_checkpoint(left, right).eval()
         try:
             factory = getattr(importlib.import_module(left), right)
-        except (ImportError, AttributeError) as exc:
-            raise ModelError(f"model {name}: cannot import factory ({type(exc).__name__}: {exc})") from None
-        model = factory()
+        except Exception as exc:  # ImportError, AttributeError, or whatever the module raises on import
+            raise ModelError(_one_line(f"model {name}: cannot import factory ({type(exc).__name__}: {exc})")) from None
+        if not callable(factory):
+            raise ModelError(f"model {name}: {right} is a {type(factory).__name__}, not a function; allowed: a "
+                             "function that takes no arguments and returns an nn.Module")
+        try:
+            model = factory()
+        except Exception as exc:  # the user's code: one line, no traceback
+            raise ModelError(_one_line(f"model {name}: the factory raised {type(exc).__name__}: {exc}; allowed: a "
+                                       "function that takes no arguments and returns an nn.Module")) from None
         if not isinstance(model, nn.Module):
             raise ModelError(f"model {name}: factory returned {type(model).__name__}, not an nn.Module")
         if getattr(model, "input_spec", None) is None and getattr(factory, "input_spec", None) is not None:
@@ -331,6 +339,19 @@ def load_backbone(name: str, *, allow_download: bool = False) -> nn.Module:
         return model.eval()
     allowed = ", ".join(list(_DIGITS_ARCHS) + list(_TORCHVISION_ARCHS) + ["ARCH:PATH", "package.module:function"])
     raise ModelError(f"model: unknown name {name!r}; allowed: {allowed}")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def is_factory(name: str) -> bool:
+    """Whether backbone ``name`` is a user factory ``package.module:function`` (Python code imported and called),
+    rather than a known backbone or an ``ARCH:PATH`` checkpoint (weights only)."""
+    if ":" not in name:
+        return False
+    left = name.split(":", 1)[0]
+    return left not in _DIGITS_ARCHS and left not in _TORCHVISION_ARCHS
 
 
 # ------------------------------------------------------------------------------------ input specs
@@ -406,7 +427,7 @@ def load_dataset_for_model(ref: Union[str, ImageDataset], model: str, *, adapt: 
 
 # ------------------------------------------------------------------------------- fine-tuning model
 
-def _split_classifier(backbone: nn.Module) -> Tuple[nn.Module, int]:
+def _split_classifier(backbone: nn.Module, name: str = "") -> Tuple[nn.Module, int]:
     """Replace the backbone's classifier by Identity; return (feature extractor, feature dim)."""
     body = copy.deepcopy(backbone)
     for attr in ("fc", "classifier", "head"):
@@ -422,7 +443,9 @@ def _split_classifier(backbone: nn.Module) -> Tuple[nn.Module, int]:
         dim = body[-1].in_features
         body[-1] = nn.Identity()
         return body, dim
-    raise ModelError(f"model: cannot find a linear classifier (fc/classifier/head) in {type(backbone).__name__}")
+    raise ModelError(f"model{' ' + name if name else ''}: cannot find a linear classifier (fc/classifier/head) in "
+                     f"{type(backbone).__name__} to replace by the new head; allowed: a module whose fc, classifier or "
+                     f"head attribute (or last layer, for an nn.Sequential) is an nn.Linear")
 
 
 class FinetuneModel(nn.Module):
@@ -447,7 +470,7 @@ class FinetuneModel(nn.Module):
 def build_finetune_model(backbone: str, num_classes: int, head_seed: int = 0, *, allow_download: bool = False
                          ) -> FinetuneModel:
     net = load_backbone(backbone, allow_download=allow_download)
-    features, dim = _split_classifier(net)
+    features, dim = _split_classifier(net, backbone)
     return FinetuneModel(features, dim, num_classes, head_seed)
 
 

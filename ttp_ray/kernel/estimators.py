@@ -56,6 +56,7 @@ __all__ = [
     "eigendecompose_sketch",
     "eigendecompose_kernel",
     "compute_kernel_state",
+    "kernel_memory",
 ]
 
 _CHUNK_BYTES = 4 * 2**20  # per-sample gradients are assembled and projected in blocks of about this size
@@ -228,6 +229,20 @@ def class_trace_kernel(theta: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- eigen
+
+def kernel_memory(n: int, num_classes: int, options: KernelOptions) -> int:
+    """Bytes the kernel estimate holds at its peak for ``n`` samples of ``num_classes`` classes (an upper estimate
+    from what it allocates, for refusing a plan before it runs): the sketch Z (``rows x k``) and its float64 copy,
+    the smaller Gram matrix and the eigenvectors (``rows x min(rows, k)``), or the exact ``rows x rows`` kernel and
+    its eigh; plus the per-batch working set ``memory_cap_mb``. ``rows`` is N (class trace) or N C."""
+    rows = int(n) if options.class_trace else int(n) * int(num_classes)
+    cap = int(options.memory_cap_mb * 2 ** 20)
+    if options.method == "exact":
+        return 3 * rows * rows * 8 + cap
+    k = int(options.k)
+    r = min(rows, k)
+    return rows * k * (4 + 8) + 2 * r * r * 8 + rows * r * 8 + cap
+
 
 def eigendecompose_sketch(z: torch.Tensor, *, dtype: torch.dtype = torch.float64, rtol: float = 1e-9,
                           solver: str = "gram") -> Tuple[torch.Tensor, torch.Tensor]:

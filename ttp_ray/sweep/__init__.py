@@ -4,9 +4,17 @@ Ray is imported only by :mod:`ttp_ray.sweep.actors` and :mod:`ttp_ray.sweep.driv
 :mod:`.spec`, :mod:`.plan`, :mod:`.preflight`, :mod:`.output` and :mod:`.work` are plain Python; the tables'
 schemas are in the core module :mod:`ttp_ray.tables`.
 """
-from .spec import SpecError, SweepSpec, load_spec, parse_spec
-
 __all__ = ["SpecError", "SweepSpec", "load_spec", "parse_spec", "run_sweep", "dry_run", "read_table"]
+
+
+def __getattr__(name):
+    """The spec's names, imported on first use (:mod:`.spec` imports torch through the core dataclasses; the CLI's
+    refusals of a spec's size need only :mod:`.grid`)."""
+    if name in ("SpecError", "SweepSpec", "load_spec", "parse_spec"):
+        from . import spec
+
+        return getattr(spec, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def run_sweep(*args, **kwargs):

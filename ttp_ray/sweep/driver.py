@@ -42,13 +42,15 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, 
 from ..interrupts import stop_on_signals
 from ..progress import NULL_PROGRESS, Progress, Task, current
 
+from ..preflight import PreflightError, ResourceLimits, check_output_dir
 from .output import SPECTRUM_PART, SweepOutput, read_table
 from .plan import DatasetSize, GroundTruthRun, Shard, SweepPlan, build_plan, dry_run_text, resolve_lr
-from .preflight import preflight
-from .spec import SpecError, SweepSpec
+from .preflight import check_local, check_plan, preflight
+from .spec import SpecError, SweepSpec, ground_truth_from_identity
 
 __all__ = ["SweepResult", "AddressError", "ADDRESS_TIMEOUT_S", "check_address", "preflight", "plan_sweep",
-           "resource_view", "check_feasible", "dry_run", "run_sweep", "summary_text", "start_local_ray"]
+           "resource_view", "check_feasible", "dry_run", "run_sweep", "summary_text", "start_local_ray",
+           "failure_text"]
 
 MAX_INFLIGHT_PER_ACTOR = 2
 
@@ -65,6 +67,13 @@ class SweepResult:
     seconds: float
     actor_nodes: Dict[str, str] = field(default_factory=dict)  # unit -> node id of its first actor
     shard_seconds: float = 0.0  # actor-side wall time of the shards predicted by this run, summed
+    input_failures: List[str] = field(default_factory=list)  # the failures a re-run cannot fix (bad input)
+    notes: List[str] = field(default_factory=list)  # what the run did besides the work (a stale lock taken over, ...)
+
+    @property
+    def retryable(self) -> bool:
+        """Whether some failure may go away on a re-run (else every one was bad input found inside a worker)."""
+        return len(self.failures) > len(self.input_failures)
 
 
 # -------------------------------------------------------------------------------------------- plan
@@ -126,9 +135,11 @@ def _public(view: Dict[str, Any]) -> Dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------- dry run
 
-def dry_run(spec: SweepSpec, *, address: Optional[str] = None, num_cpus: Optional[int] = None) -> str:
-    """The plan as text, without starting Ray and without data (paper datasets: sizes from the table)."""
-    sizes = preflight(spec, allow_missing=True)
+def dry_run(spec: SweepSpec, *, address: Optional[str] = None, num_cpus: Optional[int] = None,
+            limits: ResourceLimits = ResourceLimits()) -> Tuple[str, Optional[str]]:
+    """The plan as text, without starting Ray and without data (paper datasets: sizes from the table), with the
+    memory estimate of its largest unit; and the one-line refusal the run would meet (``limits``), or None."""
+    sizes = preflight(spec, allow_missing=True, limits=limits)
     plan = plan_sweep(spec, sizes)
     view = resource_view(spec, plan, _local_cluster_guess(num_cpus))
     shown = _public(view)
@@ -136,7 +147,21 @@ def dry_run(spec: SweepSpec, *, address: Optional[str] = None, num_cpus: Optiona
         shown["cluster"] = f"attach to {address or os.environ['RAY_ADDRESS']} (GPUs 'auto' resolved there)"
     else:
         shown["cluster"] = "local Ray on 127.0.0.1, " + shown["cluster"]
-    return dry_run_text(plan, shown)
+    refusal = None
+    try:
+        check_plan(spec, plan, limits)
+    except PreflightError as exc:
+        refusal = str(exc)
+    from .preflight import unit_memory
+
+    worst = max((unit_memory(spec, d.size.n, d.size.num_classes, max((len(x.configs) for x in d.shards), default=0),
+                             max((c.budget_steps for c in d.configs), default=0)) for d in plan.datasets),
+                key=lambda e: e.total, default=None)
+    lines = [dry_run_text(plan, shown), f"  limits: configs {plan.n_configs} of at most {limits.max_configs} "
+                                        f"(--max-configs)"]
+    if worst is not None:
+        lines.append(f"  memory: {worst.text()}; limit {limits.max_memory_gb:g} GB per process (--max-memory-gb)")
+    return "\n".join(lines), refusal
 
 
 # ---------------------------------------------------------------------------------------------- Ray
@@ -209,13 +234,13 @@ def _connect(spec: SweepSpec, address: Optional[str], num_cpus: Optional[int]) -
     return True
 
 
-def _remote_preflight(spec: SweepSpec) -> Dict[str, Dict[str, Any]]:
+def _remote_preflight(spec: SweepSpec, limits: ResourceLimits) -> Dict[str, Dict[str, Any]]:
     import ray
 
     from .actors import preflight_task
 
     try:
-        return ray.get(preflight_task.remote(spec))
+        return ray.get(preflight_task.remote(spec, limits))
     except ray.exceptions.RayTaskError as exc:
         cause = getattr(exc, "cause", None)
         if isinstance(cause, ValueError):
@@ -298,6 +323,7 @@ class _Sweep:
         self.stop_after = stop_after
         self.refs: Dict[Any, Tuple[str, str, Any, int]] = {}
         self.failures: List[str] = []
+        self.input_failures: List[str] = []  # those a re-run cannot fix
         self.written = {"predictions": 0, "ground_truth": 0}
         self.datasets: Dict[str, _DatasetRun] = {}
         self.actor_nodes: Dict[str, str] = {}
@@ -408,17 +434,19 @@ class _Sweep:
         self.reporter.advance("ground_truth")
 
     def _failed(self, kind: str, run: _DatasetRun, payload, idx: int, exc: Exception) -> None:
-        cause = getattr(exc, "cause", None) or exc
-        first = (str(cause).strip().splitlines() or [type(cause).__name__])[-1][:300]
-        what = {"prepare": f"{run.label}: kernel state", "shard": f"{getattr(payload, 'key', '')}: prediction",
-                "gt": f"{getattr(payload, 'key', '')}: ground truth"}[kind]
-        self.failures.append(f"{what} failed: {type(cause).__name__}: {first}")
+        text, bad_input = failure_text(kind, run.label, getattr(payload, "key", ""), exc,
+                                       dataset=run.unit.entry.ref, model=run.unit.model or str(self.spec.model))
+        self.failures.append(text)
+        if bad_input:
+            self.input_failures.append(text)
         self.reporter.note(f"error: {self.failures[-1]}")
         if kind == "prepare":
             self.reporter.kernel_done(run.label)
             run.failed = True
             self.failures.append(f"{run.label}: {len(run.pending)} shard(s) and {len(run.gt_pending)} "
                                  f"ground-truth run(s) not attempted")
+            if bad_input:
+                self.input_failures.append(self.failures[-1])
             run.pending.clear()
             run.gt_pending = []
             self._release_if_done(run)
@@ -447,6 +475,19 @@ class _Sweep:
             run.actors = []
 
 
+def failure_text(kind: str, unit: str, key: str, exc: BaseException, *, dataset: str, model: str) -> Tuple[str, bool]:
+    """The line a failed actor call or task leaves (``kind``: prepare, shard, gt), and whether it is bad input that
+    a re-run cannot fix: a ``ValueError`` (the core's one-line input errors: ``DatasetError``, ``ModelError``, ...)
+    raised inside the worker, as opposed to a worker that died or a system error (retried by a re-run)."""
+    cause = getattr(exc, "cause", None) or exc
+    first = (str(cause).strip().splitlines() or [type(cause).__name__])[-1][:300]
+    what = {"prepare": f"{unit}: kernel state", "shard": f"{key}: prediction", "gt": f"{key}: ground truth"}[kind]
+    if isinstance(cause, ValueError):
+        return (f"{what} failed on bad input (dataset {dataset}, model {model}), which a re-run cannot fix: "
+                f"{type(cause).__name__}: {first}"), True
+    return f"{what} failed: {type(cause).__name__}: {first}", False
+
+
 def _plan_summary(plan: SweepPlan) -> Dict[str, Any]:
     return {
         "configs": plan.n_configs, "shards": plan.n_shards, "shard_size": plan.shard_size,
@@ -461,6 +502,7 @@ def _plan_summary(plan: SweepPlan) -> Dict[str, Any]:
 
 def run_sweep(spec: SweepSpec, out: Optional[str] = None, *, address: Optional[str] = None, fresh: bool = False,
               num_cpus: Optional[int] = None, progress: Union[bool, Progress] = False, handle_signals: bool = False,
+              echo: Callable[[str], None] = print, limits: ResourceLimits = ResourceLimits(),
               _crash_marker: Optional[str] = None, _stop_after_shards: Optional[int] = None) -> SweepResult:
     """Run (or resume) a sweep; see the module docstring.
 
@@ -468,12 +510,13 @@ def run_sweep(spec: SweepSpec, out: Optional[str] = None, *, address: Optional[s
     phase, notes), True for the ambient one (:func:`ttp_ray.progress.current`) or False for none.
     ``handle_signals``: SIGINT and SIGTERM raise :class:`~ttp_ray.interrupts.Interrupted` (Ray is shut down on
     the way out; ``ttp-ray sweep`` prints one line and exits 130 / 143), set again after ``ray.init``, which
-    installs its own SIGTERM handler. ``_crash_marker`` and ``_stop_after_shards`` are test hooks (an actor
-    exits once mid-sweep; the driver stops as on Ctrl-C)."""
+    installs its own SIGTERM handler. ``echo``: where notes go (a resumed lock, parts recomputed). ``limits``: the
+    resource bounds the plan is checked against before anything runs. ``_crash_marker`` and
+    ``_stop_after_shards`` are test hooks (an actor exits once mid-sweep; the driver stops as on Ctrl-C)."""
     traps = stop_on_signals() if handle_signals else contextlib.nullcontext()
     with traps as trap:
         return _run_sweep(spec, out, address=address, fresh=fresh, num_cpus=num_cpus,
-                          progress=_progress(progress), trap=trap,
+                          progress=_progress(progress), trap=trap, echo=echo, limits=limits,
                           crash_marker=_crash_marker, stop_after=_stop_after_shards)
 
 
@@ -484,29 +527,41 @@ def _progress(progress: Union[bool, Progress]) -> Progress:
 
 
 def _run_sweep(spec: SweepSpec, out: Optional[str], *, address: Optional[str], fresh: bool, num_cpus: Optional[int],
-               progress: Progress, trap, crash_marker: Optional[str], stop_after: Optional[int]) -> SweepResult:
+               progress: Progress, trap, echo: Callable[[str], None], limits: ResourceLimits,
+               crash_marker: Optional[str], stop_after: Optional[int]) -> SweepResult:
     import ray
 
     t0 = time.perf_counter()
     output = SweepOutput(out or spec.output_dir())
     attach = bool(address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized()
     opened = None
-    if not attach:  # local: data, model, resources, plan and output directory checked before Ray starts
-        plan = plan_sweep(spec, preflight(spec))
+    notes: List[str] = []
+    if not attach:  # local: output directory, data, model, resources and plan checked before Ray starts
         cluster = ray.cluster_resources() if ray.is_initialized() else _local_cluster_guess(num_cpus)
+        check_local(spec, str(output.root), cluster)
+        sizes = preflight(spec, limits=limits)
+        plan = plan_sweep(spec, sizes)
+        check_plan(spec, plan, limits)
         check_feasible(spec, plan, cluster)
-        opened = _open(spec, output, plan, fresh)
+        opened = _open(spec, output, plan, fresh, sizes, notes, echo)
         if not _has_work(opened[2]):
-            return _finish(spec, output, opened, None, t0)
+            try:
+                return _finish(spec, output, opened, None, t0, notes)
+            finally:
+                output.release_lock()
+    else:
+        check_output_dir(output.root, "output")
     # Ray's blocking calls turn an exception raised by a signal handler into a SystemError: from here on a
     # signal is recorded and raised by check() between them (at least once a second in the loop)
     with trap.deferred() if trap is not None else contextlib.nullcontext():
         return _run_on_ray(spec, output, opened, address=address, fresh=fresh, num_cpus=num_cpus, progress=progress,
-                           trap=trap, crash_marker=crash_marker, stop_after=stop_after, t0=t0)
+                           trap=trap, echo=echo, limits=limits, notes=notes, crash_marker=crash_marker,
+                           stop_after=stop_after, t0=t0)
 
 
 def _run_on_ray(spec: SweepSpec, output: SweepOutput, opened, *, address: Optional[str], fresh: bool,
-                num_cpus: Optional[int], progress: Progress, trap, crash_marker: Optional[str],
+                num_cpus: Optional[int], progress: Progress, trap, echo: Callable[[str], None],
+                limits: ResourceLimits, notes: List[str], crash_marker: Optional[str],
                 stop_after: Optional[int], t0: float) -> SweepResult:
     import ray
 
@@ -518,7 +573,10 @@ def _run_on_ray(spec: SweepSpec, output: SweepOutput, opened, *, address: Option
     try:
         check()
         if opened is None:
-            opened = _open(spec, output, plan_sweep(spec, _remote_preflight(spec)), fresh)
+            sizes = _remote_preflight(spec, limits)
+            plan = plan_sweep(spec, sizes)
+            check_plan(spec, plan, limits)
+            opened = _open(spec, output, plan, fresh, sizes, notes, echo)
             check()
         plan, _, pending = opened
         view = resource_view(spec, plan, ray.cluster_resources())
@@ -538,22 +596,40 @@ def _run_on_ray(spec: SweepSpec, output: SweepOutput, opened, *, address: Option
             reporter.close()
             if sweep is not None and not started:  # Ray outlives this call: free its CPUs now
                 sweep.shutdown_actors()  # (else ray.shutdown ends the job's actors, without retry noise)
-        return _finish(spec, output, opened, sweep, t0)
+        return _finish(spec, output, opened, sweep, t0, notes)
     finally:
         try:
             if output.manifest:
                 output.sync()
         except OSError:  # pragma: no cover - disk gone; the parts on disk stay the record
             pass
+        output.release_lock()
         if started:
             ray.shutdown()
 
 
-def _open(spec: SweepSpec, output: SweepOutput, plan: SweepPlan, fresh: bool):
-    """Claim the output directory for ``plan`` and find what is left to do."""
-    previous = _open_output(output, spec, plan, fresh)
-    output.start(name=spec.name, spec_dict=spec.to_dict(), identity=spec.identity(), spec_hash=spec.identity_hash(),
-                 layout_hash=plan.layout_hash(), plan_summary=_plan_summary(plan), previous=previous)
+def _open(spec: SweepSpec, output: SweepOutput, plan: SweepPlan, fresh: bool, sizes: Dict[str, Dict[str, Any]],
+          notes: List[str], echo: Callable[[str], None]):
+    """Claim the output directory for ``plan`` (its lock, then the manifest) and find what is left to do: parts that
+    do not read back are dropped and recomputed."""
+    _open_output(output, spec, plan, fresh, sizes, dry=True)  # refusals before the lock: nothing written
+    note = output.acquire_lock()
+    try:
+        previous = _open_output(output, spec, plan, fresh, sizes)
+        output.start(name=spec.name, spec_dict=spec.to_dict(), identity=spec.identity(),
+                     spec_hash=spec.identity_hash(), layout_hash=plan.layout_hash(), plan_summary=_plan_summary(plan),
+                     previous=previous)
+        dropped = output.drop_unreadable_parts()
+    except BaseException:
+        output.release_lock()
+        raise
+    if note:
+        notes.append(note)
+    if dropped:
+        notes.append(f"{output.root}: {len(dropped)} part(s) did not read back and will be recomputed: "
+                     + ", ".join(dropped[:4]) + (" ..." if len(dropped) > 4 else ""))
+    for line in notes:
+        echo(f"note: {line}")
     done_shards = output.completed_keys("predictions")
     done_gt = output.completed_keys("ground_truth")
     pending_shards = {d.key: [s for s in d.shards if s.key not in done_shards] for d in plan.datasets}
@@ -576,10 +652,11 @@ def _skipped(plan: SweepPlan, pending) -> Dict[str, int]:
             "ground_truth": plan.n_ground_truth - sum(map(len, pending[1].values()))}
 
 
-def _finish(spec: SweepSpec, output: SweepOutput, opened, sweep: Optional["_Sweep"], t0: float) -> SweepResult:
+def _finish(spec: SweepSpec, output: SweepOutput, opened, sweep: Optional["_Sweep"], t0: float,
+            notes: Sequence[str] = ()) -> SweepResult:
     plan, previous, pending = opened
-    complete = (len(output.completed_keys("predictions")) == plan.n_shards
-                and len(output.completed_keys("ground_truth")) == plan.n_ground_truth
+    complete = ({s.key for s in plan.shards()} <= output.completed_keys("predictions")
+                and {g.key for g in plan.ground_truth_runs()} <= output.completed_keys("ground_truth")
                 and not _pending_spectra(output, plan)
                 and not (sweep is not None and sweep.failures))
     output.sync(complete=complete)
@@ -588,14 +665,32 @@ def _finish(spec: SweepSpec, output: SweepOutput, opened, sweep: Optional["_Swee
     return SweepResult(output.root, plan, complete, written, _skipped(plan, pending),
                        list(sweep.failures) if sweep is not None else [], infos, time.perf_counter() - t0,
                        dict(sweep.actor_nodes) if sweep is not None else {},
-                       sweep.shard_seconds if sweep is not None else 0.0)
+                       sweep.shard_seconds if sweep is not None else 0.0,
+                       list(sweep.input_failures) if sweep is not None else [], list(notes))
 
 
-def _open_output(output: SweepOutput, spec: SweepSpec, plan: SweepPlan, fresh: bool) -> Optional[Dict[str, Any]]:
+def _open_output(output: SweepOutput, spec: SweepSpec, plan: SweepPlan, fresh: bool,
+                 sizes: Dict[str, Dict[str, Any]], dry: bool = False) -> Optional[Dict[str, Any]]:
+    """The manifest of the sweep ``output`` holds, if it is this one (``--fresh``: cleared, None); ``dry``: only the
+    checks, nothing removed."""
     if fresh:
-        output.clear()
+        if dry:
+            output.check_clearable()
+        else:
+            output.clear()
         return None
-    return output.check_compatible(spec.identity_hash(), plan.layout_hash(), spec.identity())
+
+    def relayout(old_ground_truth: Dict[str, Any]) -> str:
+        """This spec's layout hash under the ground-truth selection an OUT was written with."""
+        import dataclasses
+
+        try:
+            old = dataclasses.replace(spec, ground_truth=ground_truth_from_identity(old_ground_truth))
+        except (TypeError, ValueError):
+            return ""
+        return plan_sweep(old, sizes).layout_hash()
+
+    return output.check_compatible(spec.identity_hash(), plan.layout_hash(), spec.identity(), relayout)
 
 
 # ------------------------------------------------------------------------------------------- summary
