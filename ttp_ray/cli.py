@@ -373,10 +373,10 @@ def _chosen_predictor(kw):
 def predict(**kw) -> None:
     """Predict the loss/error curve and T_eps without training (Algorithm 1); --validate trains too."""
     from .dynamics import SimConfig, SimOptions
-    from .finetune import measure_step_time
     from .kernel import KernelOptions
     from .predict import PredictSettings
     from .predictors import PredictionInputs
+    from .step_time import step_time as cached_step_time
 
     if kw["paths"] <= 0:
         raise InputError(f"paths: must be a positive integer, got {kw['paths']}")
@@ -400,8 +400,8 @@ def predict(**kw) -> None:
     settings = PredictSettings(sim=sim, eps_mode=kw["eps_mode"])
     (pred,) = prepared.predict([cfg], budget_steps=kw["steps"], eps_list=kw["eps_list"], settings=settings)
     res = pred.result
-    step_time = measure_step_time(prepared.model, ds, kw["batch_size"], kw["loss"], device=kw["device"],
-                                  trainable=kw["trainable"])
+    step_time = cached_step_time(prepared.model, ds, kw["batch_size"], kw["loss"], device=kw["device"],
+                                 trainable=kw["trainable"], cache=not kw["no_cache"])
     times = [{"criterion": r["criterion"], "eps": r["eps"], "steps": r["predicted_steps"],
               "fraction": r["predicted_fraction"]} for r in pred.rows]
     meta = prepared.state.meta
