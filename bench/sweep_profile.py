@@ -22,6 +22,7 @@ import cProfile
 import json
 import os
 import pstats
+import resource
 import shutil
 import statistics
 import subprocess
@@ -51,13 +52,15 @@ PARTS = [
 ]
 
 
-def _whole_process(args, repeats: int) -> float:
-    """Median wall seconds of ``python ARGS`` (a fresh interpreter each time)."""
+def _whole_process(args, repeats: int, cwd: Path) -> float:
+    """Median CPU seconds (user + system) of ``python ARGS``, a fresh interpreter each time, run in ``cwd`` (the
+    checkout measured: ``-m`` puts it first on the path)."""
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, *args], cwd=ROOT, check=True, capture_output=True)
-        times.append(time.perf_counter() - t0)
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run([sys.executable, *args], cwd=cwd, check=True, capture_output=True)
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        times.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
     return statistics.median(times)
 
 
@@ -116,31 +119,32 @@ def profile_work(spec) -> dict:
     from ttp_ray.sweep.work import DatasetWork, WorkerJob
 
     torch.set_num_threads(1)
+    clock = time.process_time  # CPU seconds: a shared machine's load moves wall times far more
     phases = {"preflight and plan": 0.0, "kernel state (disk cache)": 0.0, "shards (predict_shard)": 0.0,
               "Parquet parts": 0.0}
-    prof = cProfile.Profile()
+    prof = cProfile.Profile(clock)
     out_dir = Path(tempfile.mkdtemp(prefix="ttp-ray-profile-out-"))
     try:
-        t0 = time.perf_counter()
+        t0 = clock()
         plan = plan_sweep(spec, preflight(spec))
-        phases["preflight and plan"] = time.perf_counter() - t0
+        phases["preflight and plan"] = clock() - t0
         output = SweepOutput(out_dir)
         configs = 0
         for unit in plan.datasets:
             work = DatasetWork(WorkerJob(spec, unit.label, model=unit.model))
-            t0 = time.perf_counter()
+            t0 = clock()
             work.info()
-            phases["kernel state (disk cache)"] += time.perf_counter() - t0
+            phases["kernel state (disk cache)"] += clock() - t0
             for shard in unit.shards:
-                t0 = time.perf_counter()
+                t0 = clock()
                 prof.enable()
                 res = work.predict_shard(shard)
                 prof.disable()
-                phases["shards (predict_shard)"] += time.perf_counter() - t0
+                phases["shards (predict_shard)"] += clock() - t0
                 configs += res.configs
-                t0 = time.perf_counter()
+                t0 = clock()
                 output.write_parts(res.dataset, res.shard_id, {"curves": res.curves, "predictions": res.predictions})
-                phases["Parquet parts"] += time.perf_counter() - t0
+                phases["Parquet parts"] += clock() - t0
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     return {"phases": phases, "inside shards": _attributed(pstats.Stats(prof)), "configs": configs}
@@ -161,9 +165,11 @@ def main() -> None:
     d = yaml.safe_load(SPEC.read_text())
     d["ground_truth"] = {"enabled": False}
     spec = parse_spec(d)
-    fig = {"ttp_ray": str(Path(ttp_ray.__file__).resolve().parent.parent),
-           "cli --help s": _whole_process(["-m", "ttp_ray.cli", "--help"], args.repeats),
-           "sweep --dry-run s": _whole_process(["-m", "ttp_ray.cli", "sweep", str(SPEC), "--dry-run"], args.repeats),
+    checkout = Path(ttp_ray.__file__).resolve().parent.parent
+    fig = {"ttp_ray": str(checkout),
+           "cli --help s": _whole_process(["-m", "ttp_ray.cli", "--help"], args.repeats, checkout),
+           "sweep --dry-run s": _whole_process(["-m", "ttp_ray.cli", "sweep", str(SPEC), "--dry-run"], args.repeats,
+                                               checkout),
            "Ray start-up to a first actor s": _ray_start_seconds()}
     cache = _cold_step_time_cache()
     old = os.environ.get("TTP_RAY_CACHE")
@@ -196,11 +202,12 @@ def main() -> None:
         "",
         f"`sweeps/quickstart.yaml` without its ground truth ({fig['configs']} configs on 2 datasets, digits-cnn, "
         "class-trace countsketch k = 512, 300 steps logged every 5, heavy-ball momentum, 4 paths), run as an actor "
-        "runs it, in one process with one torch thread, under cProfile; step times measured cold (an empty "
-        "step-time cache), kernel states read from the disk cache. *Inside shards*: the profiler's cumulative "
-        "time of each simulator engine and of the other parts of `predict_shard`. Start-up rows: whole-process "
-        "medians of " + str(args.repeats) + " runs (`python -m ttp_ray.cli ...`); Ray: a local Ray started as "
-        "the sweep starts it, until one actor answers. Seconds; "
+        "runs it, in one process with one torch thread, under cProfile timing CPU seconds (the machine is shared: "
+        "wall times move with its load); step times measured cold (an empty step-time cache), kernel states read "
+        "from the disk cache. *Inside shards*: the profiler's cumulative time of each simulator engine and of the "
+        "other parts of `predict_shard`. Start-up rows: CPU seconds of the whole process, medians of "
+        + str(args.repeats) + " runs (`python -m ttp_ray.cli ...`); Ray: wall seconds of a local Ray started as "
+        "the sweep starts it, until one actor answers. "
         + ("*before* is the code before issue 19's changes (the same script on that checkout)."
            if len(figs) == 2 else "no *before* figures stored."),
         "",
