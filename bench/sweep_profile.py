@@ -18,6 +18,7 @@ The step-time measurement runs cold (a fresh step-time cache; the kernel states 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import json
 import os
@@ -84,9 +85,10 @@ def _ray_start_seconds() -> float:
         ray.shutdown()
 
 
-def _cold_step_time_cache() -> Path:
-    """A cache root whose entries are the real cache's, but with no step times: kernels are read, step times
-    measured."""
+@contextlib.contextmanager
+def cold_step_times():
+    """``$TTP_RAY_CACHE`` pointed, for the block, at a root whose entries are the real cache's but with no step
+    times: kernel states are read, step times measured."""
     from ttp_ray.paths import cache_dir
 
     real = Path(cache_dir())
@@ -97,7 +99,16 @@ def _cold_step_time_cache() -> Path:
     (tmp / "kernels").mkdir()
     for f in (real / "kernels").glob("*.pt") if (real / "kernels").is_dir() else []:
         (tmp / "kernels" / f.name).symlink_to(f)
-    return tmp
+    old = os.environ.get("TTP_RAY_CACHE")
+    os.environ["TTP_RAY_CACHE"] = str(tmp)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is None:
+            os.environ.pop("TTP_RAY_CACHE")
+        else:
+            os.environ["TTP_RAY_CACHE"] = old
 
 
 def _attributed(stats: pstats.Stats) -> dict:
@@ -150,11 +161,27 @@ def profile_work(spec) -> dict:
     return {"phases": phases, "inside shards": _attributed(pstats.Stats(prof)), "configs": configs}
 
 
+def _median_run(runs: list) -> dict:
+    """Entry-wise median of stored runs (numbers; nested dicts entry by entry)."""
+    def med(values):
+        if isinstance(values[0], dict):
+            return {k: med([v[k] for v in values if k in v]) for k in values[0]}
+        if isinstance(values[0], (int, float)):
+            return statistics.median(values)
+        return values[0]
+
+    if isinstance(runs, dict):  # a single stored run
+        return runs
+    return {**med(runs), "runs": len(runs)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--label", default="after", help="'before': store the figures only; 'after': also write the "
                                                      "section, beside the stored 'before' figures when there are")
     ap.add_argument("--repeats", type=int, default=3, help="whole-process runs of --help and --dry-run")
+    ap.add_argument("--append", action="store_true", help="add this run to the stored ones of --label (the section "
+                                                         "shows medians over them; alternate before and after runs)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     import yaml
@@ -171,25 +198,21 @@ def main() -> None:
            "sweep --dry-run s": _whole_process(["-m", "ttp_ray.cli", "sweep", str(SPEC), "--dry-run"], args.repeats,
                                                checkout),
            "Ray start-up to a first actor s": _ray_start_seconds()}
-    cache = _cold_step_time_cache()
-    old = os.environ.get("TTP_RAY_CACHE")
-    os.environ["TTP_RAY_CACHE"] = str(cache)
-    try:
+    with cold_step_times():
         fig.update(profile_work(spec))
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
-        if old is None:
-            os.environ.pop("TTP_RAY_CACHE")
-        else:
-            os.environ["TTP_RAY_CACHE"] = old
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"profile-{args.label}.json").write_text(json.dumps(fig, indent=1))
+    path = OUT / f"profile-{args.label}.json"
+    runs = json.loads(path.read_text()) if args.append and path.exists() else []
+    runs = [runs] if isinstance(runs, dict) else runs
+    runs.append(fig)
+    path.write_text(json.dumps(runs, indent=1))
     print(json.dumps(fig, indent=1))
     if args.label != "after" or args.no_write:
         return
     before_path = OUT / "profile-before.json"
-    figs = [("before", json.loads(before_path.read_text()))] if before_path.exists() else []
-    figs.append(("after", fig))
+    figs = [("before", _median_run(json.loads(before_path.read_text())))] if before_path.exists() else []
+    figs.append(("after", _median_run(runs)))
+    fig = figs[-1][1]
     rows = []
     for key in ("cli --help s", "sweep --dry-run s", "Ray start-up to a first actor s"):
         rows.append([key[:-2]] + [f"{f[key]:.2f}" for _, f in figs])
@@ -207,7 +230,8 @@ def main() -> None:
         "from the disk cache. *Inside shards*: the profiler's cumulative time of each simulator engine and of the "
         "other parts of `predict_shard`. Start-up rows: CPU seconds of the whole process, medians of "
         + str(args.repeats) + " runs (`python -m ttp_ray.cli ...`); Ray: wall seconds of a local Ray started as "
-        "the sweep starts it, until one actor answers. "
+        "the sweep starts it, until one actor answers. Medians over " + str(fig.get("runs", 1)) + " run(s) of "
+        "each, *before* and *after* alternated. "
         + ("*before* is the code before issue 19's changes (the same script on that checkout)."
            if len(figs) == 2 else "no *before* figures stored."),
         "",

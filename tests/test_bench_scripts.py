@@ -157,7 +157,8 @@ def test_profile_attributes_a_small_sweep(tmp_path, monkeypatch):
                        "lr": {"fraction_of_max_stable": [0.1, 0.5]}, "batch_size": ["full", 16],
                        "budget": {"steps": 20}, "kernel": {"k": 64},
                        "simulation": {"momentum_mode": "heavy_ball", "paths": 2, "log_every": 5}})
-    fig = sweep_profile.profile_work(spec)
+    with sweep_profile.cold_step_times():
+        fig = sweep_profile.profile_work(spec)
     assert fig["configs"] == 8
     phases, inside = fig["phases"], fig["inside shards"]
     assert all(v >= 0 for v in phases.values()) and phases["shards (predict_shard)"] > 0
