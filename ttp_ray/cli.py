@@ -475,6 +475,9 @@ cli.add_command(_rank_command)
 cli.add_command(_validate_command)
 cli.add_command(_plot_command)
 
+from .tune_cli import tune as _tune_command  # noqa: E402
+cli.add_command(_tune_command)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -8,6 +8,9 @@ Layout under ``OUT``::
     curves/dataset=<label>/part-<shard>.parquet            predicted curves of a shard (long table)
     curves/dataset=<label>/part-gt-<id>-s<seed>.parquet    the real curve of a fine-tune
     spectra/dataset=<label>/part-spectrum.parquet          the dataset state's Theta spectrum (one part)
+    ground_truth/dataset=<label>/part-tune-<id>-s<seed>.parquet  a run of ``ttp-ray tune`` (ttp_ray.tune),
+    curves/dataset=<label>/part-tune-<id>-s<seed>.parquet        its real curve; both outside the sweep's plan
+    tune/<experiment>/...                                  Ray Tune's storage for those runs (results, checkpoints)
 
 With a list of models (a grid axis) each (dataset, model) has its own parts under the same ``dataset=<label>``
 partition, the model (percent-encoded) in the file name: ``part-<model>-<shard>.parquet``,
@@ -54,6 +57,7 @@ __all__ = [
     "SCHEMAS",
     "SPECTRUM_PART",
     "DERIVED",
+    "TUNE_DIR",
     "TABLES",
     "MANIFEST",
     "OutputError",
@@ -70,6 +74,7 @@ __all__ = [
 MANIFEST_VERSION = 1
 SPECTRUM_PART = "spectrum"  # the one part of ``spectra`` per dataset (per (dataset, model): prefixed by the model)
 DERIVED = ("validation.parquet",)  # written from the tables by ``ttp-ray validate``; stale once they are cleared
+TUNE_DIR = "tune"  # OUT/tune: the Ray Tune experiments of ``ttp-ray tune`` (its storage path); cleared with them
 
 
 class OutputError(ValueError):
@@ -152,10 +157,12 @@ class SweepOutput:
         return old
 
     def clear(self) -> None:
-        """Remove this sweep's tables, what was derived from them and the manifest (``--fresh``); other files
-        are left alone."""
+        """Remove this sweep's tables, what was derived from them (``validation.parquet``, the Ray Tune
+        experiments of ``ttp-ray tune`` under ``OUT/tune``) and the manifest (``--fresh``); other files are left
+        alone."""
         for table in TABLES:
             shutil.rmtree(self.root / table, ignore_errors=True)
+        shutil.rmtree(self.root / TUNE_DIR, ignore_errors=True)
         for name in DERIVED:
             (self.root / name).unlink(missing_ok=True)
         if self.manifest_path.exists():
