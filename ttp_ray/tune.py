@@ -37,12 +37,12 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .analysis import (DEFAULT_RANK_KEY, RANK_KEYS, TARGET_RANK_KEYS, AnalysisError, default_selection, fmt,
-                       load_sweep, rank, validation_table)
+from .analysis import (DEFAULT_RANK_KEY, RANK_KEYS, TARGET_RANK_KEYS, default_selection, fmt, load_sweep, rank,
+                       validation_table)
 from .sweep.output import TUNE_DIR, SweepOutput
 from .sweep.spec import SweepSpec
 
@@ -211,8 +211,8 @@ class _TrialField:
     key: str
     values: Tuple[Tuple[str, Any], ...]
 
-    def __call__(self, spec) -> Any:
-        return dict(self.values)[spec.config.config_id]
+    def __call__(self, config: Mapping[str, Any]) -> Any:
+        return dict(self.values)[config["config_id"]]
 
 
 def param_space(rows, seed: int = 0) -> Dict[str, Any]:
@@ -269,6 +269,7 @@ class TrialSetup:
 
     spec: SweepSpec
     checkpoint_every: int = 10  # logged steps
+    fail_marker: Optional[str] = None  # test hook: the first trial past a checkpoint creates this file and fails
 
     @property
     def log_every(self) -> int:
@@ -316,6 +317,7 @@ def train_trial(config: Dict[str, Any], setup: Optional[TrialSetup] = None) -> N
             with tempfile.TemporaryDirectory() as d:
                 torch.save(point.snapshot(), Path(d) / STATE_FILE)
                 ray_tune.report(metrics, checkpoint=ray_tune.Checkpoint.from_directory(d))
+            _maybe_fail(setup.fail_marker)
         else:
             ray_tune.report(metrics)
 
@@ -326,6 +328,17 @@ def train_trial(config: Dict[str, Any], setup: Optional[TrialSetup] = None) -> N
                          "loss": float(res.loss[last]) if last >= 0 else math.nan,
                          "error": float(res.error[last]) if last >= 0 else math.nan,
                          "train_seconds": res.train_seconds, "diverged": True})
+
+
+def _maybe_fail(marker: Optional[str]) -> None:
+    """Test hook: with ``marker`` set, the first trial to get here creates it and raises (as a crashed trial)."""
+    if marker:
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+        raise RuntimeError("test hook: the trial fails once after its checkpoint")
 
 
 def trainable(setup: TrialSetup):
@@ -409,7 +422,7 @@ class TunedConfig:
 
     row: Dict[str, Any]
     rule: StopRule
-    source: str  # 'tuned' (this run) | 'tune' (an earlier run) | 'sweep' (the sweep's ground truth) | 'failed'
+    source: str  # 'tuned' (this call) | 'tune' (an earlier call) | 'sweep' (the sweep's own) | 'failed' | '-'
     train_seconds: Optional[float] = None  # the run's optimiser-step time (this call's runs)
 
 
@@ -423,7 +436,7 @@ class TuneOutcome:
     comparison: Any  # pandas DataFrame: predicted against real, one row per candidate (see tune_text)
     experiment: Optional[str]  # OUT/tune/<name> of this call's Tune experiment (None: nothing left to train)
     restored: bool  # whether the experiment was restored (Tuner.restore) rather than started
-    failures: List[str]
+    failures: List[str]  # '<config_id>: why', one per trial that did not finish
     sweep_seconds: float  # wall time of the sweep step (predicting, or finding it done)
     kernel_seconds: float  # the kernel states' computation, as the manifest recorded it (cached or not)
     shard_seconds: float  # the prediction shards this call ran (actor-side; 0 when the sweep was already done)
@@ -470,10 +483,11 @@ def _connect(spec: SweepSpec, address: Optional[str], num_cpus: Optional[int], s
 
 def run_tune(spec: SweepSpec, out: Optional[str] = None, *, options: TuneOptions = TuneOptions(),
              address: Optional[str] = None, num_cpus: Optional[int] = None, fresh: bool = False,
-             progress: bool = True, echo: Callable[[str], None] = print) -> TuneOutcome:
-    """``ttp-ray tune``: see the module docstring. ``fresh`` discards OUT's sweep (and its tune runs) first."""
+             progress: bool = True, echo: Callable[[str], None] = print,
+             _fail_marker: Optional[str] = None) -> TuneOutcome:
+    """``ttp-ray tune``: see the module docstring. ``fresh`` discards OUT's sweep (and its tune runs) first.
+    ``_fail_marker`` is a test hook (:attr:`TrialSetup.fail_marker`: one trial fails once after a checkpoint)."""
     import ray
-    from ray import tune as ray_tune
 
     t0 = time.perf_counter()
     out_dir = Path(out or spec.output_dir())
@@ -486,67 +500,81 @@ def run_tune(spec: SweepSpec, out: Optional[str] = None, *, options: TuneOptions
                                f"{sweep.failures[0]}); re-run to retry it")
         tables = load_sweep(out_dir, tables=("predictions", "curves"))
         cands = candidates(tables.predictions, tables.curves, options, tables.manifest)
-        crit, eps = str(cands.criterion.iloc[0]) if len(cands) else (options.criterion or ""), \
-            float(cands.eps.iloc[0]) if len(cands) else math.nan
+        crit = str(cands.criterion.iloc[0]) if len(cands) else str(options.criterion or "")
+        eps = float(cands.eps.iloc[0]) if len(cands) else math.nan
         rules = stop_rules(cands)
         done = done_configs(out_dir, cands, options.seed)
         pending = cands[~cands.config_id.isin(list(done))]
-        setup = TrialSetup(spec, options.checkpoint_every)
-        configs = {str(r["config_id"]): TunedConfig(r, rules[str(r["config_id"])],
-                                                    {"tune": "tune", "sweep": "sweep"}.get(done.get(r["config_id"]),
-                                                                                          "failed"))
+        setup = TrialSetup(spec, options.checkpoint_every, fail_marker=_fail_marker)
+        configs = {str(r["config_id"]): TunedConfig(r, rules[str(r["config_id"])], done.get(str(r["config_id"]), "-"))
                    for r in cands.to_dict("records")}
-        failures: List[str] = []
+        failures: Dict[str, str] = {}
         experiment, restored, t1 = None, False, time.perf_counter()
         trial_seconds = 0.0
         if len(pending):
-            run_rules = {} if options.full_budget else {k: rules[k] for k in pending.config_id}
-            space = param_space(pending, options.seed)
-            name = _experiment_name(spec, options, [trial_config(r, options.seed) for r in pending.to_dict("records")],
-                                    run_rules)
-            storage = (out_dir / TUNE_DIR).resolve()
-            experiment = str(storage / name)
-            fn = trainable(setup)
-            if ray_tune.Tuner.can_restore(experiment):
-                tuner = ray_tune.Tuner.restore(experiment, fn, resume_unfinished=True, resume_errored=True)
-                restored = True
-                echo(f"restoring the Tune experiment {experiment}")
-            else:
-                tuner = ray_tune.Tuner(
-                    fn, param_space=space,
-                    tune_config=ray_tune.TuneConfig(max_concurrent_trials=options.max_concurrent_trials,
-                                                    reuse_actors=True, trial_dirname_creator=_trial_dirname),
-                    run_config=ray_tune.RunConfig(
-                        name=name, storage_path=str(storage), verbose=options.verbose if progress else 0,
-                        stop=PredictedBudgetStopper(run_rules) if run_rules else None,
-                        checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=1)))
-            results = tuner.fit()
-            output = SweepOutput(out_dir)
-            by_id = {str(r["config_id"]): r for r in pending.to_dict("records")}
-            for result in results:
-                cid = str((result.config or {}).get("config_id", ""))
-                if cid not in by_id:
-                    continue
-                if not trial_finished(result):
-                    why = type(result.error).__name__ if result.error is not None else "not finished"
-                    failures.append(f"{cid}: trial {why}; re-run the same command to resume it")
-                    continue
-                row = by_id[cid]
-                run = trial_run(result, setup, row["n"])
-                gt, curve = trial_tables(spec, row, run, device=run.device)
-                output.write_parts(str(row["dataset"]), part_name(cid, options.seed),
-                                   {"curves": curve, "ground_truth": gt})
-                tc = configs[cid]
-                tc.source, tc.train_seconds = "tuned", run.train_seconds
+            experiment, restored, runs, failures = _run_trials(spec, options, setup, cands, pending, rules, out_dir,
+                                                               progress, echo)
+            for cid, run in runs.items():
+                configs[cid].source, configs[cid].train_seconds = "tuned", run.train_seconds
                 trial_seconds += run.train_seconds
+            for cid in failures:
+                configs[cid].source = "failed"
         tune_seconds = time.perf_counter() - t1
     finally:
         if started:
             ray.shutdown()
     comparison = _comparison(out_dir, cands, configs, options)
     return TuneOutcome(out_dir, crit, eps, options.by, list(configs.values()), comparison, experiment, restored,
-                       failures, sweep_seconds, _kernel_seconds(out_dir), sweep.shard_seconds, tune_seconds,
+                       [f"{cid}: {why}" for cid, why in failures.items()], sweep_seconds, _kernel_seconds(out_dir), sweep.shard_seconds, tune_seconds,
                        trial_seconds)
+
+
+def _run_trials(spec: SweepSpec, options: TuneOptions, setup: TrialSetup, cands, pending, rules: Dict[str, StopRule],
+                out_dir: Path, progress: bool, echo: Callable[[str], None]):
+    """The Tune step of :func:`run_tune`: the experiment named by all the candidates (so a re-run with the same
+    candidates finds it), restored when it exists (finished trials are skipped, the others resume from their last
+    checkpoint), else started with the ``pending`` ones; each finished trial of ``pending`` is written to OUT.
+    Returns (experiment path, restored, config_id -> run written, config_id -> why it did not finish)."""
+    from ray import tune as ray_tune
+
+    all_rules = {} if options.full_budget else rules
+    name = _experiment_name(spec, options, [trial_config(r, options.seed) for r in cands.to_dict("records")],
+                            all_rules)
+    storage = (out_dir / TUNE_DIR).resolve()
+    experiment = str(storage / name)
+    fn = trainable(setup)
+    restored = bool(ray_tune.Tuner.can_restore(experiment))
+    if restored:
+        echo(f"restoring the Tune experiment {experiment}")
+        tuner = ray_tune.Tuner.restore(experiment, fn, resume_unfinished=True, resume_errored=True)
+    else:
+        run_rules = {k: v for k, v in all_rules.items() if k in set(pending.config_id)}
+        tuner = ray_tune.Tuner(
+            fn, param_space=param_space(pending, options.seed),
+            tune_config=ray_tune.TuneConfig(max_concurrent_trials=options.max_concurrent_trials, reuse_actors=True,
+                                            trial_dirname_creator=_trial_dirname),
+            run_config=ray_tune.RunConfig(name=name, storage_path=str(storage),
+                                          verbose=options.verbose if progress else 0,
+                                          stop=PredictedBudgetStopper(run_rules) if run_rules else None,
+                                          checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=1)))
+    results = tuner.fit()
+    output = SweepOutput(out_dir)
+    by_id = {str(r["config_id"]): r for r in pending.to_dict("records")}
+    runs, failures = {}, {}
+    for result in results:
+        cid = str((result.config or {}).get("config_id", ""))
+        if cid not in by_id:  # a trial of the restored experiment already written
+            continue
+        if not trial_finished(result):
+            why = f"failed ({type(result.error).__name__})" if result.error is not None else "did not finish"
+            failures[cid] = f"trial {why}; re-run the same command to resume it from its last checkpoint"
+            continue
+        row = by_id[cid]
+        run = trial_run(result, setup, row["n"])
+        gt, curve = trial_tables(spec, row, run, device=run.device)
+        output.write_parts(str(row["dataset"]), part_name(cid, options.seed), {"curves": curve, "ground_truth": gt})
+        runs[cid] = run
+    return experiment, restored, runs, failures
 
 
 def _kernel_seconds(out: Path) -> float:
