@@ -136,12 +136,13 @@ def totals(costs: Dict[str, Dict[str, Any]]) -> Dict[str, float]:
             "samples": sum(v["last_step"] * v["batch_size"] for v in costs.values()), "trials": len(costs)}
 
 
-def describe(rows, cid: Optional[str]) -> str:
+def describe(grid: Dict[str, Dict[str, Any]], cid: Optional[str]) -> str:
+    """A config of the grid (config_id -> its row in tune.json) in words."""
     if cid is None:
         return "none"
-    r = rows[rows.config_id == cid].iloc[0]
-    b = "full" if bool(r.full_batch) else str(int(r.batch_size))
-    return f"{r.lr_fraction:g}x, m {r.momentum:g}, B {b}"
+    r = grid[cid]
+    b = "full" if r["full_batch"] else str(int(r["batch_size"]))
+    return f"{r['lr_fraction']:g}x, m {r['momentum']:g}, B {b}"
 
 
 def main() -> None:
@@ -153,7 +154,15 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray (one per trial)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench" / "tune"), help="working directory (cleared)")
     ap.add_argument("--quick", action="store_true", help="a tiny grid, to check the script; writes nothing to docs")
+    ap.add_argument("--from-json", action="store_true",
+                    help="regenerate the section from runs/bench/tune.json (no training)")
     args = ap.parse_args()
+    if args.from_json:
+        result = json.loads((ROOT / "runs" / "bench" / "tune.json").read_text())
+        body = report(result)
+        print(body)
+        write_section("tune", body, COMMAND, machine=result["facts"]["machine"])
+        return
 
     import os
 
@@ -245,16 +254,28 @@ def main() -> None:
                         "machine": machine_facts(), "kernel_s": outcome.kernel_seconds,
                         "shard_s": outcome.shard_seconds},
               "arms": arms, "asha_over_ttp_compute": ratio, "ttp_within_10pct": bool(within)}
+    from ttp_ray.analysis import rank
+
+    ranked = rank(rows, curves=tables.curves).set_index("config_id")
     grid_rows = []
     for r in rows.itertuples(index=False):
         t = truth[r.config_id]
         grid_rows.append({"config_id": r.config_id, "lr_fraction": r.lr_fraction, "momentum": r.momentum,
-                          "batch_size": int(r.batch_size), "predicted_diverged": bool(r.diverged),
-                          "predicted_final_error": r.predicted_final_error, "real_cost_to_target_s": t["cost_s"],
-                          "real_steps_to_target": t["steps"], "real_final_error": t["final_error"],
-                          "real_diverged": t["diverged"], "asha_steps": asha_costs[r.config_id]["last_step"],
+                          "batch_size": int(r.batch_size), "full_batch": bool(r.full_batch),
+                          "predicted_diverged": bool(r.diverged), "predicted_final_error": r.predicted_final_error,
+                          "predicted_cost_to_target_s": ranked.predicted_cost_to_target_s[r.config_id],
+                          "real_cost_to_target_s": t["cost_s"],
+                          "real_cost_median_step_s": t["cost_median_s"], "real_steps_to_target": t["steps"],
+                          "real_final_error": t["final_error"], "real_diverged": t["diverged"],
+                          "asha_steps": asha_costs[r.config_id]["last_step"],
                           "ttp_rank": None if r.config_id not in set(cands.config_id) else
                           int(cands.loc[cands.config_id == r.config_id, "rank"].iloc[0])})
+    result["grid"] = grid_rows
+    result["guided"] = [{"config_id": r.config_id, "rank": int(r.rank),
+                         "predicted_cost_to_target_s": float(r.predicted_cost_to_target_s),
+                         "trial_budget_steps": int(r.trial_budget_steps), "last_step": int(r.last_step),
+                         "stopped": str(r.stopped), "real_cost_to_target_s": float(r.actual_cost_to_target_s)}
+                        for r in cands.itertuples(index=False)]
     if args.quick:
         print(json.dumps(result, indent=1, default=str))
         return
@@ -264,7 +285,7 @@ def main() -> None:
     import pandas as pd
 
     pd.DataFrame(grid_rows).to_csv(out / "tune_grid.csv", index=False)
-    body = report(result, rows, cands, truth)
+    body = report(result)
     print(body)
     write_section("tune", body, COMMAND)
 
@@ -273,26 +294,47 @@ def _f(x, spec=".1f", none="-") -> str:
     return none if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
-def report(result: Dict[str, Any], rows, cands, truth) -> str:
+def report(result: Dict[str, Any]) -> str:
+    """The section, from the bench's JSON (what main() measured)."""
     f, arms = result["facts"], result["arms"]
+    grid = {g["config_id"]: g for g in result["grid"]}
     table = []
     for name, a in arms.items():
         pick = a["pick"]
         table.append([name, _f(a["compute_s"]), _f(a["prediction_s"]), _f(a["trial_train_s"]), a["trials"],
-                      a["steps"], f"{a['samples'] / 1e3:.0f}k", _f(a["wall_s"], ".0f"), describe(rows, pick),
+                      a["steps"], f"{a['samples'] / 1e3:.0f}k", _f(a["wall_s"], ".0f"), describe(grid, pick),
                       _f(a["pick_cost_s"], ".2f"), _f(a["pick_regret"], ".2f"), _f(a["pick_regret_median_step"], ".2f"),
                       _f(a["pick_final_error"], ".3f")])
     a = arms["ASHA"]
     table.append(["ASHA, conventional pick (lowest error at its last report)", "", "", "", "", "", "", "",
-                  describe(rows, a["conventional_pick"]), _f(a["conventional_pick_cost_s"], ".2f"),
+                  describe(grid, a["conventional_pick"]), _f(a["conventional_pick_cost_s"], ".2f"),
                   _f(a["conventional_pick_regret"], ".2f"), _f(a["conventional_pick_regret_median_step"], ".2f"),
                   _f(a["conventional_pick_final_error"], ".3f")])
     guided = []
-    for r in cands.itertuples(index=False):
-        t = truth[r.config_id]
-        guided.append([int(r.rank), describe(rows, r.config_id), _f(r.predicted_cost_to_target_s, ".2f"),
-                       int(r.trial_budget_steps), _f(getattr(r, "last_step", None), ".0f"), r.stopped,
-                       _f(r.actual_cost_to_target_s, ".2f"), _f(t["cost_s"], ".2f"), _f(t["final_error"], ".3f")])
+    for r in result["guided"]:
+        t = grid[r["config_id"]]
+        guided.append([r["rank"], describe(grid, r["config_id"]), _f(r["predicted_cost_to_target_s"], ".2f"),
+                       r["trial_budget_steps"], r["last_step"], r["stopped"], _f(r["real_cost_to_target_s"], ".2f"),
+                       _f(t["real_cost_to_target_s"], ".2f"), _f(t["real_final_error"], ".3f")])
+    # the configs ttp-ray never tries because they are predicted to diverge: what they really did
+    flagged = [g for g in result["grid"] if g["predicted_diverged"]]
+    survived = [g for g in flagged if not g["real_diverged"]]
+    reach = [g for g in survived if g["real_cost_to_target_s"] is not None and math.isfinite(
+        float(g["real_cost_to_target_s"]))]
+    cheapest_flagged = min(reach, key=lambda g: float(g["real_cost_to_target_s"])) if reach else None
+    diverge_note = (
+        f"Of the {len(flagged)} configs predicted to diverge (lr beyond 2(1+m)N/lambda_max of the kernel at w0), "
+        f"{len(survived)} did not diverge for real"
+        + (f"; the cheapest of them to the target, {describe(grid, cheapest_flagged['config_id'])}, costs "
+           f"{float(cheapest_flagged['real_cost_to_target_s']):.2f} s (regret "
+           f"{float(cheapest_flagged['real_cost_to_target_s']) / f['best_cost_s']:.2f}): ttp-ray never tries them."
+           if cheapest_flagged else ".") if flagged else "No config is predicted to diverge.")
+    first = grid[result["guided"][0]["config_id"]] if result["guided"] else None
+    k1 = "" if first is None else (
+        f" Trained alone (K = 1), ttp-ray's predicted best ({describe(grid, first['config_id'])}) would have regret "
+        f"{_f(float(first['real_cost_to_target_s']) / f['best_cost_s'], '.2f')} "
+        f"({_f(float(first['real_cost_median_step_s']) / f['best_cost_median_step_s'], '.2f')} with median step "
+        f"times): the top {f['top']} trials are what finds the best.")
     ratio, within = result["asha_over_ttp_compute"], result["ttp_within_10pct"]
     verdict = (f"ttp-ray used **{ratio:.1f}x** less compute than ASHA and its pick is "
                f"{'within' if within else '**not** within'} 10 % of the best real cost "
@@ -318,7 +360,7 @@ def report(result: Dict[str, Any], rows, cands, truth) -> str:
         "update; the full-set evaluations of minibatch runs excluded); *samples* = trained steps x B (independent "
         "of the machine's load). *Pick* = the config with the lowest real cost to the target among the arm's own "
         "trials. A pick is scored by the grid's run of it: *real cost* = its steps to the target x its step time, "
-        f"*regret* = that / the cheapest of the grid ({describe(rows, f['best'])}, "
+        f"*regret* = that / the cheapest of the grid ({describe(grid, f['best'])}, "
         f"{_f(f['best_cost_s'], '.2f')} s), *final error* at {f['budget']} steps. Step times move with the load of "
         f"this shared machine, so the regret is also given with every run's steps to the target x the median step "
         f"time of the grid's runs at its batch size (" + ", ".join(f"B {b}: {t * 1e3:.1f} ms" for b, t in
@@ -327,7 +369,10 @@ def report(result: Dict[str, Any], rows, cands, truth) -> str:
         md_table(["arm", "compute (s)", "prediction (s)", "trials (s)", "trials", "steps", "samples", "wall (s)",
                   "pick", "real cost (s)", "regret", "regret, median step time", "final error"], table),
         "",
-        verdict,
+        verdict + " One run on a shared, loaded machine (step times, and so the real costs, move with the load)."
+        + k1,
+        "",
+        diverge_note,
         "",
         "ttp-ray's trials, predicted against real (the trial's own run, and the grid's run of the same config):",
         "",
