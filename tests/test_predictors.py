@@ -25,7 +25,7 @@ def frozen(small):
 
 
 def test_registry_and_bad_names():
-    assert set(PREDICTORS) == {"frozen", "subset", "drift", "relinearised", "flow"} and DEFAULT_PREDICTOR in PREDICTORS
+    assert set(PREDICTORS) == {"frozen", "subset", "drift", "relinearised", "flow", "probed"} and DEFAULT_PREDICTOR in PREDICTORS
     assert get_predictor().name == DEFAULT_PREDICTOR
     with pytest.raises(ValueError, match=r"^predictor: 'nope' is not one of frozen, subset"):
         get_predictor("nope")

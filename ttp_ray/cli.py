@@ -380,6 +380,10 @@ def predict(**kw) -> None:
                    **{k: v for k, v in meta.items() if isinstance(v, (int, float, str, bool, type(None)))}},
         "kernel_seconds": prepared.kernel_seconds, "kernel_cache_hit": prepared.cache_hit,
         "simulate_seconds": res.seconds, "note": res.note, "extra_work": dict(prepared.work),
+        "intervals": [{"criterion": r["criterion"], "eps": r["eps"], "low": r.get("predicted_steps_low"),
+                       "high": r.get("predicted_steps_high")} for r in pred.rows],
+        "predicted_drift": pred.rows[0].get("predicted_drift") if pred.rows else None,
+        "elr_over_gd_limit": pred.rows[0].get("elr_over_gd_limit") if pred.rows else None,
         **res.extras,
         "curve": {"steps": res.steps.tolist(), "loss": res.loss.tolist(),
                   "error": None if res.error is None else res.error.tolist()},
@@ -460,9 +464,17 @@ def _print_run(out: dict) -> None:
     else:
         err = "n/a" if out["final_error"] is None else f"{out['final_error']:.4f}"
         click.echo(f"  final loss {out['final_loss']:.5g}, final error {err}")
+    intervals = {(i["criterion"], i["eps"]): i for i in out.get("intervals", []) if i["low"] is not None}
     for row in out["training_times"]:
         t = "not reached" if row["steps"] is None else f"{row['steps']} steps ({row['fraction']:.3f} of budget)"
-        click.echo(f"  T_eps[{row['criterion']}, eps={row['eps']:g}] = {t}")
+        i = intervals.get((row["criterion"], row["eps"]))
+        within = "" if i is None or row["steps"] is None else f", interval {i['low']}-{i['high']}"
+        click.echo(f"  T_eps[{row['criterion']}, eps={row['eps']:g}] = {t}{within}")
+    if out.get("predicted_drift") is not None:
+        click.echo(f"  predicted kernel drift s = {out['predicted_drift']:.3g} at the end (Θ_T ~ s Θ0); effective lr "
+                   f"{out['elr_over_gd_limit']:.3g} x the plain-GD limit")
+    if out.get("extra_work"):
+        click.echo("  extra work beyond the kernel: " + ", ".join(f"{k} {v:g}" for k, v in out["extra_work"].items()))
     if "step_time_s" in out:
         click.echo(f"  step time {out['step_time_s'] * 1e3:.2f} ms on {out['device']}")
 

@@ -20,6 +20,7 @@ pyarrow and numpy only: nothing here imports Ray, torch or pandas.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -76,6 +77,11 @@ PREDICTION_SCHEMA = pa.schema(_CONFIG_FIELDS + [
     ("predicted_final_error", pa.float64()),
     ("step_time_s", pa.float64()),  # measured for (model, dataset, B, loss) on the actor's device
     ("predicted_cost_s", pa.float64()),  # predicted_steps * step_time_s; null when not reached
+    ("predicted_steps_low", pa.int64()),  # the interval of T̂ε (drift-aware predictor; docs/METHOD.md §14); null otherwise
+    ("predicted_steps_high", pa.int64()),
+    ("elr_over_gd_limit", pa.float64()),  # the regime: eta/(1-m) over the plain-GD limit 2N/lambda_max
+    ("predicted_drift", pa.float64()),  # the kernel's predicted drift s at the end of the run (Θ_T ~ s Θ0); null: frozen
+    ("extra_gradients", pa.int64()),  # per-sample gradients the predictor spent beyond Θ0 for this (dataset, model, loss)
     ("method", pa.string()),
     ("momentum_mode", pa.string()),
     ("dynamics", pa.string()),  # subset extrapolation only: 'discrete' | 'ode'; null otherwise
@@ -212,8 +218,14 @@ def prediction_rows(res, n: int, budget_steps: int, eps_list: Sequence[float], s
                                  definition=settings.definition, window=settings.window, diverged=res.diverged)
     final_loss = None if res.diverged else float(res.loss[-1])
     final_error = None if res.diverged or res.error is None else float(res.error[-1])
+    own = dict(res.extras.get("row_fields", {}))  # per-config columns a predictor adds (e.g. predicted_drift)
+    halfwidth = res.extras.get("interval_log_halfwidth")  # T̂ε interval: T̂ε exp(±w), within [0, budget]
     rows = []
     for t in times:
+        interval = {}
+        if halfwidth is not None and t["steps"] is not None:
+            interval = {"predicted_steps_low": int(math.floor(t["steps"] * math.exp(-halfwidth))),
+                        "predicted_steps_high": int(min(budget_steps, math.ceil(t["steps"] * math.exp(halfwidth))))}
         rows.append({
             "loss": c.loss, "lr": float(c.lr), "momentum": float(c.momentum),
             "batch_size": int(c.batch_size) if c.batch_size is not None and c.batch_size < n else n,
@@ -223,7 +235,8 @@ def prediction_rows(res, n: int, budget_steps: int, eps_list: Sequence[float], s
             "diverged": bool(res.diverged), "predicted_final_loss": final_loss,
             "predicted_final_error": final_error, "max_stable_lr": float(res.max_stable_lr),
             "method": res.method, "momentum_mode": res.momentum_mode, "simulate_seconds": float(res.seconds),
-            **(extra or {}),
+            "elr_over_gd_limit": float(c.effective_lr) * (1.0 + float(c.momentum)) / float(res.max_stable_lr),
+            **own, **interval, **(extra or {}),
         })
     return rows
 

@@ -450,8 +450,12 @@ class SweepSpec:
         for entry in d["datasets"]:  # default adaptation: older specs keep their identity
             if entry["input"] == _jsonable(asdict(AdaptOptions())):
                 entry.pop("input")
-        if d["predictor"] == {"name": None, "options": []}:  # the default predictor: older specs keep their identity
-            d.pop("predictor")
+        chosen = self.chosen_predictor()
+        legacy = self.kernel.subset is not None or self.simulation.drift_reference is not None
+        if legacy or (chosen.name == "frozen" and not d["predictor"]["options"]):
+            d.pop("predictor")  # the frozen kernel (the default before the probed one): older specs keep their identity
+        else:
+            d["predictor"]["name"] = chosen.name  # the default resolved: a new default is a new identity
         d["resources"] = {"shard_size": d["resources"]["shard_size"]}
         for key in ("cpus", "gpus", "max_retries"):
             d["ground_truth"].pop(key)
