@@ -252,7 +252,7 @@ def main() -> None:
                         "best_cost_median_step_s": best_median,
                         "median_step_time_s": {str(b): t for b, t in sorted(step_b.items())},
                         "machine": machine_facts(), "kernel_s": outcome.kernel_seconds,
-                        "shard_s": outcome.shard_seconds},
+                        "shard_s": outcome.shard_seconds, "predictor": spec.chosen_predictor().name},
               "arms": arms, "asha_over_ttp_compute": ratio, "ttp_within_10pct": bool(within)}
     from ttp_ray.analysis import rank
 
@@ -349,7 +349,8 @@ def report(result: Dict[str, Any]) -> str:
         f"logged every 5, seed 0; one local Ray (2 CPUs, one per trial); every arm trains through the same Tune "
         f"trainable (`ttp_ray.tune.train_trial`). Target: error {f['target']:.4f} (min + 0.25 (median - min) of the "
         f"predicted final errors). *ttp-ray*: `run_tune`, kernel computed (k = 512 class-trace countsketch, "
-        f"{f['kernel_s']:.1f} s) and the grid predicted ({f['shard_s']:.1f} s of shards), top {f['top']} by "
+        f"{f['kernel_s']:.1f} s) and the grid predicted by the `{f['predictor']}` predictor ({f['shard_s']:.1f} s of "
+        f"shards, its own extra work included), top {f['top']} by "
         f"predicted cost to the target, each stopped at {f['margin']:g} x its predicted steps to the target or on "
         f"reaching it. *ASHA*: `ASHAScheduler(time_attr='step', metric='error', mode='min', max_t={f['budget']}, "
         f"grace_period={f['grace']}, reduction_factor={f['reduction']:g})` over all configs. *grid*: every config, "

@@ -2,6 +2,7 @@
 a trainable, `ttp-ray tune`. One local Ray on 127.0.0.1 for the module (shut down at its end), one small sweep on
 300 digits predicted once; every Tune trial is a real fine-tune of at most 40 steps."""
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -107,6 +108,20 @@ def test_bad_options_are_one_line_exit_2(tmp_path, capsys, kw, field):
 
 # ---------------------------------------------------------------------------------------------- the search
 
+def expected_budgets(cands, margin, budget=40):
+    """The stopper's budgets by cost to target, written out: steps to the target x e^w where the row has a T_hat
+    interval T e^{+-w} not cut at the budget (e^w = its upper bound / T_hat), else margin x those steps."""
+    out = []
+    for r in cands.itertuples(index=False):
+        high = getattr(r, "predicted_steps_high", None)
+        if high is not None and high == high and high < budget and r.predicted_steps > 0:
+            want = r.predicted_steps_to_target * (high / r.predicted_steps)
+        else:
+            want = margin * r.predicted_steps_to_target
+        out.append(int(min(budget, max(1, math.ceil(round(want, 9))))))
+    return out
+
+
 @pytest.mark.timeout(240)
 def test_candidates_follow_the_ranking_and_skip_what_cannot_pay(swept):
     from ttp_ray.analysis import rank
@@ -119,9 +134,14 @@ def test_candidates_follow_the_ranking_and_skip_what_cannot_pay(swept):
     assert len(cands) == 4 and list(cands["rank"]) == [1, 2, 3, 4]
     assert list(cands.config_id) == list(ranked.config_id[:4])
     assert not cands.diverged.any() and cands.predicted_steps_to_target.notna().all()
-    want = np.minimum(40, np.ceil(1.5 * cands.predicted_steps_to_target.astype(float)))
-    assert cands.trial_budget_steps.tolist() == want.astype(int).tolist()
+    assert cands.trial_budget_steps.tolist() == expected_budgets(cands, 1.5)
     assert (cands.trial_stop_value == cands.target).all() and (cands.trial_metric == "error").all()
+    # without an interval: margin x the predicted steps to the target
+    bare = candidates(t.predictions.drop(columns="predicted_steps_high"), t.curves,
+                      TuneOptions(top=4, margin=1.5, target_error=TARGET))
+    want = np.minimum(40, np.ceil(1.5 * bare.predicted_steps_to_target.astype(float)))
+    assert bare.trial_budget_steps.tolist() == want.astype(int).tolist()
+    assert set(bare.trial_budget_rule) == {"1.5 x predicted_steps_to_target"}
     # diverging and never-reaching configs are never tried, however many are asked for
     every = candidates(t.predictions, t.curves, TuneOptions(top=1000, target_error=TARGET))
     never = set(ranked.config_id[ranked["rank"].isna()])
@@ -130,14 +150,20 @@ def test_candidates_follow_the_ranking_and_skip_what_cannot_pay(swept):
     ceiling = float(np.median(every.predicted_final_error))
     capped = candidates(t.predictions, t.curves, TuneOptions(top=1000, max_final_error=ceiling, target_error=TARGET))
     assert (capped.predicted_final_error <= ceiling).all() and len(capped) < len(every)
-    # an interval upper bound, where the predictions carry one, is the budget instead of margin x the estimate
+    # a T_hat_eps interval T e^{+-w}, where the predictor gives one, is the budget instead of margin x the estimate:
+    # its upper bound by T_hat_eps, steps to the target x e^w by cost to target (e^w from the band, uncut rows only)
     pred = t.predictions.copy()
-    pred["predicted_steps_to_target_high"] = 7.0
-    banded = candidates(pred, t.curves, TuneOptions(top=2, target_error=TARGET))
-    assert banded.trial_budget_steps.tolist() == [7, 7]
-    assert set(banded.trial_budget_rule) == {"predicted_steps_to_target_high"}
+    pred["predicted_steps_high"] = np.minimum(40, np.ceil(pred.predicted_steps * 1.25))
+    banded = candidates(pred, t.curves, TuneOptions(top=6, target_error=TARGET))
+    cut = banded.predicted_steps_high >= 40
+    assert (~cut).any()
+    assert banded.trial_budget_steps.tolist() == expected_budgets(banded, 1.2)
+    assert set(banded.trial_budget_rule[~cut]) == {"interval (predicted_steps_high)"}
+    by_t_banded = candidates(pred, t.curves, TuneOptions(top=2, by="predicted_cost_s", target_error=TARGET))
+    assert by_t_banded.trial_budget_steps.tolist() == by_t_banded.predicted_steps_high.astype(int).tolist()
     # by T_hat_eps: the budget is margin x T_hat_eps, and no target stops the trial
-    by_t = candidates(t.predictions, t.curves, TuneOptions(top=2, by="predicted_cost_s"))
+    by_t = candidates(t.predictions.drop(columns="predicted_steps_high"), t.curves,
+                      TuneOptions(top=2, by="predicted_cost_s"))
     assert by_t.trial_stop_value.isna().all()
     assert by_t.trial_budget_steps.tolist() == np.minimum(40, np.ceil(1.2 * by_t.predicted_steps)).astype(int).tolist()
     # the param_space: one grid over the config ids, in ranked order; the rest follows each config

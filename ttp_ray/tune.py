@@ -10,9 +10,10 @@ Tune's own. Three pieces, usable on their own in a user's ``Tuner``:
   ``param_space`` (one ``tune.grid_search`` over the configs, in ranked order: Tune's own variant generator
   starts them in that order, and ``Tuner.restore`` needs nothing of ours);
 * **the stopper** -- :class:`PredictedBudgetStopper` gives each trial its predicted budget: ``margin`` × the
-  predicted steps of the ranking (steps to the target, or T̂ε), or the row's interval upper bound where the
-  predictions carry one (:data:`UPPER_BOUND_COLUMNS`), never more than the spec's budget; it stops the trial
-  there, or as soon as its real curve reaches the target (ranking by cost to target);
+  predicted steps of the ranking (steps to the target, or T̂ε), or, where the predictor gives the row an interval
+  T̂ε e^{±w} (:data:`INTERVAL_HIGH`, METHOD.md §14), its upper bound (T̂ε e^w; steps to the target × e^w),
+  never more than the spec's budget; it stops the trial there, or as soon as its real curve reaches the target
+  (ranking by cost to target);
 * **the trainable** -- :func:`train_trial` runs the project's real fine-tuning (:func:`ttp_ray.finetune.finetune`)
   and reports ``step``, ``loss``, ``error``, ``train_seconds`` (the optimiser steps' wall time so far) and
   ``diverged`` at every logged step through ``tune.report``, with a checkpoint (weights, optimiser state,
@@ -52,7 +53,7 @@ __all__ = [
     "TrialSetup",
     "TunedConfig",
     "TuneOutcome",
-    "UPPER_BOUND_COLUMNS",
+    "INTERVAL_HIGH",
     "STATE_FILE",
     "candidates",
     "stop_rules",
@@ -71,12 +72,7 @@ __all__ = [
     "tune_text",
 ]
 
-# per budget column: where a predictor's interval puts the upper bound of that many steps (first present wins);
-# a row with a finite upper bound gets it as its budget instead of margin x the point estimate
-UPPER_BOUND_COLUMNS: Dict[str, Tuple[str, ...]] = {
-    "predicted_steps": ("predicted_steps_high", "t_eps_high"),
-    "predicted_steps_to_target": ("predicted_steps_to_target_high",),
-}
+INTERVAL_HIGH = "predicted_steps_high"  # a row's T̂ε interval upper bound, T̂ε e^w capped at T (METHOD.md §14)
 STATE_FILE = "finetune.pt"  # the file in a trial's Tune checkpoint: finetune()'s snapshot, torch.save'd
 PART_PREFIX = "tune"  # ground-truth parts of tuned runs: part-tune-<config_id>-s<seed>.parquet
 _SWEEP_PART_PREFIX = "gt"  # the sweep's own fine-tunes (ttp_ray.sweep.plan.GroundTruthRun.run_id)
@@ -134,8 +130,9 @@ def _budget_column(by: str) -> str:
 def candidates(pred, curves, options: TuneOptions = TuneOptions(), manifest: Optional[Mapping[str, Any]] = None):
     """The configs to train, best first: the ranked rows of :func:`ttp_ray.analysis.rank` (one (criterion, ε): the
     options', else the spec's first) for ``options.by``, the ``top`` best per dataset, with the columns
-    ``trial_budget_steps`` (the stopper's budget: see :func:`stop_rules`), ``trial_budget_rule``, ``trial_metric``
-    and ``trial_stop_value`` (the target; null when ranking by T̂ε). ``pred`` and ``curves``: the sweep's
+    ``trial_budget_steps`` (the stopper's budget: margin × the predicted steps, or the interval's upper bound, at
+    least 1, at most the budget; see the module docstring), ``trial_budget_rule`` (which), ``trial_metric`` and
+    ``trial_stop_value`` (the target; null when ranking by T̂ε). ``pred`` and ``curves``: the sweep's
     ``predictions`` and ``curves`` tables (pandas). Bad options raise :class:`~ttp_ray.analysis.AnalysisError`."""
     import numpy as np
 
@@ -151,15 +148,19 @@ def candidates(pred, curves, options: TuneOptions = TuneOptions(), manifest: Opt
     col = _budget_column(options.by)
     point = top[col].astype("Float64").to_numpy(dtype=float, na_value=np.nan)
     upper = np.full(len(top), np.nan)
-    rule = np.array([f"{options.margin:g} x {col}"] * len(top), dtype=object)
-    for name in UPPER_BOUND_COLUMNS[col][::-1]:  # the first listed wins
-        if name in top.columns:
-            u = top[name].astype("Float64").to_numpy(dtype=float, na_value=np.nan)
-            upper = np.where(np.isfinite(u), u, upper)
-            rule = np.where(np.isfinite(u), name, rule)
+    if INTERVAL_HIGH in top.columns:  # the interval is a band on the time axis, T̂ε e^{±w} (METHOD.md §14)
+        high = top[INTERVAL_HIGH].astype("Float64").to_numpy(dtype=float, na_value=np.nan)
+        if col == "predicted_steps":
+            upper = high
+        else:  # steps to the target x e^w, where the band is not cut at the budget (there e^w > high / T̂ε)
+            t_eps = top.predicted_steps.astype("Float64").to_numpy(dtype=float, na_value=np.nan)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                e_w = np.where((high < top.budget_steps.to_numpy(dtype=float)) & (t_eps > 0), high / t_eps, np.nan)
+            upper = point * e_w
+    rule = np.where(np.isfinite(upper), f"interval ({INTERVAL_HIGH})", f"{options.margin:g} x {col}")
     want = np.where(np.isfinite(upper), upper, options.margin * point)
     # the stopper acts at the first report at or past the budget: at least one step, at most the spec's budget
-    steps = np.minimum(top.budget_steps.to_numpy(dtype=float), np.maximum(1.0, np.ceil(want)))
+    steps = np.minimum(top.budget_steps.to_numpy(dtype=float), np.maximum(1.0, np.ceil(np.round(want, 9))))
     top["trial_budget_steps"] = np.where(options.full_budget, top.budget_steps.to_numpy(dtype=float),
                                          steps).astype("int64")
     top["trial_budget_rule"] = np.where(options.full_budget, "full budget", rule)
