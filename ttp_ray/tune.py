@@ -196,13 +196,17 @@ TRIAL_KEYS = ("config_id", "dataset", "model", "loss", "lr", "lr_fraction", "mom
 def trial_config(row: Mapping[str, Any], seed: int = 0) -> Dict[str, Any]:
     """A prediction row (``config_id``, ``dataset``, ``model``, ``loss``, ``lr``, ...) as a trial's config
     (:data:`TRIAL_KEYS`): plain values, ``batch_size`` None for full batch."""
-    frac = row.get("lr_fraction")
     full = bool(row["full_batch"])
     return {"config_id": str(row["config_id"]), "dataset": str(row["dataset"]), "model": str(row["model"]),
-            "loss": str(row["loss"]), "lr": float(row["lr"]),
-            "lr_fraction": None if frac is None or (isinstance(frac, float) and math.isnan(frac)) else float(frac),
+            "loss": str(row["loss"]), "lr": float(row["lr"]), "lr_fraction": _lr_fraction(row),
             "momentum": float(row["momentum"]), "batch_size": None if full else int(row["batch_size"]),
             "budget_steps": int(row["budget_steps"]), "seed": int(seed)}
+
+
+def _lr_fraction(row: Mapping[str, Any]) -> Optional[float]:
+    """A row's lr fraction of the stability limit; None for an absolute lr grid (null / NaN in the table)."""
+    frac = row.get("lr_fraction")
+    return None if frac is None or (isinstance(frac, float) and math.isnan(frac)) else float(frac)
 
 
 @dataclass(frozen=True)
@@ -387,9 +391,8 @@ def trial_tables(spec: SweepSpec, row: Mapping[str, Any], run, device: str = "")
     prediction row ``row``, in the sweep's schemas (:func:`ttp_ray.sweep.work.ground_truth_tables`)."""
     from .sweep.work import ground_truth_tables
 
-    frac = row.get("lr_fraction")
     columns = {"config_id": str(row["config_id"]), "model": row["model"], "loss": row["loss"], "lr": float(row["lr"]),
-               "lr_fraction": None if frac is None or (isinstance(frac, float) and math.isnan(frac)) else float(frac),
+               "lr_fraction": _lr_fraction(row),
                "momentum": float(row["momentum"]), "batch_size": int(row["batch_size"]),
                "full_batch": bool(row["full_batch"]), "effective_lr": float(row["effective_lr"]),
                "eps_mode": spec.simulation.eps_mode, "budget_steps": int(row["budget_steps"]), "n": int(row["n"]),
