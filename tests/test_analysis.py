@@ -30,6 +30,9 @@ SPEC = {
     # per dataset: (mse, 0.2, full batch) with seed 0 (full batch ignores the seed), (ce, 0.6, B=20) with 0 and 1
     "ground_truth": {"enabled": True, "seeds": [0, 1], "where": {"lr_fraction": [0.2, 0.6]}, "max_configs": 2},
     "resources": {"shard_size": 6},
+    # the analysis commands are tested on the frozen kernel's rows, whose flags are the plain limit rule (§13);
+    # the default predictor's own rows and flags: tests/test_probe.py and the sweep engine's tests
+    "predictor": "frozen",
 }
 RANK_KEYS = ["predicted_cost_s", "predicted_steps", "predicted_final_error"]
 

@@ -95,6 +95,7 @@ def test_probed_predicts_every_config_type_with_drift_interval_and_counted_work(
         # beyond the limit: the catapult phase (m = 0, up to 2x) is predicted at the edge; the rest diverges
         assert pc.diverged == (f > 2.0 or (f > 1.0 and cfg.momentum > 0)), (cfg, f)
         for r in pc.rows:
+            assert r["limit_from"] == "class-trace kernel"
             assert r["extra_gradients"] > 0 and r["elr_over_gd_limit"] == pytest.approx(
                 cfg.effective_lr * (1 + cfg.momentum) / frozen.max_stable_lr(cfg.momentum))
             if not pc.diverged:

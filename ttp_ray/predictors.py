@@ -104,6 +104,14 @@ class PreparedPredictor:
         return float(self.base.state.lambda_max), float(self.base.state.n)
 
     @property
+    def limit_from(self) -> str:
+        """Which lambda_max the stability limit is computed from: ``class-trace kernel`` (the default sketch; its
+        lambda_max is below the full kernel's, so its limit is higher), ``full kernel`` or ``extrapolated spectrum``."""
+        if getattr(self.base, "spectrum", None) is not None:
+            return "extrapolated spectrum"
+        return "class-trace kernel" if self.base.state.class_trace else "full kernel"
+
+    @property
     def lambda_max(self) -> float:
         """``lambda_max`` of Θ on the full set (not divided by N)."""
         lam, n = self.limit
@@ -157,7 +165,7 @@ class PreparedPredictor:
                     results[i] = res
         thinned = [_thin(r, settings.sim.log_every, int(budget_steps)) for r in results]
         return predicted_configs(thinned, self.n, budget_steps=budget_steps, eps_list=eps_list, settings=settings,
-                                 extra=pred.row_fields(self, settings))
+                                 extra={"limit_from": self.limit_from, **pred.row_fields(self, settings)})
 
 
 class Predictor(ABC):

@@ -82,6 +82,7 @@ PREDICTION_SCHEMA = pa.schema(_CONFIG_FIELDS + [
     ("elr_over_gd_limit", pa.float64()),  # the regime: eta/(1-m) over the plain-GD limit 2N/lambda_max
     ("predicted_drift", pa.float64()),  # the kernel's predicted drift s at the end of the run (Θ_T ~ s Θ0); null: frozen
     ("extra_gradients", pa.int64()),  # per-sample gradients the predictor spent beyond Θ0 for this (dataset, model, loss)
+    ("limit_from", pa.string()),  # which lambda_max the limit is from: 'class-trace kernel' | 'full kernel' | 'extrapolated spectrum'
     ("method", pa.string()),
     ("momentum_mode", pa.string()),
     ("dynamics", pa.string()),  # subset extrapolation only: 'discrete' | 'ode'; null otherwise

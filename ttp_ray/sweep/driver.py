@@ -145,7 +145,9 @@ def start_local_ray(num_cpus: Optional[int] = None, object_store_mb=None) -> Non
     kw: Dict[str, Any] = {}
     if object_store_mb not in (None, "auto"):
         kw["object_store_memory"] = int(object_store_mb) * 1024 * 1024
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
+    # address="local": always a new instance of our own, never one a `ray start` on this machine left running
+    # (attaching to a cluster is --address / RAY_ADDRESS only)
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
              logging_level=logging.WARNING, **kw)
 
 
@@ -526,6 +528,7 @@ def summary_text(out: Path, spec: SweepSpec, top: int = 10) -> str:
         lines.append(f"  (`ttp-ray rank {out}`: the table with flags and regime; `--by predicted_cost_s`: by "
                      f"T_hat x step time, against each run's own final value; `--pareto`: the cost / final-error "
                      f"front)")
+        lines += _extra_work_lines(pred)
         gt = read_table(out, "ground_truth").to_pandas()
         if len(gt):
             val = analysis.validation_table(pred, gt, curves)
@@ -543,6 +546,16 @@ def summary_text(out: Path, spec: SweepSpec, top: int = 10) -> str:
     lines.append(f"tables: {out}/predictions, {out}/ground_truth, {out}/curves, {out}/spectra (Parquet, "
                  f"hive-partitioned by dataset); manifest: {out}/manifest.json")
     return "\n".join(lines)
+
+
+def _extra_work_lines(pred) -> List[str]:
+    """What the predictor spent beyond the Θ0 sketch, per (dataset, model, loss), from the rows' ``extra_gradients``."""
+    if "extra_gradients" not in pred or not pred.extra_gradients.notna().any():
+        return []
+    work = pred.dropna(subset=["extra_gradients"]).groupby(["dataset", "model", "loss"]).agg(
+        g=("extra_gradients", "max"), n=("n", "first"), method=("method", "first"))
+    return ["extra work beyond the kernel (per-sample gradients of the drift probes, per actor; docs/METHOD.md §14): "
+            + ", ".join(f"{d}/{m}/{l} {int(r.g)} ({r.g / r.n:.1f} N)" for (d, m, l), r in work.iterrows())]
 
 
 def _ranking_lines(analysis, val) -> List[str]:
