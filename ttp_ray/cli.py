@@ -626,6 +626,9 @@ cli.add_lazy_command("plot", _plot_command,
                      "real T_eps, the Theta spectrum with its power-law fit, predicted cost over (lr, batch size) per "
                      "dataset.")
 
+from .tune_cli import tune as _tune_command  # noqa: E402
+cli.add_command(_tune_command)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()
