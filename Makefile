@@ -10,10 +10,10 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/activate
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -e '.[dev]'
 	touch $@
 
 .PHONY: install quickstart test test-stress bench

@@ -122,7 +122,10 @@ def test_quickstart_reduced_end_to_end(local_ray, tmp_path, capsys):
     assert set(pred.dataset.astype(str)) == {"digits-5to9:subset=100", "digits:subset=100"}
     reached = pred[pred.predicted_steps.notna()]
     assert len(reached) and (reached.predicted_cost_s - reached.predicted_steps * reached.step_time_s).abs().max() < 1e-9
-    assert pred[pred.lr_fraction > 1].diverged.all()  # above the stability limit: "diverges", no number
+    beyond = pred[pred.lr_fraction > 1]  # above the stability limit: momentum diverges, plain GD/SGD catapults (§14)
+    assert beyond[beyond.momentum > 0].diverged.all() and not beyond[beyond.momentum == 0].diverged.any()
+    assert beyond[beyond.momentum == 0].predicted_steps_high.notna().any()
+    assert (pred.method.str.startswith("probed-")).all() and (pred.extra_gradients > 0).all()
     assert pred[pred.diverged].predicted_steps.isna().all()
     assert ((pred.lr - pred.lr_fraction * pred.max_stable_lr).abs() < 1e-9 * pred.lr).all()
 

@@ -5,6 +5,7 @@ traceback.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -34,9 +35,17 @@ def _fail(msg: str) -> None:
 
 def main(argv=None) -> None:
     """Entry point: runs the click group and turns user errors into one line, exit code 2."""
+    from .interrupts import INTERRUPTED_MESSAGE, Interrupted
+
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         cli.main(args=argv, prog_name="ttp-ray", standalone_mode=False)
+    except Interrupted as exc:  # a sweep stopped by SIGINT / SIGTERM: its parts are on disk, Ray is shut down
+        click.echo(INTERRUPTED_MESSAGE, err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # nothing is left to do: skip the interpreter's teardown (torch's and Ray's threads take seconds more)
+        os._exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -45,7 +54,7 @@ def main(argv=None) -> None:
     except _user_errors() as exc:
         _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     except KeyboardInterrupt:
-        click.echo("interrupted: results written so far are kept", err=True)
+        click.echo(INTERRUPTED_MESSAGE, err=True)
         sys.exit(130)
 
 
@@ -116,9 +125,24 @@ def models() -> None:
         click.echo(f"{name:26s} {desc}")
 
 
+def with_progress(f):
+    """A ``--quiet`` flag, and the command run with progress (with ETA, on stderr) unless it is given: the
+    core's long work (pre-training, kernel, step time, simulations, fine-tuning) reports to it."""
+    @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr (results on stdout are the same).")
+    @functools.wraps(f)
+    def run(*args, quiet: bool, **kw):
+        from .progress import Progress, using
+
+        with using(Progress(enabled=not quiet)):
+            return f(*args, **kw)
+
+    return run
+
+
 @cli.command()
 @click.option("--model", "names", multiple=True, default=("digits-cnn", "digits-resnet"), show_default=True,
               help="Embedded backbone(s) to (re)build.")
+@with_progress
 def pretrain(names) -> None:
     """Rebuild the embedded backbones on digits-0to4 (deterministic) and report their accuracy."""
     from .models import load_pretrained_digits
@@ -126,7 +150,7 @@ def pretrain(names) -> None:
     for name in names:
         if name not in ("digits-cnn", "digits-resnet"):
             raise InputError(f"model: {name!r} is not pre-trained by ttp-ray; allowed: digits-cnn, digits-resnet")
-        _, rep = load_pretrained_digits(name, rebuild=True, verbose=True)
+        _, rep = load_pretrained_digits(name, rebuild=True)
         click.echo(f"{name}: train accuracy {rep['train_accuracy']:.4f}, held-out accuracy "
                    f"{rep['holdout_accuracy']:.4f}, {rep['seconds']:.1f} s, recipe {rep['recipe']}")
 
@@ -279,6 +303,7 @@ def _curve_rows(steps, curves, kw, diverged):
 
 @cli.command()
 @common_run_options
+@with_progress
 def finetune(**kw) -> None:
     """Fine-tune for real (ground truth): full-set loss/error curve, T_eps, step time."""
     from .finetune import FinetuneConfig, finetune as run_finetune
@@ -403,7 +428,7 @@ def _chosen_predictor(kw):
 
 def _predict_command() -> click.Command:
     """``ttp-ray predict``, built on first use (see :class:`_Commands`)."""
-    return click.command(name="predict")(common_run_options(prediction_options(predict)))
+    return click.command(name="predict")(common_run_options(prediction_options(with_progress(predict))))
 
 
 def predict(**kw) -> None:

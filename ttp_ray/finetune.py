@@ -18,6 +18,7 @@ import torch
 from .data import ImageDataset
 from .models import FinetuneModel, check_trainable, trainable_names
 from .objectives import check_loss, error_rate, loss_value
+from .progress import Progress, resolve
 from .sampling import batch_schedule
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "evaluate", "measure_step_time", "result_summary",
@@ -103,11 +104,13 @@ def evaluate(model: torch.nn.Module, dataset: ImageDataset, loss: str, *, device
 
 
 def finetune(model: FinetuneModel, dataset: ImageDataset, config: FinetuneConfig, *, device="cpu",
-             eval_batch_size: int = 2048, record_outputs: bool = False) -> FinetuneResult:
+             eval_batch_size: int = 2048, record_outputs: bool = False,
+             progress: Optional[Progress] = None) -> FinetuneResult:
     """Fine-tune ``model`` in place with SGD(lr, momentum), batch norm frozen; log full-set curves.
 
     ``record_outputs`` (full batch only) keeps f(w_t) at every step (``FinetuneResult.outputs``; N C floats a
-    step), which :func:`ttp_ray.drift.calibrate_drift` reads."""
+    step), which :func:`ttp_ray.drift.calibrate_drift` reads. ``progress``: one task over the steps, with an
+    ETA (default: the ambient one, :func:`ttp_ray.progress.current`)."""
     t_start = time.perf_counter()
     n = len(dataset)
     config.validate(n)
@@ -147,7 +150,11 @@ def finetune(model: FinetuneModel, dataset: ImageDataset, config: FinetuneConfig
         return True
 
     schedule = iter(batch_schedule(n, b, config.steps, seed=config.seed)) if not full_batch else None
+    task = resolve(progress).task(f"fine-tuning (lr {config.lr:.4g}, m {config.momentum:g}, B {b}, "
+                                  f"{config.loss})", total=config.steps, unit="steps")
     for t in range(config.steps + 1):
+        if t:
+            task.advance()
         logging_now = t % config.log_every == 0 or t == config.steps
         if full_batch:
             # B = N: the step's own forward pass is the full-set evaluation at w_t (eval mode, BN frozen)
@@ -182,6 +189,7 @@ def finetune(model: FinetuneModel, dataset: ImageDataset, config: FinetuneConfig
             loss.backward()
             opt.step()
             step_seconds += time.perf_counter() - t0
+    task.close()
     n_steps = max(1, steps[-1] if steps else 1)
     if diverged:
         n_steps = max(1, t)
@@ -225,10 +233,12 @@ def result_summary(result: FinetuneResult) -> Dict[str, object]:
 
 
 def measure_step_time(model: FinetuneModel, dataset: ImageDataset, batch_size: Optional[int], loss: str = "ce", *,
-                      device="cpu", steps: int = 5, warmup: int = 1, trainable: str = "all") -> float:
+                      device="cpu", steps: int = 5, warmup: int = 1, trainable: str = "all",
+                      progress: Optional[Progress] = None) -> float:
     """Median wall time of one SGD step (forward + backward + update) at batch size B on ``device``.
 
     Runs on a copy of ``model``, so the caller's weights are untouched; used for ``predicted_cost_s``.
+    ``progress``: one task over the timed steps (default: the ambient one).
     """
     import copy
 
@@ -239,6 +249,7 @@ def measure_step_time(model: FinetuneModel, dataset: ImageDataset, batch_size: O
     opt = torch.optim.SGD(params, lr=1e-6, momentum=0.9)
     y = dataset.targets
     times = []
+    task = resolve(progress).task(f"measuring the step time (B {b}, {loss})", total=steps + warmup, unit="steps")
     for i, idx in enumerate(batch_schedule(len(dataset), b, steps + warmup, seed=0)):
         xb, yb = dataset.images(idx).to(device), y[idx].to(device)
         if str(device).startswith("cuda"):
@@ -251,4 +262,6 @@ def measure_step_time(model: FinetuneModel, dataset: ImageDataset, batch_size: O
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+        task.advance()
+    task.close()
     return float(np.median(times))

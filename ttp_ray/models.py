@@ -40,6 +40,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 from .atomic import atomic_write
 from .data import ImageDataset, is_embedded, load_dataset
 from .inputs import UNKNOWN_INPUT, AdaptOptions, InputSpec, check_channels
+from .progress import Progress, resolve
 from .paths import cache_dir  # re-exported: ttp_ray.models.cache_dir keeps working
 
 __all__ = [
@@ -169,8 +170,10 @@ def state_dict_hash(sd: Dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def pretrain_backbone(name: str, recipe: PretrainRecipe = PRETRAIN_RECIPE) -> Tuple[nn.Module, Dict[str, float]]:
-    """Pre-train a digits backbone from scratch, deterministically; returns (model, report)."""
+def pretrain_backbone(name: str, recipe: PretrainRecipe = PRETRAIN_RECIPE, *, progress: Optional[Progress] = None,
+                      why: str = "") -> Tuple[nn.Module, Dict[str, float]]:
+    """Pre-train a digits backbone from scratch, deterministically; returns (model, report). ``progress``: one
+    task advanced per epoch (default: the ambient one, :func:`ttp_ray.progress.current`), described with ``why``."""
     if name not in _DIGITS_ARCHS:
         raise ModelError(f"model: only {', '.join(_DIGITS_ARCHS)} are pre-trained by ttp-ray, not {name!r}")
     ds = load_dataset(recipe.dataset)
@@ -191,6 +194,8 @@ def pretrain_backbone(name: str, recipe: PretrainRecipe = PRETRAIN_RECIPE) -> Tu
                               weight_decay=recipe.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=recipe.epochs)
         t0 = time.perf_counter()
+        task = resolve(progress).task(f"pre-training {name} on {recipe.dataset}{why}", total=recipe.epochs,
+                                      unit="epochs")
         for _ in range(recipe.epochs):
             model.train()
             order = train[torch.randperm(len(train), generator=g)]
@@ -200,6 +205,8 @@ def pretrain_backbone(name: str, recipe: PretrainRecipe = PRETRAIN_RECIPE) -> Tu
                 nn.functional.cross_entropy(model(x[b]), y[b]).backward()
                 opt.step()
             sched.step()
+            task.advance()
+        task.close()
         seconds = time.perf_counter() - t0
     finally:
         torch.use_deterministic_algorithms(prev_det)
@@ -217,8 +224,9 @@ def _digits_backbone_path(name: str, recipe: PretrainRecipe) -> Path:
 
 
 def load_pretrained_digits(name: str, recipe: PretrainRecipe = PRETRAIN_RECIPE, *, rebuild: bool = False,
-                           verbose: bool = False) -> Tuple[nn.Module, Dict[str, float]]:
-    """The cached pre-trained digits backbone, pre-training it on first use (or when ``rebuild``)."""
+                           progress: Optional[Progress] = None) -> Tuple[nn.Module, Dict[str, float]]:
+    """The cached pre-trained digits backbone, pre-training it on first use (or when ``rebuild``; ``progress``
+    shows it, epoch by epoch with an ETA)."""
     path = _digits_backbone_path(name, recipe)
     if path.exists() and not rebuild:
         try:
@@ -230,9 +238,8 @@ def load_pretrained_digits(name: str, recipe: PretrainRecipe = PRETRAIN_RECIPE, 
                 return model, dict(blob["report"])
         except Exception:
             pass  # corrupt or stale cache: fall through and rebuild it
-    if verbose:
-        print(f"pre-training {name} on {recipe.dataset} (recipe {recipe.key()}) ...", flush=True)
-    model, report = pretrain_backbone(name, recipe)
+    why = "" if rebuild else f" (first use; cached in {path.parent})"
+    model, report = pretrain_backbone(name, recipe, progress=progress, why=why)
     sd = model.state_dict()
     blob = {"state_dict": sd, "num_classes": model.fc.out_features, "sha256": state_dict_hash(sd), "report": report}
     atomic_write(path, lambda tmp: torch.save(blob, tmp))
@@ -303,10 +310,10 @@ def _load_checkpoint(arch: str, path: str) -> nn.Module:
     return model
 
 
-def load_backbone(name: str, *, allow_download: bool = False, verbose: bool = False) -> nn.Module:
+def load_backbone(name: str, *, allow_download: bool = False) -> nn.Module:
     """The pre-trained network named ``name`` (module docstring), in eval mode."""
     if name in _DIGITS_ARCHS:
-        return load_pretrained_digits(name, verbose=verbose)[0]
+        return load_pretrained_digits(name)[0]
     if name in _TORCHVISION_ARCHS:
         return _torchvision_imagenet(name, allow_download).eval()
     if ":" in name:
@@ -460,9 +467,9 @@ class FinetuneModel(nn.Module):
         return self.head(self.features(x))
 
 
-def build_finetune_model(backbone: str, num_classes: int, head_seed: int = 0, *, allow_download: bool = False,
-                         verbose: bool = False) -> FinetuneModel:
-    net = load_backbone(backbone, allow_download=allow_download, verbose=verbose)
+def build_finetune_model(backbone: str, num_classes: int, head_seed: int = 0, *, allow_download: bool = False
+                         ) -> FinetuneModel:
+    net = load_backbone(backbone, allow_download=allow_download)
     features, dim = _split_classifier(net, backbone)
     return FinetuneModel(features, dim, num_classes, head_seed)
 

@@ -1,9 +1,10 @@
 """``ttp-ray sweep SPEC``: the click command over :mod:`ttp_ray.sweep.driver`.
 
-Bad specs, missing data, a plan above a resource limit and an output directory of another sweep (or in use by one)
-are ``ValueError`` subclasses, which ``ttp_ray.cli.main`` turns into one ``error: ...`` line and exit code 2
-(nothing written). A grid's size is checked on the YAML form before anything is expanded. A spec naming Python code
-(``model: package.module:function``) runs only with ``--allow-code`` (or ``TTP_RAY_ALLOW_CODE=1``).
+Bad specs, missing data, an unreachable ``--address``, a plan above a resource limit and an output directory of
+another sweep (or in use by one) are ``ValueError`` subclasses, which ``ttp_ray.cli.main`` turns into one
+``error: ...`` line and exit code 2 (nothing written). A grid's size is checked on the YAML form before anything is
+expanded. A spec naming Python code (``model: package.module:function``) runs only with ``--allow-code`` (or
+``TTP_RAY_ALLOW_CODE=1``). SIGINT / SIGTERM end in :data:`ttp_ray.interrupts.INTERRUPTED_MESSAGE`, exit 130 / 143.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ __all__ = ["sweep"]
 @click.option("--fresh", is_flag=True, help="Discard the sweep tables already in --out instead of resuming (only in a "
                                             "directory whose manifest.json says it is a ttp-ray sweep's OUT).")
 @click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs of the local Ray (default: all).")
-@click.option("--quiet", is_flag=True, help="No progress lines.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr (units done / total with an ETA, kernel "
+                                                 "phases); the summary on stdout is the same.")
 @click.option("--allow-code", is_flag=True, envvar="TTP_RAY_ALLOW_CODE", show_envvar=True,
               help="Allow a spec's model: package.module:function (Python code the sweep imports and calls on the "
                    "driver and in every actor). Without it such a spec is refused.")
@@ -42,36 +44,38 @@ def sweep(spec, out, dry_run, address, fresh, num_cpus, quiet, allow_code, max_c
     """Predict T_eps for a grid of hyper-parameters over datasets, distributed with Ray; Parquet out.
 
     Re-running the same SPEC into the same --out resumes: completed shards are skipped (so are fine-tunes already
-    run when only the spec's ground_truth changed). One sweep at a time per --out.
+    run when only the spec's ground_truth changed). One sweep at a time per --out. Ctrl-C (or SIGTERM) keeps what
+    is written: one line, exit code 130 (143).
     """
     from ..preflight import ResourceError, ResourceLimits
-    from .preflight import check_grid
     from .grid import grid_axes, grid_size_text, read_spec
+    from .preflight import check_grid
 
     limits = ResourceLimits(max_configs=max_configs, max_memory_gb=max_memory_gb, max_classes=max_classes)
     data = read_spec(spec)
     try:
-        check_grid(data, limits)  # before anything is expanded
+        check_grid(data, limits)  # before anything is expanded (or torch imported)
     except ResourceError:
         if dry_run:
             click.echo(grid_size_text(grid_axes(data), limits.max_configs))
         raise
+    from ..progress import Progress, using
+    from .driver import dry_run as make_dry_run, run_sweep, summary_text
     from .spec import check_code, parse_spec
 
     s = parse_spec(data)
     check_code(s, allow_code)
     for line in s.deprecations():
         click.echo(f"note: {line}", err=True)
-    from .driver import dry_run as make_dry_run, run_sweep, summary_text
-
     if dry_run:
         text, refusal = make_dry_run(s, address=address, num_cpus=num_cpus, limits=limits)
         click.echo(text)
         if refusal:
             raise ResourceError(refusal)
         return
-    result = run_sweep(s, out, address=address, fresh=fresh, num_cpus=num_cpus, progress=not quiet,
-                       echo=lambda line: click.echo(line, err=True), limits=limits)
+    with using(Progress(enabled=not quiet)) as progress:
+        result = run_sweep(s, out, address=address, fresh=fresh, num_cpus=num_cpus, progress=progress,
+                           handle_signals=True, limits=limits)
     click.echo(summary_text(result.out, s))
     done = (f"{result.written['predictions']} shard(s) and {result.written['ground_truth']} ground-truth run(s) "
             f"written, {result.skipped['predictions'] + result.skipped['ground_truth']} skipped (already done), "

@@ -24,17 +24,23 @@ Order of events (:func:`run_sweep`):
    that ranking and ``predicted_cost_s``'s order the fine-tuned configs (``analysis.ranking_metrics``).
 
 Ctrl-C or a killed driver loses nothing already written: parts are atomic and the next run with the
-same spec and ``--out`` skips them.
+same spec and ``--out`` skips them. With ``handle_signals`` (``ttp-ray sweep``), SIGINT and SIGTERM stop the
+loop within a second (:class:`~ttp_ray.interrupts.Interrupted`), the actors are killed and Ray is shut down;
+the CLI prints one line and exits 130 / 143. An ``--address`` that accepts no TCP connection fails before
+``ray.init`` (:func:`check_address`, one line).
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
+
+from ..interrupts import stop_on_signals
+from ..progress import NULL_PROGRESS, Progress, Task, current
 
 from ..preflight import PreflightError, ResourceLimits, check_output_dir
 from .output import SPECTRUM_PART, SweepOutput, read_table
@@ -42,8 +48,9 @@ from .plan import DatasetSize, GroundTruthRun, Shard, SweepPlan, build_plan, dry
 from .preflight import check_local, check_plan, preflight
 from .spec import SpecError, SweepSpec, ground_truth_from_identity
 
-__all__ = ["SweepResult", "preflight", "plan_sweep", "resource_view", "check_feasible", "dry_run",
-           "run_sweep", "summary_text", "start_local_ray", "failure_text"]
+__all__ = ["SweepResult", "AddressError", "ADDRESS_TIMEOUT_S", "check_address", "preflight", "plan_sweep",
+           "resource_view", "check_feasible", "dry_run", "run_sweep", "summary_text", "start_local_ray",
+           "failure_text"]
 
 MAX_INFLIGHT_PER_ACTOR = 2
 
@@ -169,12 +176,45 @@ def start_local_ray(num_cpus: Optional[int] = None, object_store_mb=None) -> Non
     kw: Dict[str, Any] = {}
     if object_store_mb not in (None, "auto"):
         kw["object_store_memory"] = int(object_store_mb) * 1024 * 1024
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
+    # address="local": always a new instance of our own, never one a `ray start` on this machine left running
+    # (attaching to a cluster is --address / RAY_ADDRESS only)
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
              logging_level=logging.WARNING, **kw)
 
 
+class AddressError(ValueError):
+    """``--address`` (or ``RAY_ADDRESS``) names no Ray cluster this machine reaches: one line, exit code 2."""
+
+
+ADDRESS_TIMEOUT_S = 5.0  # the TCP pre-check of --address before ray.init (whose own retries take minutes)
+_ADDRESS_ALLOWED = ("allowed: the host:port of a running Ray head (`ray start --head` prints it; ray://host:port "
+                    "for Ray Client), 'auto' on a node of a running cluster, or no --address (and no RAY_ADDRESS) "
+                    "for a local Ray")
+
+
+def check_address(address: str, timeout_s: float = ADDRESS_TIMEOUT_S) -> None:
+    """Fail fast, one line, when ``address`` (``host:port`` or ``ray://host:port``) does not accept a TCP
+    connection within ``timeout_s``; ``auto`` and ``local`` are left to Ray. Ray-free."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = hostport.rstrip("/").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise AddressError(f"--address: {address!r} is not host:port; {_ADDRESS_ALLOWED}")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        why = (f"no answer within {timeout_s:g} s" if isinstance(exc, socket.timeout)
+               else (exc.strerror or type(exc).__name__).lower())
+        raise AddressError(f"--address: cannot reach {host}:{port} ({why}); {_ADDRESS_ALLOWED}") from None
+
+
 def _connect(spec: SweepSpec, address: Optional[str], num_cpus: Optional[int]) -> bool:
-    """Connect to Ray; returns True when this call started (and so must stop) it."""
+    """Connect to Ray; returns True when this call started (and so must stop) it. An address that names
+    no reachable cluster is an :class:`AddressError` (one line) within seconds, not minutes of Ray's retries."""
     import logging
 
     import ray
@@ -183,7 +223,12 @@ def _connect(spec: SweepSpec, address: Optional[str], num_cpus: Optional[int]) -
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        check_address(address)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except (ConnectionError, TimeoutError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise AddressError(f"--address: no Ray cluster at {address!r} ({first}); {_ADDRESS_ALLOWED}") from None
         return True
     start_local_ray(num_cpus, spec.resources.object_store_mb)
     return True
@@ -206,42 +251,48 @@ def _remote_preflight(spec: SweepSpec, limits: ResourceLimits) -> Dict[str, Dict
 # --------------------------------------------------------------------------------------- the sweep
 
 class _Reporter:
-    """Progress: a rich bar on a terminal, else one line per finished part."""
+    """A sweep's progress (:mod:`ttp_ray.progress`): one task per kind of unit, prediction shards and
+    ground-truth fine-tunes (done / total with an ETA each, as their costs differ; parts found on disk count as
+    done), one open-ended task per (dataset, model) while its actor prepares the kernel state, and notes
+    (kernel loaded, errors)."""
 
-    def __init__(self, plan: SweepPlan, skipped: Dict[str, int], echo: Callable[[str], None], enabled: bool):
-        self.echo = echo
-        self.enabled = enabled
-        self.bar = None
-        self.done = dict(skipped)
-        self.total = {"predictions": plan.n_shards, "ground_truth": plan.n_ground_truth}
-        if enabled and sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    def __init__(self, name: str, plan: SweepPlan, skipped: Dict[str, int], progress: Progress):
+        self.progress = progress
+        self.kernels: Dict[str, Task] = {}
+        self.units: Dict[str, Task] = {}
+        for kind, total, what, unit in (("predictions", plan.n_shards, "prediction shards", "shards"),
+                                        ("ground_truth", plan.n_ground_truth, "fine-tunes (ground truth)", "runs")):
+            if total:
+                self.units[kind] = progress.task(f"sweep {name}: {what}", total=total, unit=unit,
+                                                 completed=skipped[kind])
 
-            self.bar = Progress(TextColumn("{task.description:>24s}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), console=Console(stderr=True))
-            self.tasks = {}
-            for kind, label in (("predictions", "prediction shards"), ("ground_truth", "ground-truth runs")):
-                if self.total[kind]:
-                    self.tasks[kind] = self.bar.add_task(label, total=self.total[kind], completed=self.done[kind])
-            self.bar.start()
+    def kernel_started(self, unit: str) -> None:
+        self.kernels[unit] = self.progress.task(f"{unit}: actor start and kernel state")
 
-    def advance(self, kind: str, text: str) -> None:
-        self.done[kind] += 1
-        if self.bar is not None:
-            self.bar.update(self.tasks[kind], advance=1)
-        elif self.enabled:
-            self.echo(f"[{self.done[kind]}/{self.total[kind]}] {text}")
+    def kernel_done(self, unit: str) -> None:
+        task = self.kernels.pop(unit, None)
+        if task is not None:
+            task.close()
+
+    def advance(self, kind: str) -> None:
+        task = self.units[kind]
+        task.advance()
+        if task.total is not None and task.completed >= task.total:
+            task.close()
+
+    def tick(self) -> None:
+        """Time passed: plain lines are due every few seconds even when nothing finished."""
+        for task in list(self.units.values()) + list(self.kernels.values()):
+            task.tick()
 
     def note(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.console.print(text)
-        elif self.enabled:
-            self.echo(text)
+        self.progress.note(text)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+        for unit in list(self.kernels):
+            self.kernel_done(unit)
+        for task in self.units.values():
+            task.close("stopped")  # a finished one closed when its last unit came
 
 
 @dataclass
@@ -261,9 +312,11 @@ class _Sweep:
     """The driver loop of one run (state kept here so the loop reads as a list of events)."""
 
     def __init__(self, spec: SweepSpec, plan: SweepPlan, output: SweepOutput, view: Dict[str, Any],
-                 reporter: _Reporter, crash_marker: Optional[str], stop_after: Optional[int]):
+                 reporter: _Reporter, crash_marker: Optional[str], stop_after: Optional[int],
+                 check_stop: Callable[[], None]):
         import ray
 
+        self.check_stop = check_stop  # raises Interrupted after a signal (ttp_ray.interrupts)
         self.ray = ray
         self.spec, self.plan, self.output, self.view, self.reporter = spec, plan, output, view, reporter
         self.crash_marker = crash_marker
@@ -286,6 +339,7 @@ class _Sweep:
             if run.pending or run.gt_pending or run.needs_spectrum:
                 actor = self._new_actor(run)
                 self.refs[actor.prepare.remote(run.needs_spectrum)] = ("prepare", d.key, None, 0)
+                self.reporter.kernel_started(d.key)
 
     def _new_actor(self, run: _DatasetRun):
         from .actors import DatasetActor, actor_options
@@ -331,6 +385,8 @@ class _Sweep:
     def loop(self) -> None:
         while self.refs:
             ready, _ = self.ray.wait(list(self.refs), num_returns=1, timeout=1.0)
+            self.check_stop()
+            self.reporter.tick()
             for ref in ready:
                 kind, label, payload, idx = self.refs.pop(ref)
                 run = self.datasets[label]
@@ -347,6 +403,7 @@ class _Sweep:
             self.output.write_parts(run.unit.label, run.unit.prefix + SPECTRUM_PART, {"spectra": spectrum})
             run.needs_spectrum = False
         run.info = info
+        self.reporter.kernel_done(run.label)
         self.actor_nodes[run.label] = info.get("node_id", "")
         self.output.record_dataset(run.label, {k: v for k, v in info.items() if k not in ("pid",)})
         hit = "loaded from cache" if info.get("kernel_cache_hit") else "computed"
@@ -364,8 +421,7 @@ class _Sweep:
         self.written["predictions"] += 1
         self.shard_seconds += out.seconds
         run.inflight[idx] -= 1
-        self.reporter.advance("predictions", f"{shard.key}: {out.configs} configs, {out.simulations} simulations, "
-                                             f"{out.seconds:.2f} s on {out.host}")
+        self.reporter.advance("predictions")
         self._feed(run)
         self._release_if_done(run)
         if self.stop_after is not None and self.written["predictions"] >= self.stop_after:
@@ -375,7 +431,7 @@ class _Sweep:
         self.output.write_parts(out.dataset, out.run_id, {"curves": out.curves, "ground_truth": out.rows})
         self.output.sync()
         self.written["ground_truth"] += 1
-        self.reporter.advance("ground_truth", f"{g.key}: {out.seconds:.1f} s on {out.host}")
+        self.reporter.advance("ground_truth")
 
     def _failed(self, kind: str, run: _DatasetRun, payload, idx: int, exc: Exception) -> None:
         text, bad_input = failure_text(kind, run.label, getattr(payload, "key", ""), exc,
@@ -385,6 +441,7 @@ class _Sweep:
             self.input_failures.append(text)
         self.reporter.note(f"error: {self.failures[-1]}")
         if kind == "prepare":
+            self.reporter.kernel_done(run.label)
             run.failed = True
             self.failures.append(f"{run.label}: {len(run.pending)} shard(s) and {len(run.gt_pending)} "
                                  f"ground-truth run(s) not attempted")
@@ -397,6 +454,16 @@ class _Sweep:
             run.inflight[idx] -= 1
             self._feed(run)
             self._release_if_done(run)
+
+    def cancel_pending(self) -> None:
+        """Cancel what is in flight (stopping early): fine-tune tasks are killed, shard calls dropped; so that Ray's
+        shutdown has no failed task left to report."""
+        for ref, (kind, *_rest) in list(self.refs.items()):
+            try:
+                self.ray.cancel(ref, force=kind == "gt")
+            except Exception:  # pragma: no cover - already finished or gone
+                pass
+        self.refs.clear()
 
     def shutdown_actors(self) -> None:
         for run in self.datasets.values():
@@ -434,12 +501,34 @@ def _plan_summary(plan: SweepPlan) -> Dict[str, Any]:
 
 
 def run_sweep(spec: SweepSpec, out: Optional[str] = None, *, address: Optional[str] = None, fresh: bool = False,
-              num_cpus: Optional[int] = None, progress: bool = True, echo: Callable[[str], None] = print,
+              num_cpus: Optional[int] = None, progress: Union[bool, Progress] = False, handle_signals: bool = False,
               limits: ResourceLimits = ResourceLimits(),
               _crash_marker: Optional[str] = None, _stop_after_shards: Optional[int] = None) -> SweepResult:
-    """Run (or resume) a sweep; see the module docstring. ``limits``: the resource bounds the plan is checked
-    against before anything runs. ``_crash_marker`` and ``_stop_after_shards`` are test hooks (an actor exits once
-    mid-sweep; the driver stops as on Ctrl-C)."""
+    """Run (or resume) a sweep; see the module docstring.
+
+    ``progress``: a :class:`~ttp_ray.progress.Progress` (units done / total with an ETA, a task per kernel
+    phase, notes), True for the ambient one (:func:`ttp_ray.progress.current`) or False for none.
+    ``handle_signals``: SIGINT and SIGTERM raise :class:`~ttp_ray.interrupts.Interrupted` (Ray is shut down on
+    the way out; ``ttp-ray sweep`` prints one line and exits 130 / 143), set again after ``ray.init``, which
+    installs its own SIGTERM handler. ``limits``: the resource bounds the plan is checked against before anything
+    runs (:class:`~ttp_ray.preflight.ResourceLimits`). ``_crash_marker`` and ``_stop_after_shards`` are test hooks
+    (an actor exits once mid-sweep; the driver stops as on Ctrl-C)."""
+    traps = stop_on_signals() if handle_signals else contextlib.nullcontext()
+    with traps as trap:
+        return _run_sweep(spec, out, address=address, fresh=fresh, num_cpus=num_cpus,
+                          progress=_progress(progress), trap=trap, limits=limits,
+                          crash_marker=_crash_marker, stop_after=_stop_after_shards)
+
+
+def _progress(progress: Union[bool, Progress]) -> Progress:
+    if progress is True:
+        return current() if current().enabled else Progress()
+    return progress or NULL_PROGRESS
+
+
+def _run_sweep(spec: SweepSpec, out: Optional[str], *, address: Optional[str], fresh: bool, num_cpus: Optional[int],
+               progress: Progress, trap, limits: ResourceLimits, crash_marker: Optional[str],
+               stop_after: Optional[int]) -> SweepResult:
     import ray
 
     t0 = time.perf_counter()
@@ -454,7 +543,7 @@ def run_sweep(spec: SweepSpec, out: Optional[str] = None, *, address: Optional[s
         plan = plan_sweep(spec, sizes)
         check_plan(spec, plan, limits)
         check_feasible(spec, plan, cluster)
-        opened = _open(spec, output, plan, fresh, sizes, notes, echo)
+        opened = _open(spec, output, plan, fresh, sizes, notes, progress.note)
         if not _has_work(opened[2]):
             try:
                 return _finish(spec, output, opened, None, t0, notes)
@@ -462,28 +551,50 @@ def run_sweep(spec: SweepSpec, out: Optional[str] = None, *, address: Optional[s
                 output.release_lock()
     else:
         check_output_dir(output.root, "output")
+    # Ray's blocking calls turn an exception raised by a signal handler into a SystemError: from here on a
+    # signal is recorded and raised by check() between them (at least once a second in the loop)
+    with trap.deferred() if trap is not None else contextlib.nullcontext():
+        return _run_on_ray(spec, output, opened, address=address, fresh=fresh, num_cpus=num_cpus, progress=progress,
+                           trap=trap, limits=limits, notes=notes, crash_marker=crash_marker, stop_after=stop_after,
+                           t0=t0)
+
+
+def _run_on_ray(spec: SweepSpec, output: SweepOutput, opened, *, address: Optional[str], fresh: bool,
+                num_cpus: Optional[int], progress: Progress, trap, limits: ResourceLimits, notes: List[str],
+                crash_marker: Optional[str], stop_after: Optional[int], t0: float) -> SweepResult:
+    import ray
+
+    check = trap.check if trap is not None else (lambda: None)
     started = _connect(spec, address, num_cpus)
+    if trap is not None:
+        trap.install()  # ray.init replaced the SIGTERM handler
     sweep = None
     try:
+        check()
         if opened is None:
             sizes = _remote_preflight(spec, limits)
             plan = plan_sweep(spec, sizes)
             check_plan(spec, plan, limits)
-            opened = _open(spec, output, plan, fresh, sizes, notes, echo)
+            opened = _open(spec, output, plan, fresh, sizes, notes, progress.note)
+            check()
         plan, _, pending = opened
         view = resource_view(spec, plan, ray.cluster_resources())
-        reporter = _Reporter(plan, _skipped(plan, pending), echo, progress)
+        reporter = _Reporter(spec.name, plan, _skipped(plan, pending), progress)
         try:
             if any(_skipped(plan, pending).values()):
                 reporter.note(f"resuming {output.root}: " + ", ".join(
                     f"{v} {k} part(s)" for k, v in _skipped(plan, pending).items()) + " already written, skipped")
-            sweep = _Sweep(spec, plan, output, view, reporter, _crash_marker, _stop_after_shards)
+            sweep = _Sweep(spec, plan, output, view, reporter, crash_marker, stop_after, check)
             sweep.start(*pending)
             sweep.loop()
+        except BaseException:
+            if sweep is not None:
+                sweep.cancel_pending()
+            raise
         finally:
             reporter.close()
-            if sweep is not None:
-                sweep.shutdown_actors()
+            if sweep is not None and not started:  # Ray outlives this call: free its CPUs now
+                sweep.shutdown_actors()  # (else ray.shutdown ends the job's actors, without retry noise)
         return _finish(spec, output, opened, sweep, t0, notes)
     finally:
         try:
