@@ -48,25 +48,26 @@ def sweep(spec, out, dry_run, address, fresh, num_cpus, quiet, allow_code, max_c
     is written: one line, exit code 130 (143).
     """
     from ..preflight import ResourceError, ResourceLimits
-    from .grid import grid_axes, grid_size_text, read_spec
+    from ..progress import Progress, using
     from .preflight import check_grid
+    from .grid import grid_axes, grid_size_text, read_spec
 
     limits = ResourceLimits(max_configs=max_configs, max_memory_gb=max_memory_gb, max_classes=max_classes)
     data = read_spec(spec)
     try:
-        check_grid(data, limits)  # before anything is expanded (or torch imported)
+        check_grid(data, limits)  # before anything is expanded
     except ResourceError:
         if dry_run:
             click.echo(grid_size_text(grid_axes(data), limits.max_configs))
         raise
-    from ..progress import Progress, using
-    from .driver import dry_run as make_dry_run, run_sweep, summary_text
     from .spec import check_code, parse_spec
 
     s = parse_spec(data)
     check_code(s, allow_code)
     for line in s.deprecations():
         click.echo(f"note: {line}", err=True)
+    from .driver import dry_run as make_dry_run, run_sweep, summary_text
+
     if dry_run:
         text, refusal = make_dry_run(s, address=address, num_cpus=num_cpus, limits=limits)
         click.echo(text)
@@ -75,7 +76,7 @@ def sweep(spec, out, dry_run, address, fresh, num_cpus, quiet, allow_code, max_c
         return
     with using(Progress(enabled=not quiet)) as progress:
         result = run_sweep(s, out, address=address, fresh=fresh, num_cpus=num_cpus, progress=progress,
-                           handle_signals=True, limits=limits)
+                           handle_signals=True, limits=limits, echo=lambda line: click.echo(line, err=True))
     click.echo(summary_text(result.out, s))
     done = (f"{result.written['predictions']} shard(s) and {result.written['ground_truth']} ground-truth run(s) "
             f"written, {result.skipped['predictions'] + result.skipped['ground_truth']} skipped (already done), "

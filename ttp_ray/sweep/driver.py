@@ -502,7 +502,7 @@ def _plan_summary(plan: SweepPlan) -> Dict[str, Any]:
 
 def run_sweep(spec: SweepSpec, out: Optional[str] = None, *, address: Optional[str] = None, fresh: bool = False,
               num_cpus: Optional[int] = None, progress: Union[bool, Progress] = False, handle_signals: bool = False,
-              limits: ResourceLimits = ResourceLimits(),
+              echo: Callable[[str], None] = print, limits: ResourceLimits = ResourceLimits(),
               _crash_marker: Optional[str] = None, _stop_after_shards: Optional[int] = None) -> SweepResult:
     """Run (or resume) a sweep; see the module docstring.
 
@@ -510,13 +510,13 @@ def run_sweep(spec: SweepSpec, out: Optional[str] = None, *, address: Optional[s
     phase, notes), True for the ambient one (:func:`ttp_ray.progress.current`) or False for none.
     ``handle_signals``: SIGINT and SIGTERM raise :class:`~ttp_ray.interrupts.Interrupted` (Ray is shut down on
     the way out; ``ttp-ray sweep`` prints one line and exits 130 / 143), set again after ``ray.init``, which
-    installs its own SIGTERM handler. ``limits``: the resource bounds the plan is checked against before anything
-    runs (:class:`~ttp_ray.preflight.ResourceLimits`). ``_crash_marker`` and ``_stop_after_shards`` are test hooks
-    (an actor exits once mid-sweep; the driver stops as on Ctrl-C)."""
+    installs its own SIGTERM handler. ``echo``: where notes go (a resumed lock, parts recomputed). ``limits``: the
+    resource bounds the plan is checked against before anything runs. ``_crash_marker`` and
+    ``_stop_after_shards`` are test hooks (an actor exits once mid-sweep; the driver stops as on Ctrl-C)."""
     traps = stop_on_signals() if handle_signals else contextlib.nullcontext()
     with traps as trap:
         return _run_sweep(spec, out, address=address, fresh=fresh, num_cpus=num_cpus,
-                          progress=_progress(progress), trap=trap, limits=limits,
+                          progress=_progress(progress), trap=trap, echo=echo, limits=limits,
                           crash_marker=_crash_marker, stop_after=_stop_after_shards)
 
 
@@ -527,8 +527,8 @@ def _progress(progress: Union[bool, Progress]) -> Progress:
 
 
 def _run_sweep(spec: SweepSpec, out: Optional[str], *, address: Optional[str], fresh: bool, num_cpus: Optional[int],
-               progress: Progress, trap, limits: ResourceLimits, crash_marker: Optional[str],
-               stop_after: Optional[int]) -> SweepResult:
+               progress: Progress, trap, echo: Callable[[str], None], limits: ResourceLimits,
+               crash_marker: Optional[str], stop_after: Optional[int]) -> SweepResult:
     import ray
 
     t0 = time.perf_counter()
@@ -543,7 +543,7 @@ def _run_sweep(spec: SweepSpec, out: Optional[str], *, address: Optional[str], f
         plan = plan_sweep(spec, sizes)
         check_plan(spec, plan, limits)
         check_feasible(spec, plan, cluster)
-        opened = _open(spec, output, plan, fresh, sizes, notes, progress.note)
+        opened = _open(spec, output, plan, fresh, sizes, notes, echo)
         if not _has_work(opened[2]):
             try:
                 return _finish(spec, output, opened, None, t0, notes)
@@ -555,13 +555,14 @@ def _run_sweep(spec: SweepSpec, out: Optional[str], *, address: Optional[str], f
     # signal is recorded and raised by check() between them (at least once a second in the loop)
     with trap.deferred() if trap is not None else contextlib.nullcontext():
         return _run_on_ray(spec, output, opened, address=address, fresh=fresh, num_cpus=num_cpus, progress=progress,
-                           trap=trap, limits=limits, notes=notes, crash_marker=crash_marker, stop_after=stop_after,
-                           t0=t0)
+                           trap=trap, echo=echo, limits=limits, notes=notes, crash_marker=crash_marker,
+                           stop_after=stop_after, t0=t0)
 
 
 def _run_on_ray(spec: SweepSpec, output: SweepOutput, opened, *, address: Optional[str], fresh: bool,
-                num_cpus: Optional[int], progress: Progress, trap, limits: ResourceLimits, notes: List[str],
-                crash_marker: Optional[str], stop_after: Optional[int], t0: float) -> SweepResult:
+                num_cpus: Optional[int], progress: Progress, trap, echo: Callable[[str], None],
+                limits: ResourceLimits, notes: List[str], crash_marker: Optional[str],
+                stop_after: Optional[int], t0: float) -> SweepResult:
     import ray
 
     check = trap.check if trap is not None else (lambda: None)
@@ -575,7 +576,7 @@ def _run_on_ray(spec: SweepSpec, output: SweepOutput, opened, *, address: Option
             sizes = _remote_preflight(spec, limits)
             plan = plan_sweep(spec, sizes)
             check_plan(spec, plan, limits)
-            opened = _open(spec, output, plan, fresh, sizes, notes, progress.note)
+            opened = _open(spec, output, plan, fresh, sizes, notes, echo)
             check()
         plan, _, pending = opened
         view = resource_view(spec, plan, ray.cluster_resources())
