@@ -81,6 +81,9 @@ def test_ambient_progress_is_null_unless_set():
         mine = Progress(enabled=False)
         assert resolve(mine) is mine
     assert current() is NULL_PROGRESS
+    with using(Progress(enabled=False)):  # one like NULL_PROGRESS: leaving removes it, not NULL_PROGRESS
+        pass
+    assert current() is NULL_PROGRESS
 
 
 @pytest.mark.timeout(240)

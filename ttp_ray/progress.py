@@ -123,7 +123,7 @@ class Task:
         self.close()
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the ambient stack holds and removes this very object
 class Progress:
     """Tasks with ETA on ``stream`` (default: ``sys.stderr`` at the time of use).
 
@@ -259,5 +259,5 @@ def using(progress: Progress) -> Iterator[Progress]:
     try:
         yield progress
     finally:
-        _ACTIVE.remove(progress)
+        del _ACTIVE[max(i for i, p in enumerate(_ACTIVE) if p is progress)]  # this one, not an equal one
         progress.close()
