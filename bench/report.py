@@ -5,7 +5,8 @@ command, gathered from the machine-readable files those benches leave (nothing r
 
 Sources: runs/bench/kernel.json (bench/kernel.py; an older run's out/bench_kernel.json when absent),
 runs/bench/sweep.json (bench/sweep.py), runs/bench/accuracy.csv + accuracy.json (bench/accuracy.py),
-runs/bench/relinearise.csv + .json (bench/relinearise.py), runs/bench/cost.json (bench/cost.py), runs/bench/scaling.json (bench/scaling.py), runs/bench/projection.json
+runs/bench/relinearise.csv + .json (bench/relinearise.py), runs/bench/cost.json (bench/cost.py), runs/bench/tune.json
+(bench/tune.py), runs/bench/scaling.json (bench/scaling.py), runs/bench/projection.json
 (bench/project.py), runs/bench/gpu_check.json (bench/gpu_check.sh). A missing source gives a row saying so.
 """
 from __future__ import annotations
@@ -162,6 +163,18 @@ def cost_rows() -> List[list]:
     ]
 
 
+def tune_rows() -> List[list]:
+    t = read_json("tune.json")
+    cmd, sec = ".venv/bin/python bench/tune.py", "tune"
+    if not t:
+        return [missing("tuning: ASHA compute / ttp-ray compute", sec, cmd)]
+    a = t["arms"]
+    return [[f"tuning {t['facts']['configs']} configs: ASHA compute / ttp-ray compute (predict + top "
+             f"{t['facts']['top']}, predicted budgets); regret of the pick (real cost to target / the grid's best)",
+             f"**{t['asha_over_ttp_compute']:.1f}x**; regret ttp-ray {a['ttp-ray']['pick_regret']:.2f}, ASHA "
+             f"{a['ASHA']['pick_regret']:.2f} (goal >= 5x within 1.10)", sec, f"`{cmd}`"]]
+
+
 def scaling_rows() -> List[list]:
     s = read_json("scaling.json")
     cmd, sec = ".venv/bin/python bench/scaling.py", "scaling"
@@ -199,7 +212,8 @@ def gpu_rows() -> List[list]:
 
 
 def main() -> None:
-    rows = kernel_rows() + sweep_rows() + cost_rows() + accuracy_rows() + relinearise_rows() + scaling_rows() + projection_rows() + gpu_rows()
+    rows = (kernel_rows() + sweep_rows() + cost_rows() + accuracy_rows() + relinearise_rows() + tune_rows()
+            + scaling_rows() + projection_rows() + gpu_rows())
     body = "\n".join([
         "## Summary (headline figures; bench/report.py)",
         "",

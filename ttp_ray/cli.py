@@ -1,7 +1,10 @@
 """The ``ttp-ray`` command line: a thin click layer over the core.
 
 Bad input ends in one line ``error: <field>: <what is allowed>`` on stderr and exit code 2, never a
-traceback.
+traceback. Importing this module imports neither torch nor Ray (nor pandas): every command imports the core
+when it runs, and the commands whose options are read from the core (``predict``) or live in a module that
+needs pandas (``rank``, ``validate``, ``plot``) are built on first use (:class:`LazyGroup`), so ``ttp-ray
+--help`` and ``ttp-ray sweep SPEC --dry-run`` pay only for what they use.
 """
 from __future__ import annotations
 
@@ -9,13 +12,13 @@ import functools
 import json
 import os
 import sys
-from typing import Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import click
 
 from .preflight import DEFAULT_MAX_CLASSES, DEFAULT_MAX_MEMORY_GB
 
-__all__ = ["main", "cli", "InputError"]
+__all__ = ["main", "cli", "InputError", "LazyGroup"]
 
 
 class InputError(ValueError):
@@ -23,9 +26,8 @@ class InputError(ValueError):
 
 
 def _user_errors():
-    """Bad input: every one-line error of the core (``DatasetError``, ``ModelError``, ``SpecError``,
-    ``PreflightError``, ...) is a ``ValueError``."""
-    return (ValueError,)
+    # DatasetError, ModelError, SpecError and AnalysisError are ValueErrors: nothing to import for them here
+    return (InputError, ValueError)
 
 
 def _fail(msg: str) -> None:
@@ -74,34 +76,44 @@ class BatchSize(click.ParamType):
             self.fail(f"{value!r} is not an integer or 'full'", param, ctx)
 
 
-class _Commands(click.Group):
-    """The command group. ``predict`` (whose option defaults and choices are read from the core dataclasses, which
-    import torch) and the analysis commands (pandas) are built on first use, so that ``sweep``'s refusals and the
-    light commands cost no heavy import."""
+class LazyGroup(click.Group):
+    """A click group with commands built on first use: ``lazy[name] = (build, summary)``, where ``build()``
+    returns the command (importing what it needs) and ``summary`` is the first paragraph of its help, which the
+    group's ``--help`` shortens as click does, without building it (tests/test_cli.py checks it against the
+    built command's help)."""
 
-    lazy = {
-        "predict": lambda: _predict_command(),
-        "rank": lambda: _analysis_command("rank"),
-        "validate": lambda: _analysis_command("validate"),
-        "plot": lambda: _analysis_command("plot"),
-    }
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy: Dict[str, Tuple[Callable[[], click.Command], str]] = {}
+
+    def add_lazy_command(self, name: str, build: Callable[[], click.Command], short_help: str) -> None:
+        self.lazy[name] = (build, short_help)
 
     def list_commands(self, ctx):
-        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+        return sorted({*super().list_commands(ctx), *self.lazy})
 
-    def get_command(self, ctx, cmd_name):
-        if cmd_name not in self.commands and cmd_name in self.lazy:
-            self.add_command(self.lazy[cmd_name](), cmd_name)
-        return super().get_command(ctx, cmd_name)
+    def get_command(self, ctx, name):
+        if name not in self.commands and name in self.lazy:
+            self.add_command(self.lazy[name][0](), name)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx, formatter) -> None:
+        names = self.list_commands(ctx)
+        if not names:
+            return
+        limit = formatter.width - 6 - max(len(n) for n in names)
+        rows = []
+        for name in names:
+            cmd = self.commands.get(name)
+            if cmd is None:
+                rows.append((name, click.Command(name, help=self.lazy[name][1]).get_short_help_str(limit)))
+            elif not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
 
-def _analysis_command(name: str) -> click.Command:
-    from . import analysis_cli
-
-    return getattr(analysis_cli, name)
-
-
-@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ttp-ray")
 def cli() -> None:
     """Predict how many SGD steps fine-tuning will take, without training (Zancato et al. 2020)."""
@@ -426,18 +438,13 @@ def _chosen_predictor(kw):
     return get_predictor(name, **options), notes
 
 
-def _predict_command() -> click.Command:
-    """``ttp-ray predict``, built on first use (see :class:`_Commands`)."""
-    return click.command(name="predict")(common_run_options(prediction_options(with_progress(predict))))
-
-
 def predict(**kw) -> None:
     """Predict the loss/error curve and T_eps without training (Algorithm 1); --validate trains too."""
     from .dynamics import SimConfig, SimOptions
-    from .finetune import measure_step_time
     from .kernel import KernelOptions
     from .predict import PredictSettings
     from .predictors import PredictionInputs
+    from .step_time import step_time as cached_step_time
 
     if kw["paths"] <= 0:
         raise InputError(f"paths: must be a positive integer, got {kw['paths']}")
@@ -467,8 +474,8 @@ def predict(**kw) -> None:
     settings = PredictSettings(sim=sim, eps_mode=kw["eps_mode"])
     (pred,) = prepared.predict([cfg], budget_steps=kw["steps"], eps_list=kw["eps_list"], settings=settings)
     res = pred.result
-    step_time = measure_step_time(prepared.model, ds, kw["batch_size"], kw["loss"], device=kw["device"],
-                                  trainable=kw["trainable"])
+    step_time = cached_step_time(prepared.model, ds, kw["batch_size"], kw["loss"], device=kw["device"],
+                                 trainable=kw["trainable"], cache=not kw["no_cache"])
     times = [{"criterion": r["criterion"], "eps": r["eps"], "steps": r["predicted_steps"],
               "fraction": r["predicted_fraction"]} for r in pred.rows]
     meta = prepared.state.meta
@@ -579,8 +586,48 @@ def _print_run(out: dict) -> None:
         click.echo(f"  step time {out['step_time_s'] * 1e3:.2f} ms on {out['device']}")
 
 
-from .sweep.cli import sweep as _sweep_command  # noqa: E402
+def _predict_command() -> click.Command:
+    """``predict``: its options' choices and defaults are read from the core's dataclasses (imports torch)."""
+    return click.command("predict")(common_run_options(prediction_options(with_progress(predict))))
+
+
+def _rank_command() -> click.Command:
+    from .analysis_cli import rank
+
+    return rank
+
+
+def _validate_command() -> click.Command:
+    from .analysis_cli import validate
+
+    return validate
+
+
+def _plot_command() -> click.Command:
+    from .analysis_cli import plot
+
+    return plot
+
+
+from .sweep.cli import sweep as _sweep_command  # noqa: E402  (click only)
 cli.add_command(_sweep_command)
+cli.add_lazy_command("predict", _predict_command, predict.__doc__)
+cli.add_lazy_command("rank", _rank_command,
+                     "Rank a sweep's configs (OUT: the --out of `ttp-ray sweep`) by predicted cost to a common target; "
+                     "configs that never reach it and diverging ones are listed after the ranked ones, flagged.")
+cli.add_lazy_command("validate", _validate_command,
+                     "Compare predicted with real T_eps (the sweep's ground truth): writes OUT/validation.parquet and "
+                     "prints the relative error |T_hat - T| / T (mean, median) and Pearson r, overall and per "
+                     "(dataset, loss, GD/SGD); then how well the predicted costs rank the fine-tuned configs (Spearman "
+                     "rho, top-1 regret, top-3 hit) per (dataset, model, loss, criterion, eps), for the cost to a common "
+                     "target and for T_eps x step time.")
+cli.add_lazy_command("plot", _plot_command,
+                     "PNG plots of a sweep (headless): real vs predicted curves per validated config, predicted vs "
+                     "real T_eps, the Theta spectrum with its power-law fit, predicted cost over (lr, batch size) per "
+                     "dataset.")
+
+from .tune_cli import tune as _tune_command  # noqa: E402
+cli.add_command(_tune_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -191,12 +191,27 @@ def data_dir() -> Path:
 # ------------------------------------------------------------------------------------------ embedded
 
 def _digits() -> Tuple[torch.Tensor, torch.Tensor]:
+    d_images, d_target = _sklearn_digits()
+    x = torch.tensor(d_images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8) in [0, 1]
+    x = (x - 0.5) / 0.5  # centred to [-1, 1]
+    return x, torch.tensor(d_target, dtype=torch.long)
+
+
+def _sklearn_digits() -> Tuple[np.ndarray, np.ndarray]:
+    """``load_digits()``'s images (1797, 8, 8) and targets, read from the file scikit-learn ships as
+    ``load_digits`` itself reads it, without importing scikit-learn (about a second); its loader otherwise."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            data = np.loadtxt(path, delimiter=",")
+            return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8) in [0, 1]
-    x = (x - 0.5) / 0.5  # centred to [-1, 1]
-    return x, torch.tensor(d.target, dtype=torch.long)
+    return d.images, d.target
 
 
 def _digits_split(lo: int, hi: int, name: str) -> ImageDataset:

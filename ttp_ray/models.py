@@ -25,6 +25,7 @@ seeded; batch-norm statistics stay frozen (the model is always in eval mode).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib
 import os
@@ -35,7 +36,6 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, ResNet
 
 from .atomic import atomic_write
 from .data import ImageDataset, is_embedded, load_dataset
@@ -96,43 +96,58 @@ class DigitsCNN(nn.Module):
         return self.fc(self.features(x))
 
 
-class DigitsResNet(ResNet):
-    """torchvision's ResNet with BasicBlocks at reduced depth and width, for 8x8 inputs.
+@functools.lru_cache(maxsize=None)
+def _digits_resnet_class() -> type:
+    """``DigitsResNet``, defined on first use: torchvision (whose import also loads torch._dynamo, seconds) is
+    imported only when a digits-resnet is built, not by every command that imports this module."""
+    from torchvision.models.resnet import BasicBlock, ResNet
 
-    Uses ``ResNet._make_layer`` and ``ResNet.forward`` unchanged; the stem is a 3x3 stride-1 conv
-    without max-pooling so an 8x8 image keeps spatial extent through the four stages.
-    """
+    class DigitsResNet(ResNet):
+        """torchvision's ResNet with BasicBlocks at reduced depth and width, for 8x8 inputs.
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 5, widths=(8, 16, 32, 64),
-                 layers=(1, 1, 1, 1)) -> None:
-        nn.Module.__init__(self)
-        self._norm_layer = nn.BatchNorm2d
-        self.inplanes, self.dilation, self.groups, self.base_width = widths[0], 1, 1, 64
-        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.Identity()
-        self.layer1 = self._make_layer(BasicBlock, widths[0], layers[0])
-        self.layer2 = self._make_layer(BasicBlock, widths[1], layers[1], stride=2)
-        self.layer3 = self._make_layer(BasicBlock, widths[2], layers[2], stride=2)
-        self.layer4 = self._make_layer(BasicBlock, widths[3], layers[3], stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(widths[3], num_classes)
-        self.feature_dim = widths[3]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        Uses ``ResNet._make_layer`` and ``ResNet.forward`` unchanged; the stem is a 3x3 stride-1 conv
+        without max-pooling so an 8x8 image keeps spatial extent through the four stages.
+        """
+
+        def __init__(self, in_channels: int = 1, num_classes: int = 5, widths=(8, 16, 32, 64),
+                     layers=(1, 1, 1, 1)) -> None:
+            nn.Module.__init__(self)
+            self._norm_layer = nn.BatchNorm2d
+            self.inplanes, self.dilation, self.groups, self.base_width = widths[0], 1, 1, 64
+            self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(widths[0])
+            self.relu = nn.ReLU(inplace=True)
+            self.maxpool = nn.Identity()
+            self.layer1 = self._make_layer(BasicBlock, widths[0], layers[0])
+            self.layer2 = self._make_layer(BasicBlock, widths[1], layers[1], stride=2)
+            self.layer3 = self._make_layer(BasicBlock, widths[2], layers[2], stride=2)
+            self.layer4 = self._make_layer(BasicBlock, widths[3], layers[3], stride=2)
+            self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+            self.fc = nn.Linear(widths[3], num_classes)
+            self.feature_dim = widths[3]
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                elif isinstance(m, nn.BatchNorm2d):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+
+    DigitsResNet.__qualname__ = "DigitsResNet"  # the model fingerprint (kernel and backbone caches) reads it
+    return DigitsResNet
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DigitsResNet":
+        return _digits_resnet_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def digits_cnn(num_classes: int = 5) -> DigitsCNN:
     return DigitsCNN(1, num_classes)
 
 
-def digits_resnet(num_classes: int = 5) -> DigitsResNet:
-    return DigitsResNet(1, num_classes)
+def digits_resnet(num_classes: int = 5) -> "DigitsResNet":
+    return _digits_resnet_class()(1, num_classes)
 
 
 _DIGITS_ARCHS: Dict[str, Callable[[int], nn.Module]] = {"digits-cnn": digits_cnn, "digits-resnet": digits_resnet}

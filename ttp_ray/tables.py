@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 
 from .training_time import curve_training_times
 
@@ -106,6 +105,9 @@ GROUND_TRUTH_SCHEMA = pa.schema(_CONFIG_FIELDS + [
     ("actual_cost_s", pa.float64()),
     ("train_seconds", pa.float64()),
     ("device", pa.string()),
+    # the last logged step of the real curve: budget_steps for a whole run, fewer when it diverged or was stopped
+    # early (ttp_ray.tune: at its predicted budget or its target; T_eps is then null); null in older parts
+    ("last_step", pa.int64()),
 ])
 
 CURVE_SCHEMA = pa.schema([
@@ -182,6 +184,8 @@ def read_table(root: Union[str, Path], table: str, columns: Optional[List[str]] 
     schema = SCHEMAS[table].append(pa.field("dataset", pa.string()))
     if not base.is_dir():
         return schema.empty_table() if columns is None else schema.empty_table().select(columns)
+    import pyarrow.dataset as pads  # here only: its import costs more than the rest of the tables
+
     ds = pads.dataset(str(base), format="parquet", schema=schema,
                       partitioning=pads.partitioning(pa.schema([("dataset", pa.string())]), flavor="hive"),
                       exclude_invalid_files=False, ignore_prefixes=[".", "_"])
@@ -241,11 +245,12 @@ def prediction_rows(res, n: int, budget_steps: int, eps_list: Sequence[float], s
 def ground_truth_rows(run, times: Sequence[Dict[str, Any]], columns: Dict[str, Any]) -> List[Dict[str, Any]]:
     """The T_ε rows of one real fine-tune (a :class:`~ttp_ray.finetune.FinetuneResult`; ``times`` from
     :func:`~ttp_ray.training_time.curve_training_times`, one row each): the config's ``columns``, then what the
-    run measured."""
+    run measured (``actual_final_*``: at its last logged step, ``last_step``)."""
     final_loss = None if run.diverged or not len(run.loss) else float(run.loss[-1])
     final_error = None if run.diverged or not len(run.error) else float(run.error[-1])
+    last = int(run.steps[-1]) if len(run.steps) else None
     return [{**columns, "criterion": t["criterion"], "eps": t["eps"], "actual_steps": t["steps"],
              "actual_fraction": t["fraction"], "diverged": bool(run.diverged), "actual_final_loss": final_loss,
              "actual_final_error": final_error, "step_time_s": run.step_time_s,
              "actual_cost_s": None if t["steps"] is None else t["steps"] * run.step_time_s,
-             "train_seconds": run.train_seconds} for t in times]
+             "train_seconds": run.train_seconds, "last_step": last} for t in times]

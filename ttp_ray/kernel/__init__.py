@@ -29,6 +29,7 @@ from .cache import (
     kernel_state,
     kernels_cache_dir,
     load_kernel_state,
+    model_fingerprint,
     save_kernel_state,
 )
 from .estimators import (
@@ -68,6 +69,7 @@ __all__ = [
     "kernel_memory",
     "kernel_state",
     "kernel_cache_key",
+    "model_fingerprint",
     "kernel_cache_path",
     "kernels_cache_dir",
     "save_kernel_state",

@@ -655,8 +655,9 @@ def _skipped(plan: SweepPlan, pending) -> Dict[str, int]:
 def _finish(spec: SweepSpec, output: SweepOutput, opened, sweep: Optional["_Sweep"], t0: float,
             notes: Sequence[str] = ()) -> SweepResult:
     plan, previous, pending = opened
-    complete = ({s.key for s in plan.shards()} <= output.completed_keys("predictions")
-                and {g.key for g in plan.ground_truth_runs()} <= output.completed_keys("ground_truth")
+    # planned parts only: OUT/ground_truth may also hold the runs of `ttp-ray tune` (parts tune-*)
+    complete = ({s.key for d in plan.datasets for s in d.shards} <= output.completed_keys("predictions")
+                and {g.key for d in plan.datasets for g in d.ground_truth} <= output.completed_keys("ground_truth")
                 and not _pending_spectra(output, plan)
                 and not (sweep is not None and sweep.failures))
     output.sync(complete=complete)

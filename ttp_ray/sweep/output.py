@@ -8,6 +8,9 @@ Layout under ``OUT``::
     curves/dataset=<label>/part-<shard>.parquet            predicted curves of a shard (long table)
     curves/dataset=<label>/part-gt-<id>-s<seed>.parquet    the real curve of a fine-tune
     spectra/dataset=<label>/part-spectrum.parquet          the dataset state's Theta spectrum (one part)
+    ground_truth/dataset=<label>/part-tune-<id>-s<seed>.parquet  a run of ``ttp-ray tune`` (ttp_ray.tune),
+    curves/dataset=<label>/part-tune-<id>-s<seed>.parquet        its real curve; both outside the sweep's plan
+    tune/<experiment>/...                                  Ray Tune's storage for those runs (results, checkpoints)
 
 With a list of models (a grid axis) each (dataset, model) has its own parts under the same ``dataset=<label>``
 partition, the model (percent-encoded) in the file name: ``part-<model>-<shard>.parquet``,
@@ -67,6 +70,7 @@ __all__ = [
     "SCHEMAS",
     "SPECTRUM_PART",
     "DERIVED",
+    "TUNE_DIR",
     "TABLES",
     "MANIFEST",
     "LOCK",
@@ -86,6 +90,7 @@ SPECTRUM_PART = "spectrum"  # the one part of ``spectra`` per dataset (per (data
 DERIVED = ("validation.parquet",)  # written from the tables by ``ttp-ray validate``; stale once they are cleared
 LOCK = ".ttp-ray.lock"  # OUT/.ttp-ray.lock: pid and host of the sweep writing OUT (flock-ed while it runs)
 _TEMP = re.compile(r"^\..+\.(\d+)\.\d+\.tmp$")  # ttp_ray.atomic's temporary names: .NAME.PID.NS.tmp
+TUNE_DIR = "tune"  # OUT/tune: the Ray Tune experiments of ``ttp-ray tune`` (its storage path); cleared with them
 
 
 class OutputError(ValueError):
@@ -192,13 +197,15 @@ class SweepOutput:
         return True
 
     def clear(self) -> None:
-        """Remove this sweep's tables, what was derived from them and the manifest (``--fresh``); other files
-        are left alone. Only in a directory whose manifest says it is a ttp-ray sweep's OUT (a new or empty one has
-        nothing to clear): else :class:`OutputError` and nothing is touched (:meth:`check_clearable`)."""
+        """Remove this sweep's tables, what was derived from them (``validation.parquet``, the Ray Tune
+        experiments of ``ttp-ray tune`` under ``OUT/tune``) and the manifest (``--fresh``); other files are left
+        alone. Only in a directory whose manifest says it is a ttp-ray sweep's OUT (a new or empty one has nothing
+        to clear): else :class:`OutputError` and nothing is touched (:meth:`check_clearable`)."""
         if not self.check_clearable():
             return
         for table in TABLES:
             shutil.rmtree(self.root / table, ignore_errors=True)
+        shutil.rmtree(self.root / TUNE_DIR, ignore_errors=True)
         for name in DERIVED:
             (self.root / name).unlink(missing_ok=True)
         if self.manifest_path.exists():

@@ -228,8 +228,9 @@ class SimulationSpec:
 
 @dataclass(frozen=True)
 class CostSpec:
-    """Step-time measurement for ``predicted_cost_s``: the median of ``step_time_steps`` SGD steps; a
-    batch above ``step_time_max_batch`` is timed at that size and scaled linearly."""
+    """Step-time measurement for ``predicted_cost_s`` (:func:`ttp_ray.step_time.step_time`, cached on disk with
+    the kernel when ``kernel.cache``): the median of ``step_time_steps`` SGD steps; a batch above
+    ``step_time_max_batch`` is timed at that size and scaled linearly."""
 
     step_time_steps: int = 5
     step_time_max_batch: int = 1024
