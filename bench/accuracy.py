@@ -20,6 +20,7 @@ docs/BENCHMARKS.md (section ``accuracy``) and every row to ``runs/bench/accuracy
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import sys
@@ -36,11 +37,11 @@ from _report import ROOT, md_table, write_section  # noqa: E402
 
 from ttp_ray.data import load_dataset  # noqa: E402
 from ttp_ray.dynamics import SimConfig, SimOptions  # noqa: E402
-from ttp_ray.finetune import FinetuneConfig, finetune  # noqa: E402
+from ttp_ray.finetune import FinetuneConfig, FinetuneResult, finetune  # noqa: E402
 from ttp_ray.kernel import KernelOptions  # noqa: E402
 from ttp_ray.models import build_finetune_model  # noqa: E402
 from ttp_ray.predict import PredictSettings  # noqa: E402
-from ttp_ray.predictors import PredictionInputs, get_predictor  # noqa: E402
+from ttp_ray.predictors import DEFAULT_PREDICTOR, PredictionInputs, get_predictor  # noqa: E402
 from ttp_ray.training_time import curve_training_times  # noqa: E402
 from ttp_ray.drift import DRIFT_METHOD  # noqa: E402
 
@@ -49,6 +50,7 @@ EPS_MODE = "relative"
 LR_FRACTIONS = (0.05, 0.2, 0.6, 1.3)  # of max_stable_lr(m); 1.3 is beyond the limit
 SGD_BATCH = 64
 SGD_LOG_EVERY = 5  # SGD curves are logged (full-set loss and error) every 5 steps
+SELECTION_DATASET = "digits-5to9"  # the default predictor's variant was chosen on this set; the others are held out
 REFERENCE_FRACTION = 0.6  # ode-drift: the real plain-GD run at this fraction of max_stable_lr(0) calibrates s(L)
 
 
@@ -69,16 +71,54 @@ def sgd_methods(paths: int):
     }
 
 
-def _finetune_job(job):
-    """One ground-truth run (in a worker process): the real trainer on the config's (lr, m, B, loss); the
-    drift reference (plain GD at REFERENCE_FRACTION) also keeps its outputs."""
+_GT_FIELDS = ("steps", "loss", "error", "grad_norm_sq", "outputs")
+
+
+def _gt_path(cache_dir, job) -> Path:
+    """The file of one ground-truth run in ``--gt-cache``: named by everything that determines the run."""
     ds_name, backbone, frac, cfg, budget = job
+    return Path(cache_dir) / (f"{ds_name}_{backbone}_{cfg.loss}_m{cfg.momentum:g}_B{cfg.batch_size or 'full'}_"
+                              f"f{frac:g}_lr{cfg.lr:.10g}_T{budget}.npz")
+
+
+def _load_gt(path: Path, job) -> FinetuneResult:
+    _, _, _, cfg, budget = job
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: (z[k] if k in z.files else None) for k in _GT_FIELDS}
+        info = json.loads(str(z["info"]))
+    config = FinetuneConfig(lr=cfg.lr, momentum=cfg.momentum, batch_size=cfg.batch_size, loss=cfg.loss, steps=budget,
+                            seed=0, log_every=1 if cfg.batch_size is None else SGD_LOG_EVERY)
+    return FinetuneResult(config=config, n=info["n"], diverged=info["diverged"], step_time_s=info["step_time_s"],
+                          train_seconds=info["train_seconds"], total_seconds=info["total_seconds"], device=info["device"],
+                          **arrays)
+
+
+def _save_gt(path: Path, res: FinetuneResult) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = {k: getattr(res, k) for k in ("n", "diverged", "step_time_s", "train_seconds", "total_seconds", "device")}
+    arrays = {k: getattr(res, k) for k in _GT_FIELDS if getattr(res, k) is not None}
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, info=json.dumps(info), **arrays)
+    tmp.replace(path)
+
+
+def _finetune_job(job, cache_dir=None):
+    """One ground-truth run (in a worker process): the real trainer on the config's (lr, m, B, loss); the
+    drift reference (plain GD at REFERENCE_FRACTION) also keeps its outputs. With ``cache_dir`` a run made
+    before (same dataset, backbone, config and budget) is read back instead of trained again."""
+    ds_name, backbone, frac, cfg, budget = job
+    path = _gt_path(cache_dir, job) if cache_dir else None
+    if path is not None and path.exists():
+        return _load_gt(path, job)
     ds = load_dataset(ds_name)
     model = build_finetune_model(backbone, ds.num_classes, 0)
-    return finetune(model, ds, FinetuneConfig(
+    res = finetune(model, ds, FinetuneConfig(
         lr=cfg.lr, momentum=cfg.momentum, batch_size=cfg.batch_size, loss=cfg.loss, steps=budget, seed=0,
         log_every=1 if cfg.batch_size is None else SGD_LOG_EVERY),
         record_outputs=cfg.batch_size is None and cfg.momentum == 0.0 and frac == REFERENCE_FRACTION)
+    if path is not None:
+        _save_gt(path, res)
+    return res
 
 
 def _prediction_rows(real, ds_name, backbone, regime, n, method, cfgs, preds):
@@ -94,6 +134,9 @@ def _prediction_rows(real, ds_name, backbone, regime, n, method, cfgs, preds):
                 "real_steps": r_row["steps"], "pred_steps": p_row["predicted_steps"],
                 "real_diverged": res.diverged, "pred_diverged": pred.diverged,
                 "rel_error": relative_error(p_row["predicted_steps"], r_row["steps"]),
+                "pred_low": p_row.get("predicted_steps_low"), "pred_high": p_row.get("predicted_steps_high"),
+                "pred_drift": p_row.get("predicted_drift"),
+                "pred_halfwidth": pred.result.extras.get("interval_log_halfwidth"),
                 "real_step_time_s": res.step_time_s,
             })
     return rows
@@ -113,6 +156,23 @@ def summarise(df: pd.DataFrame) -> dict:
     return {"n": len(ok), "mean": ok.rel_error.mean(), "median": ok.rel_error.median(), "pearson": pear}
 
 
+def at_budget(df: pd.DataFrame, budget: int) -> pd.DataFrame:
+    """Every row, the 1.3x ones included: a T̂ε or Tε that is flagged (diverging, or ε not reached) counts as the
+    whole budget, so a config flagged diverging that trains for real is an error, never left out."""
+    p = df.pred_steps.where(~df.pred_diverged.astype(bool) & df.pred_steps.notna(), budget).astype(float)
+    r = df.real_steps.where(~df.real_diverged.astype(bool) & df.real_steps.notna(), budget).astype(float)
+    out = df.assign(pred_steps=p, real_steps=r)
+    return out.assign(rel_error=[relative_error(a, b) for a, b in zip(p, r)])
+
+
+def coverage(df: pd.DataFrame) -> tuple:
+    """(share of rows whose real Tε lies in the predicted interval, rows with an interval and a real Tε)."""
+    d = df[df.pred_low.notna() & df.real_steps.notna() & ~df.real_diverged.astype(bool)] if "pred_low" in df else df.iloc[:0]
+    if not len(d):
+        return np.nan, 0
+    return float(((d.real_steps >= d.pred_low) & (d.real_steps <= d.pred_high)).mean()), len(d)
+
+
 def fmt(s: dict) -> list:
     return [s["n"], f"{100 * s['mean']:.1f}%", f"{100 * s['median']:.1f}%",
             "n/a" if np.isnan(s["pearson"]) else f"{s['pearson']:.3f}"]
@@ -127,13 +187,13 @@ def default_method_rows(df: pd.DataFrame) -> pd.DataFrame:
               | ((df.regime == "SGD") & (df.method == "sde-rescaled"))]
 
 
-def ranking_table(df: pd.DataFrame, budget: int) -> tuple:
+def ranking_table(df: pd.DataFrame, budget: int, method: str = None) -> tuple:
     """The default methods' rows as ``ttp_ray.analysis.ranking_metrics`` reads them (one config = (regime,
     momentum, lr fraction) of a (dataset, backbone, loss); every lr, 1.3 x included) and the unit of cost:
     steps x the real run's step time when the rows have it (``real_step_time_s``), else steps x B (examples
     processed: rows written before the step time was recorded). The same step time prices both sides, so the
-    ranking measures T̂ε's order alone."""
-    d = default_method_rows(df)
+    ranking measures T̂ε's order alone. ``method``: that method's rows instead of the frozen defaults."""
+    d = default_method_rows(df) if method is None else df[df.method == method]
     timed = "real_step_time_s" in d.columns and d.real_step_time_s.notna().all()
     step = d.real_step_time_s.astype(float) if timed else d.batch_size.astype(float)
     val = pd.DataFrame({
@@ -145,19 +205,19 @@ def ranking_table(df: pd.DataFrame, budget: int) -> tuple:
     return val, ("s (steps x the real step time)" if timed else "examples (steps x B; no step times in these rows)")
 
 
-def ranking_section(df: pd.DataFrame, meta: dict) -> list:
+def ranking_section(df: pd.DataFrame, meta: dict, method: str = None) -> list:
     """Markdown lines: how well T̂ε x step time ranks the configs of each (dataset, backbone, loss, criterion,
     eps) slice against the real runs (``ttp_ray.analysis.ranking_metrics``), summary figures first."""
     from ttp_ray.analysis import ranking_metrics, ranking_summary
 
-    val, unit = ranking_table(df, meta["budget"])
+    val, unit = ranking_table(df, meta["budget"], method)
     rk = ranking_metrics(val, groups=RANKING_GROUPS, objectives=["cost"])
     s = ranking_summary(rk)["cost"]
 
     def f(x, spec=".2f"):
         return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
 
-    lines = ["\n### Ranking quality (default methods)\n",
+    lines = [f"\n### Ranking quality ({'frozen kernel, default methods' if method is None else method + ' predictor'})\n",
              f"Per (dataset, backbone, loss, criterion, ε) slice, the configs (GD and SGD, m in {{0, 0.9}}, every lr "
              f"fraction) ordered by predicted cost T̂ε × step time against their real cost Tε × step time; cost in "
              f"{unit}. A config that diverges or never reaches ε, predicted or real, costs the whole budget "
@@ -185,6 +245,11 @@ def main() -> None:
     ap.add_argument("--paths", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (1: steadiest on a shared box)")
     ap.add_argument("--workers", type=int, default=2, help="processes fine-tuning the ground truth side by side")
+    ap.add_argument("--default-options", default="{}",
+                    help="options of the default predictor as JSON (variants for docs/CHOICES.md), e.g. "
+                         "'{\"probe\": {\"work_epochs\": 3}}'")
+    ap.add_argument("--gt-cache", default=None,
+                    help="folder keeping every ground-truth run (npz); a run found there is read back, not trained")
     ap.add_argument("--from-csv", action="store_true",
                     help="regenerate the report from runs/bench/accuracy.csv and .json (no training)")
     args = ap.parse_args()
@@ -222,7 +287,7 @@ def main() -> None:
     t0 = time.perf_counter()
     with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"),
                              initializer=torch.set_num_threads, initargs=(args.threads,)) as pool:
-        for (ds_name, backbone, frac, cfg, _), res in zip(jobs, pool.map(_finetune_job, jobs)):
+        for (ds_name, backbone, frac, cfg, _), res in zip(jobs, pool.map(functools.partial(_finetune_job, cache_dir=args.gt_cache), jobs)):
             times = curve_training_times(res.steps, res.curves(), EPS, budget=budget, eps_mode=EPS_MODE,
                                          diverged=res.diverged)
             real[ds_name, backbone, cfg] = (frac, res, times)
@@ -247,6 +312,28 @@ def main() -> None:
                                              settings=PredictSettings(sim=opt, eps_mode=EPS_MODE))
                         predict_seconds += time.perf_counter() - t0
                         rows += _prediction_rows(real, ds_name, backbone, regime, n, tag + name, cfgs, preds)
+    # 2b) the default predictor (drift-aware, probed; METHOD.md §14) on every config, the 1.3x ones included, with
+    #     the simulation settings a sweep uses by default; its extra work is counted per (dataset, backbone, loss)
+    default_meta = {}
+    for ds_name in datasets:
+        for backbone in backbones:
+            prep = get_predictor(DEFAULT_PREDICTOR, **json.loads(args.default_options)).rebind(states[ds_name, backbone][""])
+            n = prep.n
+            t0 = time.perf_counter()
+            for regime, log_every in (("GD", 1), ("SGD", SGD_LOG_EVERY)):
+                cfgs = [c for (d, b, c) in real if (d, b) == (ds_name, backbone)
+                        and (c.batch_size is None) == (regime == "GD")]
+                preds = prep.predict(cfgs, budget_steps=budget, eps_list=EPS, settings=PredictSettings(
+                    sim=SimOptions(paths=args.paths, log_every=log_every), eps_mode=EPS_MODE))
+                rows += _prediction_rows(real, ds_name, backbone, regime, n, DEFAULT_PREDICTOR, cfgs, preds)
+            seconds = time.perf_counter() - t0
+            predict_seconds += seconds
+            for loss in ("mse", "ce"):
+                drift = prep.shared[("probed", loss, budget)]
+                default_meta[f"{ds_name}/{backbone}/{loss}"] = {
+                    "per_sample_gradients": drift.per_sample_gradients, "n": n,
+                    "epochs": drift.per_sample_gradients / n, "probe_seconds": sum(r.seconds for r in drift.runs)}
+            default_meta[f"{ds_name}/{backbone}"] = {"seconds": seconds}
     # 3) GD with the kernel drift calibrated by one real run per (dataset, backbone, loss): the grid's own
     #    plain-GD config at REFERENCE_FRACTION x max_stable_lr(0) (its rows are flagged, and left out of the summary)
     drift_meta = {}
@@ -275,10 +362,74 @@ def main() -> None:
     df.to_csv(out_dir / "accuracy.csv", index=False)
     meta = {"datasets": datasets, "backbones": backbones, "budget": budget, "paths": args.paths,
             "train_seconds": train_seconds, "train_wall_seconds": train_wall, "workers": args.workers,
-            "predict_seconds": predict_seconds, "drift": drift_meta,
+            "predict_seconds": predict_seconds, "drift": drift_meta, "default_predictor": default_meta,
+            "selection_dataset": SELECTION_DATASET, "default_options": json.loads(args.default_options),
             "total_seconds": time.perf_counter() - t_all, "command": "python " + " ".join(["bench/accuracy.py"] + sys.argv[1:])}
     (out_dir / "accuracy.json").write_text(json.dumps(meta))
     report(df, meta)
+
+
+def default_predictor_section(df: pd.DataFrame, inside: pd.DataFrame, meta: dict) -> list:
+    """Markdown lines: the default (probed) predictor against the frozen kernel's default methods, per dataset (the
+    selection set and the held-out ones), every config counted; its interval's coverage, ranking and extra work."""
+    from ttp_ray.analysis import ranking_metrics, ranking_summary
+
+    budget = meta["budget"]
+    sel = meta.get("selection_dataset", SELECTION_DATASET)
+    probed_all = df[(df.method == DEFAULT_PREDICTOR) & ~df.reference.astype(bool)]
+    frozen_all = default_method_rows(df[~df.reference.astype(bool)])
+    lines = [f"### The default predictor ({DEFAULT_PREDICTOR}: frozen dynamics warped by the drift that short real "
+             f"probes measure; docs/METHOD.md §14)\n",
+             f"Chosen on {sel} only (its variant and constants, docs/CHOICES.md); every other dataset here is held "
+             f"out. *All configs* counts the 1.3x ones too: a flagged T̂ε or Tε (diverging, or ε not reached) is the "
+             f"whole budget ({budget} steps), so a config flagged diverging that trains for real is an error. "
+             f"*Inside*: lr <= max_stable_lr. Coverage: the share of real Tε inside the row's interval "
+             f"[predicted_steps_low, predicted_steps_high]. Spearman ρ and top-1 regret of predicted cost T̂ε x step "
+             f"time per (dataset, backbone, loss, criterion, ε), every config.\n"]
+    rows = []
+    for ds_name in [d for d in meta["datasets"]] + ["all"]:
+        def pick(d):
+            return d if ds_name == "all" else d[d.dataset == ds_name]
+        role = "all" if ds_name == "all" else ("selection" if ds_name == sel else "held out")
+        for label, every, ins in (("frozen (default methods)", pick(frozen_all), pick(default_method_rows(inside))),
+                                  (DEFAULT_PREDICTOR, pick(probed_all), pick(inside[inside.method == DEFAULT_PREDICTOR]))):
+            val, _ = ranking_table(every, budget, None if label.startswith("frozen") else DEFAULT_PREDICTOR)
+            rk = ranking_summary(ranking_metrics(val, groups=RANKING_GROUPS, objectives=["cost"]))["cost"]
+            cov, ncov = coverage(every)
+            a = summarise(at_budget(every, budget))
+            rows.append([f"{ds_name} ({role})", label] + fmt(a) + fmt(summarise(ins))[1:] + [
+                "-" if not ncov else f"{100 * cov:.0f}% of {ncov}",
+                f"{rk['min_spearman']:.2f} / {rk['median_spearman']:.2f}",
+                f"{rk['mean_top1_regret']:.2f} / {rk['max_top1_regret']:.2f}"])
+    lines.append(md_table(["dataset", "predictor", "pairs (all configs)", "mean", "median", "Pearson", "mean (inside)",
+                           "median (inside)", "Pearson (inside)", "interval coverage", "Spearman ρ min / median",
+                           "top-1 regret mean / max"], rows))
+    lines.append("\nBy slice, every config (the 1.3x ones included), mean relative error; frozen = the default methods:\n")
+    keys = ["regime", "loss", "backbone", "momentum"]
+    fz, pr = at_budget(frozen_all, budget), at_budget(probed_all, budget)
+    slice_rows = []
+    for key, g in pr.groupby(keys):
+        f = fz.merge(g[keys[:0] + ["dataset", "backbone", "loss", "momentum", "regime", "lr_fraction", "criterion", "eps"]],
+                     on=["dataset", "backbone", "loss", "momentum", "regime", "lr_fraction", "criterion", "eps"])
+        slice_rows.append([" / ".join(str(k) for k in key), len(g), f"{100 * f.rel_error.mean():.1f}%",
+                           f"{100 * g.rel_error.mean():.1f}%", f"{100 * g.rel_error.median():.1f}%",
+                           f"{100 * g[g.dataset != sel].rel_error.mean():.1f}%"])
+    lines.append(md_table(["slice (regime / loss / backbone / m)", "pairs", "frozen mean", f"{DEFAULT_PREDICTOR} mean",
+                           f"{DEFAULT_PREDICTOR} median", f"{DEFAULT_PREDICTOR} mean, held out"], slice_rows))
+    beyond = probed_all[probed_all.lr_fraction > 1.0].drop_duplicates(["dataset", "backbone", "loss", "momentum", "batch_size"])
+    lines.append(f"\nBeyond the limit (1.3x): {DEFAULT_PREDICTOR} flags {int(beyond.pred_diverged.sum())}/{len(beyond)} "
+                 f"as diverging, {int(beyond.real_diverged.sum())}/{len(beyond)} real runs diverged, "
+                 f"{int((beyond.pred_diverged.astype(bool) == beyond.real_diverged.astype(bool)).sum())}/{len(beyond)} "
+                 f"agree (the frozen kernel flags every one).\n")
+    work = {k: v for k, v in meta.get("default_predictor", {}).items() if "per_sample_gradients" in v}
+    if work:
+        lines.append("Extra work beyond the Θ0 sketch, counted by the predictor (per-sample gradients of its probes):\n")
+        lines.append(md_table(["dataset / backbone / loss", "N", "per-sample gradients", "epochs (x N)", "probe seconds"],
+                              [[k, v["n"], v["per_sample_gradients"], f"{v['epochs']:.2f}", f"{v['probe_seconds']:.1f}"]
+                               for k, v in work.items()]))
+    lines += ranking_section(df, meta, DEFAULT_PREDICTOR)
+    lines.append("")
+    return lines
 
 
 def report(df: pd.DataFrame, meta: dict) -> None:
@@ -299,6 +450,8 @@ def report(df: pd.DataFrame, meta: dict) -> None:
             f"plain-GD limit 2N/lambda_max (all m = 0 points, and m = 0.9 at 0.05 x).",
             ""]
     headers = ["method", "configs", "mean rel. error", "median", "Pearson"]
+    if (df.method == DEFAULT_PREDICTOR).any():
+        body += default_predictor_section(df, inside, meta)
     lin = inside[inside.elr_fraction <= 1.0]
     body.append("### By method option\n")
     body.append(md_table(["method", "configs (all)", "mean", "median", "Pearson", "configs (linear regime)",

@@ -5,7 +5,8 @@ command, gathered from the machine-readable files those benches leave (nothing r
 
 Sources: runs/bench/kernel.json (bench/kernel.py; an older run's out/bench_kernel.json when absent),
 runs/bench/sweep.json (bench/sweep.py), runs/bench/accuracy.csv + accuracy.json (bench/accuracy.py),
-runs/bench/relinearise.csv + .json (bench/relinearise.py), runs/bench/cost.json (bench/cost.py), runs/bench/scaling.json (bench/scaling.py), runs/bench/projection.json
+runs/bench/relinearise.csv + .json (bench/relinearise.py), runs/bench/cost.json (bench/cost.py), runs/bench/tune.json
+(bench/tune.py), runs/bench/scaling.json (bench/scaling.py), runs/bench/projection.json
 (bench/project.py), runs/bench/gpu_check.json (bench/gpu_check.sh). A missing source gives a row saying so.
 """
 from __future__ import annotations
@@ -74,9 +75,20 @@ def accuracy_rows() -> List[list]:
         return f"mean {100 * d.rel_error.mean():.1f}%, median {100 * d.rel_error.median():.1f}%, Pearson {pear:.3f} ({len(d)})"
 
     command = meta.get("command", cmd)
-    rows = [[f"T_hat_eps vs real fine-tuning, default methods, all configs inside the limit ({', '.join(meta['backbones'])}, "
+    rows = [[f"T_hat_eps vs real fine-tuning, frozen kernel (the default before), default methods, all configs inside the limit ({', '.join(meta['backbones'])}, "
              f"budget {meta['budget']})", f"**{stats(default)}**", sec, f"`{command}`"],
             ["the same, linear regime (eta/(1-m) <= 2N/lambda_max)", f"**{stats(lin)}**", sec, f"`{command}`"]]
+    if "probed" in set(df.method):  # the default predictor, every config (1.3x included; flags count as the budget)
+        budget = meta["budget"]
+        pr = df[df.method == "probed"]
+        p = pr.pred_steps.where(~pr.pred_diverged.astype(bool) & pr.pred_steps.notna(), budget).astype(float)
+        r = pr.real_steps.where(~pr.real_diverged.astype(bool) & pr.real_steps.notna(), budget).astype(float)
+        allc = pr.assign(pred_steps=p, real_steps=r, rel_error=(p - r).abs() / r)
+        held = allc[allc.dataset != meta.get("selection_dataset", "digits-5to9")]
+        rows.insert(0, ["T_hat_eps vs real fine-tuning, the default predictor (probed, drift-aware), every config incl. "
+                        "1.3x (a flag counts as the budget); held out: the datasets it was not chosen on",
+                        f"**{stats(allc)}**; inside the limit: {stats(inside[inside.method == 'probed'].dropna(subset=['rel_error']))}; "
+                        f"held out: {stats(held)}", sec, f"`{command}`"])
     if "ode-drift" in set(inside.method):  # GD warped by the drift of one real reference run per (dataset, backbone, loss)
         ref = inside["reference"].astype(str).str.lower().eq("true") if "reference" in inside else False
         keys = ["dataset", "backbone", "loss", "momentum", "lr_fraction", "criterion", "eps", "regime"]
@@ -151,6 +163,18 @@ def cost_rows() -> List[list]:
     ]
 
 
+def tune_rows() -> List[list]:
+    t = read_json("tune.json")
+    cmd, sec = ".venv/bin/python bench/tune.py", "tune"
+    if not t:
+        return [missing("tuning: ASHA compute / ttp-ray compute", sec, cmd)]
+    a = t["arms"]
+    return [[f"tuning {t['facts']['configs']} configs: ASHA compute / ttp-ray compute (predict + top "
+             f"{t['facts']['top']}, predicted budgets); regret of the pick (real cost to target / the grid's best)",
+             f"**{t['asha_over_ttp_compute']:.1f}x**; regret ttp-ray {a['ttp-ray']['pick_regret']:.2f}, ASHA "
+             f"{a['ASHA']['pick_regret']:.2f} (goal >= 5x within 1.10)", sec, f"`{cmd}`"]]
+
+
 def scaling_rows() -> List[list]:
     s = read_json("scaling.json")
     cmd, sec = ".venv/bin/python bench/scaling.py", "scaling"
@@ -188,7 +212,8 @@ def gpu_rows() -> List[list]:
 
 
 def main() -> None:
-    rows = kernel_rows() + sweep_rows() + cost_rows() + accuracy_rows() + relinearise_rows() + scaling_rows() + projection_rows() + gpu_rows()
+    rows = (kernel_rows() + sweep_rows() + cost_rows() + accuracy_rows() + relinearise_rows() + tune_rows()
+            + scaling_rows() + projection_rows() + gpu_rows())
     body = "\n".join([
         "## Summary (headline figures; bench/report.py)",
         "",

@@ -141,7 +141,7 @@ def test_accuracy_report_ranks_each_slice(monkeypatch):
                                          "train_seconds": 1.0, "predict_seconds": 1.0, "total_seconds": 1.0,
                                          "command": "python bench/accuracy.py"})
     body = written["accuracy"]
-    assert "### Ranking quality (default methods)" in body and "cost in s (steps x the real step time)" in body
+    assert "### Ranking quality (frozen kernel, default methods)" in body and "cost in s (steps x the real step time)" in body
     # predicted ranks of the 8 configs: 1 3 5 8 | 2 4 6 7; real: 1 3 5 7 | 2 4 6 8 -> rho = 1 - 6 x 2 / (8 x 63)
     rho = 1 - 6 * 2 / (8 * 63)
     assert f"| d / b / mse / loss / 0.05 | 8 | 1/0 | {rho:.2f} | 1.00 | yes | GD m=0 0.05x | GD m=0 0.05x |" in body

@@ -279,6 +279,31 @@ def test_divergence_flags_and_no_nan():
     assert simulate(st, [SimConfig(0.1, 0.5)], 1)[0].max_stable_lr == pytest.approx(3 * st.n / st.lambda_max)
 
 
+def test_sgd_far_beyond_the_limit_is_reported_diverging_without_simulation():
+    """The sde's substep count grows with lr; beyond SDE_SKIP_FACTOR x the limit nothing is simulated (no int64
+    overflow at lr 1e6 and above), and configs inside the limit come out exactly as without those configs."""
+    from ttp_ray.dynamics import SDE_SKIP_FACTOR
+
+    st, _ = make_state(N=30, k=12)
+    ms = st.max_stable_lr()
+    far = [SimConfig(100 * ms, 0.0, 5, "mse"), SimConfig(100 * ms, 0.0, 5, "ce"), SimConfig(1e6, 0.0, 5),
+           SimConfig(1e12, 0.0, 8, "ce"), SimConfig(1e300, 0.0, 5)]
+    opts = SimOptions(method="sde", paths=3, log_every=5)
+    res = simulate(st, far, 100000, opts)  # a budget an sde at these lrs could never step through
+    finite(res)
+    for r in res:
+        assert r.diverged and not r.blew_up and list(r.steps) == [0] and r.seconds == 0.0 and r.group == -1
+        assert f"beyond {SDE_SKIP_FACTOR:g} x max_stable_lr: reported diverging, not simulated" in r.note
+    assert res[0].loss[0] == pytest.approx(float(loss_value(st.f0, st.targets, "mse")))
+    inside = [SimConfig(f * ms, 0.0, 5, loss) for f in (0.3, 1.5) for loss in ("mse", "ce")]
+    alone = simulate(st, inside, 40, opts)
+    mixed = simulate(st, inside + far, 40, opts)[:len(inside)]
+    for a, b in zip(alone, mixed):
+        assert np.array_equal(a.steps, b.steps) and np.array_equal(a.loss, b.loss) and a.note == b.note
+        assert np.array_equal(a.error, b.error) and np.array_equal(a.loss_spread, b.loss_spread)
+    assert not alone[0].diverged and alone[2].diverged and not alone[2].note.endswith("not simulated")
+
+
 def test_elr_fallback_to_heavy_ball():
     st, _ = make_state(N=30, k=12)
     c = SimConfig(1.0 * st.n / st.lambda_max, 0.9)  # eta_eff lambda/N = 10: ELR map unstable, heavy ball stable

@@ -113,3 +113,29 @@ def test_step_time_measures_for_real(digits_5to9, tmp_path, monkeypatch):
     model = build_finetune_model("digits-cnn", 5)
     t = step_time(model, digits_5to9, 32, "mse", max_batch=16, steps=1)
     assert t > 0 and step_time(model, digits_5to9, 32, "mse", max_batch=16, steps=1) == t
+
+
+@pytest.mark.parametrize("batch_size", [32, None])
+def test_resume_from_a_snapshot_continues_the_same_run(digits_5to9, tmp_path, batch_size):
+    """A snapshot taken at a logged step, saved with torch.save and read back with weights_only=True, resumes the
+    run exactly: same weights, momentum buffers, minibatch order and curve as the run that never stopped."""
+    ds = digits_5to9.subset(200, seed=0)
+    cfg = FinetuneConfig(lr=0.02, momentum=0.9, batch_size=batch_size, loss="ce", steps=24, log_every=4, seed=3)
+    seen = []
+    whole = finetune(build_finetune_model("digits-cnn", 5), ds, cfg,
+                     on_log=lambda p: seen.append(p.step) or (p.step == 12 and torch.save(p.snapshot(),
+                                                                                          tmp_path / "s.pt")))
+    assert seen == list(range(0, 25, 4))
+    snap = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert snap["step"] == 12 and snap["steps"] == [0, 4, 8, 12]
+    later = []
+    resumed = finetune(build_finetune_model("digits-cnn", 5, head_seed=7), ds, cfg, resume=snap,
+                       on_log=lambda p: later.append(p.step))
+    assert later == [16, 20, 24]  # the snapshot's own step is not logged twice
+    assert resumed.steps.tolist() == whole.steps.tolist()
+    assert np.array_equal(resumed.loss, whole.loss) and np.array_equal(resumed.error, whole.error)
+    if batch_size is None:
+        assert np.array_equal(resumed.grad_norm_sq, whole.grad_norm_sq)
+    with pytest.raises(ValueError, match="^resume: the snapshot is of another fine-tuning config .*lr"):
+        finetune(build_finetune_model("digits-cnn", 5), ds, FinetuneConfig(**{**cfg.__dict__, "lr": 0.01}),
+                 resume=snap)

@@ -25,7 +25,7 @@ def frozen(small):
 
 
 def test_registry_and_bad_names():
-    assert set(PREDICTORS) == {"frozen", "subset", "drift", "relinearised", "flow"} and DEFAULT_PREDICTOR in PREDICTORS
+    assert set(PREDICTORS) == {"frozen", "subset", "drift", "relinearised", "flow", "probed"} and DEFAULT_PREDICTOR in PREDICTORS
     assert get_predictor().name == DEFAULT_PREDICTOR
     with pytest.raises(ValueError, match=r"^predictor: 'nope' is not one of frozen, subset"):
         get_predictor("nope")
@@ -49,7 +49,8 @@ def test_frozen_is_the_frozen_kernel_dynamics(small, frozen):
     got = frozen.predict(cfgs, budget_steps=40, eps_list=[0.05], settings=settings)
     want = predict_grid(state, cfgs, budget_steps=40, eps_list=[0.05], settings=settings)
     for g, w in zip(got, want):
-        assert [{k: v for k, v in r.items() if k != "simulate_seconds"} for r in g.rows] == \
+        assert all(r["limit_from"] == "class-trace kernel" for r in g.rows)  # the seam says which lambda_max
+        assert [{k: v for k, v in r.items() if k not in ("simulate_seconds", "limit_from")} for r in g.rows] == \
                [{k: v for k, v in r.items() if k != "simulate_seconds"} for r in w.rows]
         np.testing.assert_array_equal(g.result.loss, w.result.loss)
     assert frozen.max_stable_lr(0.9) == state.max_stable_lr(0.9) == max_stable_lr(state.state.lambda_max, state.n, 0.9)

@@ -179,8 +179,13 @@ output:
 def test_spec_identity_is_stable():
     """The resume identity of a fixed spec, computed on the code before the spec's defaults and checks moved into
     the dataclasses and before the predictor field: a change here makes existing runs of every spec refuse to
-    resume (change the identity only knowingly)."""
-    assert parse_spec(yaml.safe_load(_OLD_QUICKSTART)).identity_hash() == "782f830470fab29e"
+    resume (change the identity only knowingly). The default predictor changed from the frozen kernel to the probed
+    one (METHOD.md §14), which changes the results: a spec without ``predictor:`` now has a new identity (its old
+    OUT is refused, not mixed), and ``predictor: frozen`` keeps the old one."""
+    spec = yaml.safe_load(_OLD_QUICKSTART)
+    assert parse_spec({**spec, "predictor": "frozen"}).identity_hash() == "782f830470fab29e"
+    assert parse_spec(spec).identity_hash() == "a6bde01370c229c8"
+    assert parse_spec({**spec, "predictor": "probed"}).identity_hash() == "a6bde01370c229c8"
 
 
 BAD = [
@@ -549,7 +554,7 @@ def test_predictor_field_selects_through_the_registry():
     from ttp_ray.drift import DRIFT_METHOD  # noqa: F401  (the drift predictor's method name)
 
     default = parse_spec(BASE)
-    assert default.chosen_predictor().name == "frozen" and default.deprecations() == ()
+    assert default.chosen_predictor().name == "probed" and default.deprecations() == ()
     s = parse_spec(spec_with(predictor="drift"))
     assert s.chosen_predictor().name == "drift" and s.chosen_predictor().reference_fraction == 0.6
     assert s.identity_hash() != default.identity_hash()  # another predictor: other results

@@ -28,6 +28,7 @@ _EXPORTS = {  # public name -> module that defines it
     "load_sweep": "analysis", "rank": "analysis", "validation_table": "analysis", "validation_metrics": "analysis",
     "pareto_front": "analysis", "ranking_metrics": "analysis",
     "SweepSpec": "sweep", "load_spec": "sweep", "run_sweep": "sweep",
+    "TuneOptions": "tune", "run_tune": "tune",
 }
 
 __all__ = ["__version__", *_EXPORTS]

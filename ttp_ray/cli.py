@@ -8,12 +8,15 @@ needs pandas (``rank``, ``validate``, ``plot``) are built on first use (:class:`
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 from typing import Callable, Dict, Optional, Tuple
 
 import click
+
+from .preflight import DEFAULT_MAX_CLASSES, DEFAULT_MAX_MEMORY_GB
 
 __all__ = ["main", "cli", "InputError", "LazyGroup"]
 
@@ -34,9 +37,17 @@ def _fail(msg: str) -> None:
 
 def main(argv=None) -> None:
     """Entry point: runs the click group and turns user errors into one line, exit code 2."""
+    from .interrupts import INTERRUPTED_MESSAGE, Interrupted
+
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         cli.main(args=argv, prog_name="ttp-ray", standalone_mode=False)
+    except Interrupted as exc:  # a sweep stopped by SIGINT / SIGTERM: its parts are on disk, Ray is shut down
+        click.echo(INTERRUPTED_MESSAGE, err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # nothing is left to do: skip the interpreter's teardown (torch's and Ray's threads take seconds more)
+        os._exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -45,7 +56,7 @@ def main(argv=None) -> None:
     except _user_errors() as exc:
         _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     except KeyboardInterrupt:
-        click.echo("interrupted: results written so far are kept", err=True)
+        click.echo(INTERRUPTED_MESSAGE, err=True)
         sys.exit(130)
 
 
@@ -126,9 +137,24 @@ def models() -> None:
         click.echo(f"{name:26s} {desc}")
 
 
+def with_progress(f):
+    """A ``--quiet`` flag, and the command run with progress (with ETA, on stderr) unless it is given: the
+    core's long work (pre-training, kernel, step time, simulations, fine-tuning) reports to it."""
+    @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr (results on stdout are the same).")
+    @functools.wraps(f)
+    def run(*args, quiet: bool, **kw):
+        from .progress import Progress, using
+
+        with using(Progress(enabled=not quiet)):
+            return f(*args, **kw)
+
+    return run
+
+
 @cli.command()
 @click.option("--model", "names", multiple=True, default=("digits-cnn", "digits-resnet"), show_default=True,
               help="Embedded backbone(s) to (re)build.")
+@with_progress
 def pretrain(names) -> None:
     """Rebuild the embedded backbones on digits-0to4 (deterministic) and report their accuracy."""
     from .models import load_pretrained_digits
@@ -136,7 +162,7 @@ def pretrain(names) -> None:
     for name in names:
         if name not in ("digits-cnn", "digits-resnet"):
             raise InputError(f"model: {name!r} is not pre-trained by ttp-ray; allowed: digits-cnn, digits-resnet")
-        _, rep = load_pretrained_digits(name, rebuild=True, verbose=True)
+        _, rep = load_pretrained_digits(name, rebuild=True)
         click.echo(f"{name}: train accuracy {rep['train_accuracy']:.4f}, held-out accuracy "
                    f"{rep['holdout_accuracy']:.4f}, {rep['seconds']:.1f} s, recipe {rep['recipe']}")
 
@@ -174,6 +200,11 @@ def common_run_options(f):
         click.option("--head-seed", type=int, default=0, show_default=True, help="Seed of the new linear head."),
         click.option("--trainable", type=click.Choice(["all", "head"]), default="all", show_default=True),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
+        click.option("--max-classes", type=click.IntRange(min=1), default=DEFAULT_MAX_CLASSES, show_default=True,
+                     help="Refuse a dataset with more classes (the new head's outputs)."),
+        click.option("--max-memory-gb", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_MEMORY_GB,
+                     show_default=True, help="Refuse a run whose estimated memory (kernel N x k, simulation paths x N "
+                                             "x C, per-step records) exceeds this many GB."),
         click.option("--download", is_flag=True, help="Allow downloading missing datasets/weights."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
     ]
@@ -184,11 +215,16 @@ def common_run_options(f):
 
 def _validate_common(kw, n: Optional[int] = None) -> None:
     from .finetune import FinetuneConfig
+    from .preflight import check_device, check_lr
 
     if (kw["lr"] is None) == (kw["lr_fraction"] is None):
         raise InputError("lr: give exactly one of --lr (absolute) or --lr-fraction (of max_stable_lr)")
     if kw["lr_fraction"] is not None and not kw["lr_fraction"] > 0:
         raise InputError(f"lr_fraction: must be > 0 (a fraction of max_stable_lr), got {kw['lr_fraction']}")
+    for name in ("lr", "lr_fraction"):
+        if kw[name] is not None:
+            check_lr(kw[name], name)
+    check_device(kw["device"])
     if any(e <= 0 for e in kw["eps_list"]):
         raise InputError(f"eps: every value must be > 0, got {', '.join(map(str, kw['eps_list']))}")
     if kw["subset"] is not None and kw["subset"] <= 0:
@@ -205,21 +241,52 @@ def _adapt_options(kw):
     return AdaptOptions(adapt=not kw["no_adapt"], size=kw["input_size"], channels=kw["input_channels"])
 
 
+def _limits(kw):
+    from .preflight import ResourceLimits
+
+    return ResourceLimits(max_memory_gb=kw["max_memory_gb"], max_classes=kw["max_classes"])
+
+
 def _load_dataset(kw):
-    """The dataset as the backbone takes it (user images adapted to its input; a mismatch: one line)."""
+    """The dataset as the backbone takes it (user images adapted to its input; a mismatch: one line), checked by
+    the preflight (:mod:`ttp_ray.preflight`: labels, classes, readable images) and the backbone built and run on it."""
     from .models import load_dataset_for_model
+    from .preflight import check_dataset, check_dataset_ref, check_model
 
     _validate_common(kw)
+    check_dataset_ref(kw["dataset"], _limits(kw))
     ds = load_dataset_for_model(kw["dataset"], kw["model"], adapt=_adapt_options(kw), subset=kw["subset"],
                                 download=kw["download"])
+    check_dataset(ds, _limits(kw), ref=kw["dataset"])
     _validate_common(kw, len(ds))
+    check_model(kw["model"], ds, allow_download=kw["download"])
     return ds
 
 
+def _check_memory(kw, ds, kernel=None, sim=None, finetune=None) -> None:
+    """The run's estimated memory against ``--max-memory-gb`` (:func:`ttp_ray.preflight.memory_estimate`)."""
+    from .preflight import check_memory, memory_estimate
+
+    est = memory_estimate(len(ds), int(ds.num_classes), fields={"k": "k", "steps": "steps", "paths": "paths"},
+                          kernel=kernel, sim=sim, budget_steps=kw["steps"], n_configs=1, max_batch=kw["batch_size"],
+                          finetune=finetune)
+    check_memory(est, _limits(kw))
+
+
 def _load_inputs(kw):
+    from .finetune import FinetuneConfig
     from .models import build_finetune_model
 
     ds = _load_dataset(kw)
+    lr = kw["lr"] if kw["lr"] is not None else 1.0
+    cfg = FinetuneConfig(lr=lr, momentum=kw["momentum"], batch_size=kw["batch_size"], loss=kw["loss"],
+                         steps=kw["steps"], seed=kw["seed"], log_every=kw["log_every"], trainable=kw["trainable"])
+    kernel = None
+    if kw["lr_fraction"] is not None:  # the default predictor's kernel gives the limit (_finetune_lr)
+        from .kernel import KernelOptions
+
+        kernel = KernelOptions()
+    _check_memory(kw, ds, kernel=kernel, finetune=cfg)
     model = build_finetune_model(kw["model"], ds.num_classes, kw["head_seed"], allow_download=kw["download"])
     return ds, model
 
@@ -248,6 +315,7 @@ def _curve_rows(steps, curves, kw, diverged):
 
 @cli.command()
 @common_run_options
+@with_progress
 def finetune(**kw) -> None:
     """Fine-tune for real (ground truth): full-set loss/error curve, T_eps, step time."""
     from .finetune import FinetuneConfig, finetune as run_finetune
@@ -389,14 +457,20 @@ def predict(**kw) -> None:
         class_trace = False if predictor.needs_full_kernel else KernelOptions().class_trace
     kopt = KernelOptions(method=kw["kernel_method"], projection=kw["projection"], k=kw["sketch_k"],
                          class_trace=class_trace, seed=kw["kernel_seed"])
+    sim = SimOptions(method=kw["method"], momentum_mode=kw["momentum_mode"], noise=kw["noise"], paths=kw["paths"],
+                     seed=kw["seed"], log_every=kw["log_every"])
+    if kw["validate"]:
+        from .finetune import FinetuneConfig
+
+        tuned = FinetuneConfig(lr=kw["lr"] or 1.0, momentum=kw["momentum"], batch_size=kw["batch_size"],
+                               loss=kw["loss"], steps=kw["steps"], log_every=kw["log_every"])
+    _check_memory(kw, ds, kernel=kopt, sim=sim, finetune=tuned if kw["validate"] else None)
     prepared = predictor.prepare(PredictionInputs(model=kw["model"], dataset=ds, kernel=kopt, head_seed=kw["head_seed"],
                                                   trainable=kw["trainable"], device=kw["device"],
                                                   cache=not kw["no_cache"], allow_download=kw["download"]))
     if kw["lr_fraction"] is not None:  # of this kernel's limit; --validate fine-tunes at the same lr
         kw["lr"] = kw["lr_fraction"] * prepared.max_stable_lr(kw["momentum"])
     cfg = SimConfig(lr=kw["lr"], momentum=kw["momentum"], batch_size=kw["batch_size"], loss=kw["loss"])
-    sim = SimOptions(method=kw["method"], momentum_mode=kw["momentum_mode"], noise=kw["noise"], paths=kw["paths"],
-                     seed=kw["seed"], log_every=kw["log_every"])
     settings = PredictSettings(sim=sim, eps_mode=kw["eps_mode"])
     (pred,) = prepared.predict([cfg], budget_steps=kw["steps"], eps_list=kw["eps_list"], settings=settings)
     res = pred.result
@@ -413,6 +487,10 @@ def predict(**kw) -> None:
                    **{k: v for k, v in meta.items() if isinstance(v, (int, float, str, bool, type(None)))}},
         "kernel_seconds": prepared.kernel_seconds, "kernel_cache_hit": prepared.cache_hit,
         "simulate_seconds": res.seconds, "note": res.note, "extra_work": dict(prepared.work),
+        "intervals": [{"criterion": r["criterion"], "eps": r["eps"], "low": r.get("predicted_steps_low"),
+                       "high": r.get("predicted_steps_high")} for r in pred.rows],
+        "predicted_drift": pred.rows[0].get("predicted_drift") if pred.rows else None,
+        "elr_over_gd_limit": pred.rows[0].get("elr_over_gd_limit") if pred.rows else None,
         **res.extras,
         "curve": {"steps": res.steps.tolist(), "loss": res.loss.tolist(),
                   "error": None if res.error is None else res.error.tolist()},
@@ -493,16 +571,24 @@ def _print_run(out: dict) -> None:
     else:
         err = "n/a" if out["final_error"] is None else f"{out['final_error']:.4f}"
         click.echo(f"  final loss {out['final_loss']:.5g}, final error {err}")
+    intervals = {(i["criterion"], i["eps"]): i for i in out.get("intervals", []) if i["low"] is not None}
     for row in out["training_times"]:
         t = "not reached" if row["steps"] is None else f"{row['steps']} steps ({row['fraction']:.3f} of budget)"
-        click.echo(f"  T_eps[{row['criterion']}, eps={row['eps']:g}] = {t}")
+        i = intervals.get((row["criterion"], row["eps"]))
+        within = "" if i is None or row["steps"] is None else f", interval {i['low']}-{i['high']}"
+        click.echo(f"  T_eps[{row['criterion']}, eps={row['eps']:g}] = {t}{within}")
+    if out.get("predicted_drift") is not None:
+        click.echo(f"  predicted kernel drift s = {out['predicted_drift']:.3g} at the end (Θ_T ~ s Θ0); effective lr "
+                   f"{out['elr_over_gd_limit']:.3g} x the plain-GD limit")
+    if out.get("extra_work"):
+        click.echo("  extra work beyond the kernel: " + ", ".join(f"{k} {v:g}" for k, v in out["extra_work"].items()))
     if "step_time_s" in out:
         click.echo(f"  step time {out['step_time_s'] * 1e3:.2f} ms on {out['device']}")
 
 
 def _predict_command() -> click.Command:
     """``predict``: its options' choices and defaults are read from the core's dataclasses (imports torch)."""
-    return click.command("predict")(common_run_options(prediction_options(predict)))
+    return click.command("predict")(common_run_options(prediction_options(with_progress(predict))))
 
 
 def _rank_command() -> click.Command:
@@ -539,6 +625,9 @@ cli.add_lazy_command("plot", _plot_command,
                      "PNG plots of a sweep (headless): real vs predicted curves per validated config, predicted vs "
                      "real T_eps, the Theta spectrum with its power-law fit, predicted cost over (lr, batch size) per "
                      "dataset.")
+
+from .tune_cli import tune as _tune_command  # noqa: E402
+cli.add_command(_tune_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

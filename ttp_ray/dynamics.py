@@ -64,7 +64,10 @@ Methods (``SimOptions.method``)
                other configs read the path at ``tau = eta_eff t`` (linear interpolation between grid
                points).
                All groups use the same per-path normal draws (common random numbers), so results do
-               not depend on how configs are batched.
+               not depend on how configs are batched. A config with lr beyond
+               ``SDE_SKIP_FACTOR x max_stable_lr(m)`` is not simulated: it is reported diverging at once
+               (its curve is step 0 alone, ``note`` says so), since the substep count, and so the cost,
+               would grow with lr for a curve of a config already flagged diverging.
 ``minibatch``  real SGD with heavy-ball momentum on the linear model ``F = F0 + Z b`` with
                the trainer's batch sampling (:func:`batch_schedule`, path p uses seed ``seed + p``, so
                path 0 reproduces a trainer run with seed ``seed``): ``g = (1/B) sum_{i in batch} Z_i^T g_i``.
@@ -151,6 +154,8 @@ __all__ = [
     "flow_factors",
     "gd_factors",
     "heavy_ball_factors",
+    "SDE_SKIP_FACTOR",
+    "simulation_memory",
 ]
 
 METHODS = ("auto", "ode", "discrete", "sde", "minibatch")
@@ -158,6 +163,10 @@ MOMENTUM_MODES = ("auto", "elr", "heavy_ball")
 NOISE_MODELS = ("rescaled", "constant")
 FEATURES = ("eigen", "sketch")
 ODE_SOLVERS = ("auto", "BDF", "LSODA", "Radau", "RK45", "RK23", "DOP853")
+# an sde config with lr beyond this multiple of max_stable_lr(m) is reported diverging without being simulated
+# (Euler-Maruyama would take ceil(eta_eff lambda_max h / N) substeps per step there, its cost growing with lr);
+# 4 leaves the ce linear model's factor-2 tolerance (hessian_bound 1/2, METHOD.md §2) simulated as before
+SDE_SKIP_FACTOR = 4.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1444,6 +1453,48 @@ def _finish(cfg: SimConfig, plan: SimulationPlan, steps: np.ndarray, lp: np.ndar
     )
 
 
+def simulation_memory(n: int, num_classes: int, rank: int, class_trace: bool, budget_steps: int, n_configs: int,
+                      options: Optional[SimOptions] = None, max_batch: Optional[int] = None) -> Dict[str, int]:
+    """Bytes :func:`simulate` holds at its peak for ``n_configs`` configs on a state of ``n`` samples, ``num_classes``
+    classes and ``rank`` eigenpairs (an upper estimate read off the arrays the engines allocate, so that a plan can
+    be refused before it runs), by what drives them: ``steps`` (the per-step index arrays of the budget, and the sde's
+    grid records), ``records`` (every config's curves, per path), ``working_set`` (one chunk of trajectories: at
+    least one config's ``paths x N x C`` outputs, else sized to ``memory_mb``), ``batches`` (the minibatch schedule,
+    ``T x paths x B`` indices; ``max_batch`` None: full batch only) and ``basis`` (the eigenbasis copies)."""
+    opt = options or SimOptions()
+    item = 8  # float64 closed forms and lifts; the stepped methods' dtype is at most that
+    t, nc = int(budget_steps), int(n) * int(num_classes)
+    q = num_classes if class_trace else 1
+    rows = n if class_trace else nc
+    logged = t // opt.log_every + 2
+    stochastic = max_batch is not None and max_batch < n
+    paths = opt.paths if stochastic else 1
+    unit = paths * (nc * 6 + rank * q * 4) * item  # one config's trajectories (sde, minibatch, ce discrete)
+    working = max(unit, min(int(opt.memory_mb * 2 ** 20), n_configs * unit))
+    per_chunk = max(1, min(n_configs, int(opt.memory_mb * 2 ** 20) // max(unit, 1)))
+    grid = 2 * 8 * (int(opt.max_tau_ratio * t) + 1) * per_chunk * paths if stochastic else 0
+    return {
+        "steps": 9 * (t + 1) + grid,
+        "records": 3 * 2 * 8 * logged * paths * n_configs,
+        "working_set": working,
+        "batches": 2 * 8 * t * paths * int(max_batch) if stochastic else 0,
+        "basis": 2 * rows * rank * item + 6 * nc * item,
+    }
+
+
+def _not_simulated(cfg: SimConfig, plan: SimulationPlan, steps: np.ndarray, ctx: _Ctx) -> SimResult:
+    """The result of a config reported diverging without simulation (sde beyond ``SDE_SKIP_FACTOR`` x the
+    limit): its curve is step 0 alone (F0's loss and error), as for a run that blows up at its first step."""
+    msl = ctx.state.max_stable_lr(cfg.momentum)
+    f0 = ctx.f0_64.unsqueeze(0)
+    loss, err = _loss_err(f0, ctx.y, ctx.Y64, cfg.loss, ctx.opt.compute_error)
+    note = "; ".join(x for x in (plan.note, f"lr {cfg.lr:.4g} > max_stable_lr {msl:.4g}",
+                                 f"beyond {SDE_SKIP_FACTOR:g} x max_stable_lr: reported diverging, not simulated") if x)
+    return SimResult(config=cfg, steps=steps[:1].copy(), loss=loss, error=err, loss_spread=None, error_spread=None,
+                     diverged=True, blew_up=False, max_stable_lr=msl, method=plan.method, momentum_mode=plan.mode,
+                     paths=ctx.opt.paths, group=-1, seconds=0.0, note=note)
+
+
 def simulate(
     state: KernelState,
     configs: Sequence[SimConfig],
@@ -1462,7 +1513,10 @@ def simulate(
     steps = logged_steps(int(budget_steps), opt.log_every)
     ctx = _Ctx(state, opt, steps)
     plans = [resolve_plan(c, opt, ctx.n, ctx.lambda_max) for c in configs]
-    groups = _group_plans(plans, opt)
+    beyond = {i for i, (c, pl) in enumerate(zip(configs, plans))
+              if pl.method == "sde" and c.lr > SDE_SKIP_FACTOR * ctx.state.max_stable_lr(c.momentum)}
+    kept = [i for i in range(len(configs)) if i not in beyond]
+    groups = [[kept[j] for j in g] for g in _group_plans([plans[i] for i in kept], opt)] if kept else []
     engines = {}
     for gid, idx in enumerate(groups):
         pl = plans[idx[0]]
@@ -1485,6 +1539,8 @@ def simulate(
         "minibatch": _run_minibatch,
     }
     out: List[Optional[SimResult]] = [None] * len(configs)
+    for i in beyond:
+        out[i] = _not_simulated(configs[i], plans[i], steps, ctx)
     gid_of = {i: gid for gid, idx in enumerate(groups) for i in idx}
     with torch.no_grad():
         for name, jobs in engines.items():

@@ -7,10 +7,11 @@ above ``DIVERGENCE_FACTOR`` times the initial loss) which stops the run instead 
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -18,10 +19,11 @@ import torch
 from .data import ImageDataset
 from .models import FinetuneModel, check_trainable, trainable_names
 from .objectives import check_loss, error_rate, loss_value
+from .progress import Progress, resolve
 from .sampling import batch_schedule
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "evaluate", "measure_step_time", "result_summary",
-           "DIVERGENCE_FACTOR"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "LoggedPoint", "finetune", "evaluate", "measure_step_time",
+           "result_summary", "DIVERGENCE_FACTOR", "finetune_memory"]
 
 DIVERGENCE_FACTOR = 1e3  # a loss above this multiple of L_0 (or non-finite) counts as diverged
 
@@ -89,6 +91,18 @@ class FinetuneResult:
         return {"loss": self.loss, "error": self.error}
 
 
+@dataclass(frozen=True)
+class LoggedPoint:
+    """What :func:`finetune` hands its ``on_log`` callback at every logged step (the run paused at w_t)."""
+
+    step: int
+    loss: float  # full-set loss at w_t
+    error: float  # full-set error at w_t
+    train_seconds: float  # wall time of the optimiser steps so far (0 .. t-1)
+    snapshot: Callable[[], Dict[str, Any]]  # the run's state now, for ``finetune(..., resume=)``: tensors, numbers,
+    #                                         lists and strings only (torch.save / torch.load(weights_only=True))
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: ImageDataset, loss: str, *, device="cpu",
              batch_size: int = 2048) -> tuple:
@@ -103,14 +117,22 @@ def evaluate(model: torch.nn.Module, dataset: ImageDataset, loss: str, *, device
 
 
 def finetune(model: FinetuneModel, dataset: ImageDataset, config: FinetuneConfig, *, device="cpu",
-             eval_batch_size: int = 2048, record_outputs: bool = False) -> FinetuneResult:
+             eval_batch_size: int = 2048, record_outputs: bool = False,
+             progress: Optional[Progress] = None, on_log: Optional[Callable[[LoggedPoint], None]] = None,
+             resume: Optional[Dict[str, Any]] = None) -> FinetuneResult:
     """Fine-tune ``model`` in place with SGD(lr, momentum), batch norm frozen; log full-set curves.
 
     ``record_outputs`` (full batch only) keeps f(w_t) at every step (``FinetuneResult.outputs``; N C floats a
-    step), which :func:`ttp_ray.drift.calibrate_drift` reads."""
+    step), which :func:`ttp_ray.drift.calibrate_drift` reads. ``progress``: one task over the steps, with an
+    ETA (default: the ambient one, :func:`ttp_ray.progress.current`). ``on_log`` is called at every logged step
+    with a :class:`LoggedPoint` (``ttp_ray.tune`` reports it to Ray Tune and checkpoints its ``snapshot()``);
+    ``resume`` is such a snapshot, of this very config: the run continues from its step with the same weights,
+    momentum buffers, minibatch order and curve so far, as if it had never stopped."""
     t_start = time.perf_counter()
     n = len(dataset)
     config.validate(n)
+    if resume is not None and record_outputs:
+        raise ValueError("resume: cannot be combined with record_outputs (the outputs before the snapshot are not kept)")
     b = config.batch_size or n
     model.to(device).eval()
     names = set(trainable_names(model, config.trainable))
@@ -133,9 +155,25 @@ def finetune(model: FinetuneModel, dataset: ImageDataset, config: FinetuneConfig
     diverged = False
     step_seconds = 0.0
     l0 = None
+    start = 0
+    if resume is not None:
+        start = _check_snapshot(resume, config)
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        steps, losses, errors = list(resume["steps"]), list(resume["loss"]), list(resume["error"])
+        grad_sq = list(resume["grad_norm_sq"])
+        step_seconds, l0 = float(resume["train_seconds"]), losses[0]
+
+    def snapshot(t: int) -> Dict[str, Any]:
+        return {"config": asdict(config), "step": t, "train_seconds": step_seconds,
+                "steps": list(steps), "loss": list(losses), "error": list(errors), "grad_norm_sq": list(grad_sq),
+                "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                "optimizer": copy.deepcopy(opt.state_dict())}
+
+    callback_seconds = 0.0  # time spent in on_log during the current step (not the step's own time)
 
     def log(step: int, loss_v: float, err_v: float) -> bool:
-        nonlocal l0, diverged
+        nonlocal l0, diverged, callback_seconds
         if l0 is None:
             l0 = loss_v
         if not math.isfinite(loss_v) or loss_v > DIVERGENCE_FACTOR * max(l0, 1e-12):
@@ -144,13 +182,23 @@ def finetune(model: FinetuneModel, dataset: ImageDataset, config: FinetuneConfig
         steps.append(step)
         losses.append(loss_v)
         errors.append(err_v)
+        if on_log is not None:
+            c0 = time.perf_counter()
+            on_log(LoggedPoint(step, loss_v, err_v, step_seconds, lambda: snapshot(step)))
+            callback_seconds = time.perf_counter() - c0
         return True
 
-    schedule = iter(batch_schedule(n, b, config.steps, seed=config.seed)) if not full_batch else None
-    for t in range(config.steps + 1):
-        logging_now = t % config.log_every == 0 or t == config.steps
+    schedule = iter(batch_schedule(n, b, config.steps, seed=config.seed)[start:]) if not full_batch else None
+    task = resolve(progress).task(f"fine-tuning (lr {config.lr:.4g}, m {config.momentum:g}, B {b}, "
+                                  f"{config.loss})", total=config.steps, unit="steps", completed=start)
+    for t in range(start, config.steps + 1):
+        if t > start:
+            task.advance()
+        # a resumed run logged its first step before the snapshot was taken
+        logging_now = (t % config.log_every == 0 or t == config.steps) and not (resume is not None and t == start)
         if full_batch:
             # B = N: the step's own forward pass is the full-set evaluation at w_t (eval mode, BN frozen)
+            callback_seconds = 0.0
             t0 = time.perf_counter()
             out = model(x_all)
             loss = loss_value(out, y_all, config.loss)
@@ -164,7 +212,7 @@ def finetune(model: FinetuneModel, dataset: ImageDataset, config: FinetuneConfig
             loss.backward()
             grad_sq.append(float(sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None)))
             opt.step()
-            step_seconds += time.perf_counter() - t0
+            step_seconds += time.perf_counter() - t0 - callback_seconds
         else:
             if logging_now and not log(t, *evaluate(model, dataset, config.loss, device=device,
                                                     batch_size=eval_batch_size)):
@@ -182,6 +230,7 @@ def finetune(model: FinetuneModel, dataset: ImageDataset, config: FinetuneConfig
             loss.backward()
             opt.step()
             step_seconds += time.perf_counter() - t0
+    task.close()
     n_steps = max(1, steps[-1] if steps else 1)
     if diverged:
         n_steps = max(1, t)
@@ -194,6 +243,31 @@ def finetune(model: FinetuneModel, dataset: ImageDataset, config: FinetuneConfig
         grad_norm_sq=np.asarray(grad_sq) if full_batch else None,
         outputs=np.stack(outs) if outs else None,
     )
+
+
+def finetune_memory(n: int, config: FinetuneConfig) -> Dict[str, int]:
+    """Bytes :func:`finetune` holds for its bookkeeping, by what drives them (an upper estimate, for refusing a run
+    before it starts; the model and the images are not counted): ``batches`` (the minibatch schedule, ``T x B``
+    indices, built whole) and ``records`` (the logged curves; full batch: a gradient norm per step)."""
+    t = int(config.steps)
+    b = int(config.batch_size or n)
+    logged = t // int(config.log_every) + 2
+    minibatch = b < n
+    return {"batches": 16 * t * b if minibatch else 0,
+            "records": 3 * 32 * logged + (0 if minibatch else 32 * t)}
+
+
+def _check_snapshot(snap: Dict[str, Any], config: FinetuneConfig) -> int:
+    """The step a snapshot of :func:`finetune` resumes at; a ValueError naming ``resume`` if it is of another
+    config or holds no logged point."""
+    want = asdict(config)
+    got = snap.get("config")
+    if got != want:
+        diff = sorted(k for k in want if not isinstance(got, dict) or got.get(k) != want[k])
+        raise ValueError(f"resume: the snapshot is of another fine-tuning config (differs in {', '.join(diff)})")
+    if not snap.get("steps") or snap["steps"][-1] != snap.get("step"):
+        raise ValueError("resume: the snapshot holds no logged point at its step")
+    return int(snap["step"])
 
 
 def result_summary(result: FinetuneResult) -> Dict[str, object]:
@@ -213,13 +287,13 @@ def result_summary(result: FinetuneResult) -> Dict[str, object]:
 
 
 def measure_step_time(model: FinetuneModel, dataset: ImageDataset, batch_size: Optional[int], loss: str = "ce", *,
-                      device="cpu", steps: int = 5, warmup: int = 1, trainable: str = "all") -> float:
+                      device="cpu", steps: int = 5, warmup: int = 1, trainable: str = "all",
+                      progress: Optional[Progress] = None) -> float:
     """Median wall time of one SGD step (forward + backward + update) at batch size B on ``device``.
 
     Runs on a copy of ``model``, so the caller's weights are untouched; used for ``predicted_cost_s``.
+    ``progress``: one task over the timed steps (default: the ambient one).
     """
-    import copy
-
     m = copy.deepcopy(model).to(device).eval()
     b = batch_size or len(dataset)
     names = set(trainable_names(m, trainable))
@@ -227,6 +301,7 @@ def measure_step_time(model: FinetuneModel, dataset: ImageDataset, batch_size: O
     opt = torch.optim.SGD(params, lr=1e-6, momentum=0.9)
     y = dataset.targets
     times = []
+    task = resolve(progress).task(f"measuring the step time (B {b}, {loss})", total=steps + warmup, unit="steps")
     for i, idx in enumerate(batch_schedule(len(dataset), b, steps + warmup, seed=0)):
         xb, yb = dataset.images(idx).to(device), y[idx].to(device)
         if str(device).startswith("cuda"):
@@ -239,4 +314,6 @@ def measure_step_time(model: FinetuneModel, dataset: ImageDataset, batch_size: O
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+        task.advance()
+    task.close()
     return float(np.median(times))

@@ -19,6 +19,7 @@ name                      what it simulates                                     
 ``drift``                 full-batch GD: frozen ODE warped by one real run's drift (§9)      frozen
 ``relinearised``          full-batch GD, re-linearised per config along its path (§10)       frozen
 ``flow``                  full-batch GD on one re-linearised flow path per loss (§10)        frozen
+``probed`` (default)      every config: frozen dynamics warped by real probes' drift (§14)  —
 ========================  ===============================================================  ==========
 """
 from __future__ import annotations
@@ -35,11 +36,13 @@ from .drift import DRIFT_METHOD, DriftOptions, KernelDrift, calibrate_drift, ref
 from .dynamics import SimConfig, SimResult, simulate
 from .inputs import AdaptOptions
 from .kernel import KernelOptions
+from .probe import ProbeOptions, ProbedDrift, drift_summary, probe_drift, warp_result
 from .predict import (PredictedConfig, PredictSettings, check_request, load_state, load_subset_state,
                       predicted_configs, simulate_subset, subset_row_fields)
+from .progress import Progress, resolve
 from .relinearise import (FLOW_METHOD, RelinearisationOptions, RelinearisedResult, flow_path, relinearised_curves,
                           simulate_on_flow_path)
-from .stability import max_stable_lr
+from .stability import hessian_bound, max_stable_lr
 from .subset import DEFAULT_ALPHA, SubsetOptions
 
 __all__ = [
@@ -51,6 +54,7 @@ __all__ = [
     "DriftWarp",
     "Relinearised",
     "FlowRelinearised",
+    "ProbedWarp",
     "PREDICTORS",
     "DEFAULT_PREDICTOR",
     "get_predictor",
@@ -101,6 +105,14 @@ class PreparedPredictor:
         return float(self.base.state.lambda_max), float(self.base.state.n)
 
     @property
+    def limit_from(self) -> str:
+        """Which lambda_max the stability limit is computed from: ``class-trace kernel`` (the default sketch; its
+        lambda_max is below the full kernel's, so its limit is higher), ``full kernel`` or ``extrapolated spectrum``."""
+        if getattr(self.base, "spectrum", None) is not None:
+            return "extrapolated spectrum"
+        return "class-trace kernel" if self.base.state.class_trace else "full kernel"
+
+    @property
     def lambda_max(self) -> float:
         """``lambda_max`` of Θ on the full set (not divided by N)."""
         lam, n = self.limit
@@ -136,9 +148,11 @@ class PreparedPredictor:
 
     # ---- the one entry point
     def predict(self, configs: Sequence[SimConfig], *, budget_steps: int, eps_list: Sequence[float],
-                settings: PredictSettings = PredictSettings()) -> List[PredictedConfig]:
+                settings: PredictSettings = PredictSettings(), progress: Optional[Progress] = None
+                ) -> List[PredictedConfig]:
         """T̂ε rows of every config: the predictor simulates those it supports, its ``fallback`` the others
-        (one-line ``ValueError`` naming the field where there is none); results in the order of ``configs``."""
+        (one-line ``ValueError`` naming the field where there is none); results in the order of ``configs``.
+        ``progress``: one task over the configs (default: the ambient one, :func:`ttp_ray.progress.current`)."""
         configs = list(configs)
         check_request(self.n, configs, budget_steps, eps_list)
         pred = self.predictor
@@ -148,13 +162,16 @@ class PreparedPredictor:
         if rest and pred.fallback is None:
             raise ValueError(reasons[rest[0]])
         results: List[Optional[SimResult]] = [None] * len(configs)
-        for idx, by in ((own, pred), (rest, get_predictor(pred.fallback) if rest else None)):
-            if idx:
-                for i, res in zip(idx, by.simulate(self, [configs[i] for i in idx], int(budget_steps), settings)):
-                    results[i] = res
+        with resolve(progress).task(f"simulating {len(configs)} config(s) over {int(budget_steps)} steps "
+                                    f"({pred.name})", total=len(configs), unit="configs") as task:
+            for idx, by in ((own, pred), (rest, get_predictor(pred.fallback) if rest else None)):
+                if idx:
+                    for i, res in zip(idx, by.simulate(self, [configs[i] for i in idx], int(budget_steps), settings)):
+                        results[i] = res
+                    task.advance(len(idx))
         thinned = [_thin(r, settings.sim.log_every, int(budget_steps)) for r in results]
         return predicted_configs(thinned, self.n, budget_steps=budget_steps, eps_list=eps_list, settings=settings,
-                                 extra=pred.row_fields(self, settings))
+                                 extra={"limit_from": self.limit_from, **pred.row_fields(self, settings)})
 
 
 class Predictor(ABC):
@@ -391,9 +408,101 @@ class FlowRelinearised(Predictor):
         return out  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class ProbedWarp(Predictor):
+    """Every config type (GD and SGD, any momentum, MSE and CE): the frozen dynamics of ``settings.sim`` read at a
+    warped time, the warp measured by short real minibatch probes at a few effective lrs per (loss, budget),
+    within ``probe.work_epochs`` x N per-sample gradients (docs/METHOD.md §14). Each row carries the predicted
+    drift and an interval for T̂ε."""
+
+    name: ClassVar[str] = "probed"
+    extra_work: ClassVar[str] = ("per (loss, budget): real minibatch probe steps, at most probe.work_epochs x N "
+                                 "per-sample gradients")
+    probe: ProbeOptions = field(default_factory=ProbeOptions)
+    max_horizon: float = 8.0  # the frozen curves run to at most this many budgets (when s > 1 the warp reads ahead)
+    substeps: int = 20  # Euler substeps per step of dt'/dt = s
+    stability_cap: bool = True  # s <= max_stable_lr(m) / (lr h): the kernel grows up to the edge of stability (§14)
+    edge_factor: float = 2.0  # lr up to this x max_stable_lr(m): the catapult phase, predicted at the edge (§14); above: diverges
+    edge_fraction: float = 0.9  # ... simulated at this fraction of max_stable_lr(m)
+    edge_momentum: float = 0.0  # the catapult phase is predicted for momentum up to this; above, beyond the limit diverges
+    interval_scale: float = 0.125  # T̂ε interval: T̂ε exp(±k (1 + |log s|)); k: 80 % coverage on digits-5to9 (docs/CHOICES.md)
+
+    def __post_init__(self):
+        if not self.max_horizon >= 1:
+            raise ValueError(f"max_horizon: must be >= 1 (budgets), got {self.max_horizon}")
+        if self.substeps < 1:
+            raise ValueError(f"substeps: must be >= 1, got {self.substeps}")
+        if not self.edge_factor >= 1:
+            raise ValueError(f"edge_factor: must be >= 1 (1: every config beyond the limit diverges), got {self.edge_factor}")
+        if not 0 <= self.edge_momentum < 1:
+            raise ValueError(f"edge_momentum: must be in [0, 1), got {self.edge_momentum}")
+        if not 0 < self.edge_fraction < 1:
+            raise ValueError(f"edge_fraction: must be in (0, 1), got {self.edge_fraction}")
+        if not self.interval_scale >= 0:
+            raise ValueError(f"interval_scale: must be >= 0, got {self.interval_scale}")
+
+    def drift(self, prepared: PreparedPredictor, loss: str, budget_steps: int) -> ProbedDrift:
+        """The probed drift of (loss, budget), measured once per prepared predictor and counted in ``work``."""
+        key = ("probed", loss, int(budget_steps))
+        if key not in prepared.shared:
+            drift = probe_drift(prepared.model, prepared.dataset, prepared.state, loss, budget_steps, self.probe,
+                                trainable=prepared.base.trainable, device=prepared.base.device)
+            prepared.shared[key] = drift
+            prepared.count("per_sample_gradients", drift.per_sample_gradients)
+            prepared.count("probe_steps", sum(len(r.level) for r in drift.runs))
+        return prepared.shared[key]
+
+    def _simulated(self, prepared: PreparedPredictor, config: SimConfig) -> Tuple[SimConfig, float]:
+        """The config the frozen dynamics run and its lr over the limit: beyond the limit, up to ``edge_factor``
+        times it, the real network catapults to the edge of stability and trains there (§14)."""
+        f = config.lr / prepared.max_stable_lr(config.momentum)
+        if 1.0 < f <= self.edge_factor and config.momentum <= self.edge_momentum:
+            return replace(config, lr=self.edge_fraction * prepared.max_stable_lr(config.momentum)), f
+        return config, f
+
+    def simulate(self, prepared, configs, budget_steps, settings):
+        out: List[Optional[SimResult]] = [None] * len(configs)
+        for loss in sorted({c.loss for c in configs}):
+            idx = [i for i, c in enumerate(configs) if c.loss == loss]
+            drift = self.drift(prepared, loss, budget_steps)
+            ahead = min(self.max_horizon, max(1.0, max(float(np.max(s)) for s in drift.scales)))
+            step = settings.sim.log_every
+            horizon = step * int(math.ceil(math.ceil(budget_steps * ahead) / step))
+            runs = [self._simulated(prepared, configs[i]) for i in idx]
+            lins = simulate(prepared.state, [r[0] for r in runs], horizon, settings.sim)
+            for i, (sim_cfg, f), lin in zip(idx, runs, lins):
+                cfg = configs[i]
+                own = {"extra_gradients": drift.per_sample_gradients}
+                if lin.diverged:
+                    keep = lin.steps <= budget_steps
+                    out[i] = replace(lin, config=cfg, steps=lin.steps[keep], loss=lin.loss[keep],
+                                     error=None if lin.error is None else lin.error[keep], loss_spread=None,
+                                     error_spread=None, method=f"probed-{lin.method}",
+                                     extras={**lin.extras, "row_fields": own})
+                    continue
+                # §14: the kernel grows at most to the edge of stability, lr h s lambda_max / N <= 2 (1 + m)
+                cap = (prepared.max_stable_lr(cfg.momentum) / (sim_cfg.lr * hessian_bound(loss))
+                       if self.stability_cap else math.inf)
+                c = warp_result(lin, drift, budget_steps, self.substeps, cap)
+                info = drift_summary(drift, c["loss"], sim_cfg.effective_lr)
+                s_end = float(min(info["drift_final"], cap))
+                spread = max(abs(math.log(min(info["drift_max"], cap))), abs(math.log(max(info["drift_min"], 1e-12))))
+                note = lin.note
+                if sim_cfg is not cfg:
+                    note = (f"lr is {f:.2f} x the linearised stability limit: predicted at the edge of stability "
+                            f"({self.edge_fraction:g} x the limit; the catapult phase, docs/METHOD.md §14)")
+                out[i] = replace(lin, config=cfg, steps=c["steps"], loss=c["loss"], error=c["error"],
+                                 loss_spread=c["loss_spread"], error_spread=c["error_spread"],
+                                 method=f"probed-{lin.method}", note=note,
+                                 extras={**lin.extras, "drift": info,
+                                         "row_fields": {**own, "predicted_drift": s_end},
+                                         "interval_log_halfwidth": self.interval_scale * (1.0 + spread)})
+        return out  # type: ignore[return-value]
+
+
 PREDICTORS: Dict[str, type] = {p.name: p for p in (FrozenKernel, SubsetExtrapolation, DriftWarp, Relinearised,
-                                                   FlowRelinearised)}
-DEFAULT_PREDICTOR = "frozen"
+                                                   FlowRelinearised, ProbedWarp)}
+DEFAULT_PREDICTOR = "probed"  # docs/METHOD.md §14; "frozen" was the default before (docs/CHOICES.md)
 
 
 def get_predictor(name: Union[str, Predictor, None] = None, **options: Any) -> Predictor:

@@ -20,6 +20,7 @@ pyarrow and numpy only: nothing here imports Ray, torch or pandas.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -75,6 +76,12 @@ PREDICTION_SCHEMA = pa.schema(_CONFIG_FIELDS + [
     ("predicted_final_error", pa.float64()),
     ("step_time_s", pa.float64()),  # measured for (model, dataset, B, loss) on the actor's device
     ("predicted_cost_s", pa.float64()),  # predicted_steps * step_time_s; null when not reached
+    ("predicted_steps_low", pa.int64()),  # the interval of T̂ε (drift-aware predictor; docs/METHOD.md §14); null otherwise
+    ("predicted_steps_high", pa.int64()),
+    ("elr_over_gd_limit", pa.float64()),  # the regime: eta/(1-m) over the plain-GD limit 2N/lambda_max
+    ("predicted_drift", pa.float64()),  # the kernel's predicted drift s at the end of the run (Θ_T ~ s Θ0); null: frozen
+    ("extra_gradients", pa.int64()),  # per-sample gradients the predictor spent beyond Θ0 for this (dataset, model, loss)
+    ("limit_from", pa.string()),  # which lambda_max the limit is from: 'class-trace kernel' | 'full kernel' | 'extrapolated spectrum'
     ("method", pa.string()),
     ("momentum_mode", pa.string()),
     ("dynamics", pa.string()),  # subset extrapolation only: 'discrete' | 'ode'; null otherwise
@@ -98,6 +105,9 @@ GROUND_TRUTH_SCHEMA = pa.schema(_CONFIG_FIELDS + [
     ("actual_cost_s", pa.float64()),
     ("train_seconds", pa.float64()),
     ("device", pa.string()),
+    # the last logged step of the real curve: budget_steps for a whole run, fewer when it diverged or was stopped
+    # early (ttp_ray.tune: at its predicted budget or its target; T_eps is then null); null in older parts
+    ("last_step", pa.int64()),
 ])
 
 CURVE_SCHEMA = pa.schema([
@@ -210,8 +220,14 @@ def prediction_rows(res, n: int, budget_steps: int, eps_list: Sequence[float], s
                                  definition=settings.definition, window=settings.window, diverged=res.diverged)
     final_loss = None if res.diverged else float(res.loss[-1])
     final_error = None if res.diverged or res.error is None else float(res.error[-1])
+    own = dict(res.extras.get("row_fields", {}))  # per-config columns a predictor adds (e.g. predicted_drift)
+    halfwidth = res.extras.get("interval_log_halfwidth")  # T̂ε interval: T̂ε exp(±w), within [0, budget]
     rows = []
     for t in times:
+        interval = {}
+        if halfwidth is not None and t["steps"] is not None:
+            interval = {"predicted_steps_low": int(math.floor(t["steps"] * math.exp(-halfwidth))),
+                        "predicted_steps_high": int(min(budget_steps, math.ceil(t["steps"] * math.exp(halfwidth))))}
         rows.append({
             "loss": c.loss, "lr": float(c.lr), "momentum": float(c.momentum),
             "batch_size": int(c.batch_size) if c.batch_size is not None and c.batch_size < n else n,
@@ -221,18 +237,20 @@ def prediction_rows(res, n: int, budget_steps: int, eps_list: Sequence[float], s
             "diverged": bool(res.diverged), "predicted_final_loss": final_loss,
             "predicted_final_error": final_error, "max_stable_lr": float(res.max_stable_lr),
             "method": res.method, "momentum_mode": res.momentum_mode, "simulate_seconds": float(res.seconds),
-            **(extra or {}),
+            "elr_over_gd_limit": float(c.effective_lr) * (1.0 + float(c.momentum)) / float(res.max_stable_lr),
+            **own, **interval, **(extra or {}),
         })
     return rows
 
 def ground_truth_rows(run, times: Sequence[Dict[str, Any]], columns: Dict[str, Any]) -> List[Dict[str, Any]]:
     """The T_ε rows of one real fine-tune (a :class:`~ttp_ray.finetune.FinetuneResult`; ``times`` from
     :func:`~ttp_ray.training_time.curve_training_times`, one row each): the config's ``columns``, then what the
-    run measured."""
+    run measured (``actual_final_*``: at its last logged step, ``last_step``)."""
     final_loss = None if run.diverged or not len(run.loss) else float(run.loss[-1])
     final_error = None if run.diverged or not len(run.error) else float(run.error[-1])
+    last = int(run.steps[-1]) if len(run.steps) else None
     return [{**columns, "criterion": t["criterion"], "eps": t["eps"], "actual_steps": t["steps"],
              "actual_fraction": t["fraction"], "diverged": bool(run.diverged), "actual_final_loss": final_loss,
              "actual_final_error": final_error, "step_time_s": run.step_time_s,
              "actual_cost_s": None if t["steps"] is None else t["steps"] * run.step_time_s,
-             "train_seconds": run.train_seconds} for t in times]
+             "train_seconds": run.train_seconds, "last_step": last} for t in times]

@@ -343,8 +343,9 @@ def validation_table(pred: pd.DataFrame, gt: pd.DataFrame, curves: Optional[pd.D
     (config, criterion, ε, seed), with ``relative_error = |T̂ε − Tε| / Tε`` where both are finite and Tε > 0.
 
     ``status``: ``compared`` (relative error defined), ``both diverged`` (the prediction was right to refuse
-    a number), ``predicted diverged`` / ``actual diverged`` (one side only), ``not reached``, ``T = 0``
-    (real Tε is 0: no relative error), ``no prediction``. ``regime`` is ``GD`` (full batch) or ``SGD``.
+    a number), ``predicted diverged`` / ``actual diverged`` (one side only), ``stopped early`` (a run of
+    ``ttp-ray tune`` stopped before its budget: no Tε), ``not reached``, ``T = 0`` (real Tε is 0: no relative
+    error), ``no prediction``. ``regime`` is ``GD`` (full batch) or ``SGD``.
 
     With ``curves`` (the sweep's curves table, predicted and real): the cost to a common target too
     (:mod:`ttp_ray.analysis.targets`; the target is derived from the whole grid's predictions, or given):
@@ -376,9 +377,12 @@ def validation_table(pred: pd.DataFrame, gt: pd.DataFrame, curves: Optional[pd.D
     ps, ts = m.predicted_steps.astype(float), m.actual_steps.astype(float)
     pdiv = m.predicted_diverged.eq(True).to_numpy()
     adiv = m.actual_diverged.eq(True).to_numpy()
+    last = (m.last_step if "last_step" in m.columns else pd.Series(np.nan, index=m.index)).astype(float)
+    stopped = (last < m.budget_steps.astype(float)).to_numpy()  # a tuned run stopped before its budget: no L_T
     status = np.select(
-        [m["_merge"] == "left_only", pdiv & adiv, pdiv, adiv, ps.isna() | ts.isna(), ts <= 0],
-        ["no prediction", "both diverged", "predicted diverged", "actual diverged", "not reached", "T = 0"],
+        [m["_merge"] == "left_only", pdiv & adiv, pdiv, adiv, stopped, ps.isna() | ts.isna(), ts <= 0],
+        ["no prediction", "both diverged", "predicted diverged", "actual diverged", "stopped early", "not reached",
+         "T = 0"],
         default="compared")
     m["status"] = status
     ok = m.status == "compared"

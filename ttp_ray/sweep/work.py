@@ -22,7 +22,7 @@ from .plan import GroundTruthRun, PlannedConfig, Shard, resolve_lr, sim_config
 from .spec import SweepSpec
 
 __all__ = ["WorkerJob", "DatasetWork", "ShardOutput", "GroundTruthJob", "GroundTruthOutput", "run_ground_truth",
-           "pick_device", "spec_predictor"]
+           "ground_truth_tables", "pick_device", "spec_predictor"]
 
 
 def pick_device(preference: str, has_gpu: bool) -> str:
@@ -250,8 +250,6 @@ def run_ground_truth(job: GroundTruthJob) -> GroundTruthOutput:
     """Fine-tune one config for real with ``torch.optim.SGD`` and read T_eps off its curves."""
     from ..finetune import FinetuneConfig, finetune
     from ..models import build_finetune_model, load_dataset_for_model
-    from ..training_time import curve_training_times
-    from ..tables import as_table, curve_table, ground_truth_rows
 
     t0 = time.perf_counter()
     spec, run = job.spec, job.run
@@ -263,17 +261,34 @@ def run_ground_truth(job: GroundTruthJob) -> GroundTruthOutput:
     cfg = FinetuneConfig(lr=job.lr, momentum=c.momentum, batch_size=c.batch_size, loss=c.loss, steps=c.budget_steps,
                          seed=run.seed, log_every=log_every, trainable=spec.kernel.trainable)
     res = finetune(model, ds, cfg, device=job.device)
-    curves = {k: v for k, v in res.curves().items() if k in spec.criteria}
-    sim = spec.simulation
-    times = curve_training_times(res.steps, curves, list(spec.eps), budget=c.budget_steps, eps_mode=sim.eps_mode,
-                                 definition=sim.definition, window=sim.window, diverged=res.diverged)
     n = len(ds)
     columns = {"config_id": c.config_id, "model": c.model, "loss": c.loss, "lr": job.lr, "lr_fraction": c.lr_fraction,
                "momentum": c.momentum, "batch_size": n if c.batch_size is None else int(c.batch_size),
-               "full_batch": c.batch_size is None, "effective_lr": cfg.effective_lr, "eps_mode": sim.eps_mode,
-               "budget_steps": c.budget_steps, "n": n, "max_stable_lr": job.max_stable_lr, "seed": run.seed,
-               "device": str(job.device)}
-    rows = ground_truth_rows(res, times, columns)
-    curve = _curve(c.config_id, "actual", run.seed, res.steps, res.loss, res.error)
-    return GroundTruthOutput(c.dataset, run.run_id, as_table(rows, "ground_truth"), curve_table([curve]),
-                             time.perf_counter() - t0, socket.gethostname())
+               "full_batch": c.batch_size is None, "effective_lr": cfg.effective_lr,
+               "eps_mode": spec.simulation.eps_mode, "budget_steps": c.budget_steps, "n": n,
+               "max_stable_lr": job.max_stable_lr, "seed": run.seed, "device": str(job.device)}
+    rows, curves = ground_truth_tables(spec, columns, res)
+    return GroundTruthOutput(c.dataset, run.run_id, rows, curves, time.perf_counter() - t0, socket.gethostname())
+
+
+def ground_truth_tables(spec: SweepSpec, columns: Dict[str, Any], run) -> Tuple[Any, Any]:
+    """The ``ground_truth`` rows (one per criterion and ε of ``spec``) and the real ``curves`` rows of one fine-tune
+    ``run`` (a :class:`~ttp_ray.finetune.FinetuneResult`) of the config described by ``columns`` (the config's
+    columns of ``GROUND_TRUTH_SCHEMA``: ``config_id``, ..., ``budget_steps``, ``seed``, ``device``), as pyarrow
+    tables. T_eps is read off the curve as the spec's simulation reads the predicted ones (METHOD.md §5), against
+    the run's last logged value; a run that ended before ``budget_steps`` without diverging (stopped early) has
+    no L_T, so its T_eps is null."""
+    from ..tables import as_table, curve_table, ground_truth_rows
+    from ..training_time import curve_training_times
+
+    budget = int(columns["budget_steps"])
+    curves = {k: v for k, v in run.curves().items() if k in spec.criteria}
+    sim = spec.simulation
+    times = curve_training_times(run.steps, curves, list(spec.eps), budget=budget, eps_mode=sim.eps_mode,
+                                 definition=sim.definition, window=sim.window, diverged=run.diverged)
+    stopped_early = not run.diverged and (not len(run.steps) or int(run.steps[-1]) < budget)
+    if stopped_early:
+        times = [{**t, "steps": None, "fraction": None} for t in times]
+    rows = ground_truth_rows(run, times, columns)
+    curve = _curve(columns["config_id"], "actual", columns["seed"], run.steps, run.loss, run.error)
+    return as_table(rows, "ground_truth"), curve_table([curve])

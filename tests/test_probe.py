@@ -1,0 +1,108 @@
+"""The drift-aware default predictor (ttp_ray.probe, predictors.ProbedWarp; docs/METHOD.md §14)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ttp_ray.dynamics import SimConfig, SimOptions, simulate
+from ttp_ray.kernel import KernelOptions
+from ttp_ray.predict import PredictSettings
+from ttp_ray.predictors import DEFAULT_PREDICTOR, PredictionInputs, get_predictor
+from ttp_ray.probe import ProbedDrift, ProbeOptions, ProbeRun, batch_quadratic, probe_drift, run_probe, warp_result
+
+KERNEL = KernelOptions(k=256)
+
+
+@pytest.fixture(scope="module")
+def small(digits_5to9):
+    return digits_5to9.subset(128, seed=0)
+
+
+@pytest.fixture(scope="module")
+def frozen(small):
+    return get_predictor("frozen").prepare(PredictionInputs("digits-cnn", small, KERNEL))
+
+
+def _flat(scale, elrs=(1.0,)):
+    return ProbedDrift(loss="mse", effective_lrs=np.array(elrs, dtype=float), levels=[np.array([0.01, 10.0])] * len(elrs),
+                       scales=[np.array([s, s], dtype=float) for s in np.atleast_1d(scale)])
+
+
+def test_default_is_the_probed_predictor_with_bounded_work():
+    p = get_predictor()
+    assert DEFAULT_PREDICTOR == "probed" and p.name == "probed" and p.fallback is None
+    assert 0 < p.probe.work_epochs <= 10  # the issue's bound: at most 10 N per-sample gradients per (dataset, loss)
+    with pytest.raises(ValueError, match=r"^work_epochs: must be in \(0, 10\]"):
+        ProbeOptions(work_epochs=12)
+    with pytest.raises(ValueError, match=r"^probes: lr fraction"):
+        ProbeOptions(probes=((0.9, 1.5),))
+    with pytest.raises(ValueError, match=r"^edge_factor:"):
+        get_predictor("probed", edge_factor=0.5)
+    assert get_predictor("probed", probe={"work_epochs": 3}).probe.work_epochs == 3  # YAML mapping -> dataclass
+
+
+def test_batch_quadratic_is_the_kernel_quadratic_form(frozen):
+    state = frozen.state
+    idx = torch.arange(0, 40, 3)
+    G = torch.randn(len(idx), state.num_classes, dtype=torch.float64)
+    theta = (state.eigvecs * state.eigvals.clamp_min(0)) @ state.eigvecs.T  # Θ_N from its eigenpairs
+    want = float(sum(G[:, c] @ theta[idx][:, idx] @ G[:, c] for c in range(state.num_classes)))
+    assert batch_quadratic(state)(idx, G) == pytest.approx(want, rel=1e-9)
+
+
+def test_scale_interpolates_in_log_effective_lr_and_holds_outside():
+    d = _flat([1.0, 4.0], elrs=(1.0, 4.0))
+    assert float(d.scale_at(0.5, 2.0)) == pytest.approx(2.0)  # geometric midway in log eta
+    assert float(d.scale_at(0.5, 0.1)) == pytest.approx(1.0) and float(d.scale_at(0.5, 100.0)) == pytest.approx(4.0)
+    assert d.scale_at(np.array([0.5, 1.0]), 2.0).shape == (2,)
+
+
+def test_warp_with_scale_one_is_the_frozen_curve_and_scale_two_halves_time(frozen):
+    cfg = SimConfig(lr=0.2 * frozen.max_stable_lr(0.0), loss="mse")
+    (lin,) = simulate(frozen.state, [cfg], 200, SimOptions(method="discrete"))
+    same = warp_result(lin, _flat(1.0), 100)
+    np.testing.assert_allclose(same["loss"], lin.loss[:101], rtol=1e-9)
+    fast = warp_result(lin, _flat(2.0), 100)
+    np.testing.assert_allclose(fast["loss"][:51], lin.loss[:101:2], rtol=1e-9)
+    capped = warp_result(lin, _flat(2.0), 100, cap=1.0)  # the stability cap bounds s
+    np.testing.assert_allclose(capped["loss"], lin.loss[:101], rtol=1e-9)
+
+
+def test_a_probe_is_a_real_run_normalised_at_w0(frozen):
+    state, n = frozen.state, frozen.n
+    run = run_probe(frozen.model, frozen.dataset, state, "ce", 0.0, 1e-12, 6, 32, norm_batches=3)
+    # a step of lr 1e-12 does not move the weights: s stays at the w0 quotient's spread around 1
+    assert len(run.level) == 6 and not run.diverged and run.per_sample_gradients == 32 * 9
+    assert np.all(np.abs(np.log(run.scale)) < 0.5) and run.quotient0 > 0
+    fast = run_probe(frozen.model, frozen.dataset, state, "ce", 0.9, 0.3 * state.max_stable_lr(0.9), 20, 32)
+    assert fast.level[-1] < fast.level[0]  # a real run: the loss falls
+    d = probe_drift(frozen.model, frozen.dataset, state, "ce", 40, ProbeOptions(work_epochs=2, batch_size=32))
+    assert d.per_sample_gradients <= 2 * n and list(d.effective_lrs) == sorted(d.effective_lrs)
+
+
+def test_probed_predicts_every_config_type_with_drift_interval_and_counted_work(frozen):
+    pred = get_predictor("probed", probe=ProbeOptions(work_epochs=2, batch_size=32)).rebind(frozen)
+    before = [p.detach().clone() for p in frozen.model.parameters()]
+    cfgs = [SimConfig(lr=f * frozen.max_stable_lr(m), momentum=m, batch_size=b, loss=loss)
+            for f in (0.2, 0.6, 1.3, 2.5) for m in (0.0, 0.9) for b in (None, 32) for loss in ("mse", "ce")]
+    settings = PredictSettings(sim=SimOptions(paths=2, log_every=5), eps_mode="relative")
+    out = pred.predict(cfgs, budget_steps=40, eps_list=[0.05], settings=settings)
+    assert all(torch.equal(a, b) for a, b in zip(before, frozen.model.parameters()))  # probes train copies
+    for cfg, pc in zip(cfgs, out):
+        f = cfg.lr / frozen.max_stable_lr(cfg.momentum)
+        assert pc.result.config == cfg and pc.result.method.startswith("probed-")
+        # beyond the limit: the catapult phase (m = 0, up to 2x) is predicted at the edge; the rest diverges
+        assert pc.diverged == (f > 2.0 or (f > 1.0 and cfg.momentum > 0)), (cfg, f)
+        for r in pc.rows:
+            assert r["limit_from"] == "class-trace kernel"
+            assert r["extra_gradients"] > 0 and r["elr_over_gd_limit"] == pytest.approx(
+                cfg.effective_lr * (1 + cfg.momentum) / frozen.max_stable_lr(cfg.momentum))
+            if not pc.diverged:
+                assert r["predicted_drift"] > 0
+            if r["predicted_steps"] is not None and not pc.diverged:
+                assert r["predicted_steps_low"] <= r["predicted_steps"] <= r["predicted_steps_high"] <= 40
+    per_loss = out[0].rows[0]["extra_gradients"]
+    assert per_loss <= 2 * frozen.n and pred.work["per_sample_gradients"] == 2 * per_loss  # two losses, counted
+    again = pred.predict(cfgs[:2], budget_steps=40, eps_list=[0.05], settings=settings)  # the probes are shared
+    assert pred.work["per_sample_gradients"] == 2 * per_loss and again[0].rows[0]["extra_gradients"] == per_loss
