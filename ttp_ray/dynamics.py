@@ -1215,6 +1215,7 @@ def _sde_chunk(ctx: _Ctx, basis: _Basis, chunk: list, loss: str, results: dict) 
     d = max(ranks)
     M, w = basis.M[:, :d], basis.w[:d].view(d, 1, 1)
     mask = _mode_mask(ranks, d, dev, dt)  # modes a group does not move keep their coordinates at 0
+    wm = w if mask is None else w * mask  # (d, 1 or S, 1): every per-step factor carries the mask, at no cost
     f0, Y = ctx.f0.view(N, 1, C), ctx.Y.view(N, 1, C)
     G0 = (torch.softmax(ctx.f0, -1) if loss == "ce" else ctx.f0) - ctx.Y  # (N, C) at t = 0
     h = torch.tensor([z["h"] for z in chunk], dtype=dt, device=dev).repeat_interleave(P)
@@ -1233,6 +1234,7 @@ def _sde_chunk(ctx: _Ctx, basis: _Basis, chunk: list, loss: str, results: dict) 
     rescale = opt.noise == "rescaled"
     sq = torch.sqrt(h * temp / N)  # sqrt(h * eta_eff / B_eff) * N^-1/2, (S,)
     hN = (h / N).view(1, S, 1)
+    hNw = hN * wm  # (d, S, 1)
     fast_mse = loss == "mse" and basis.orthonormal
     U0 = None
     if fast_mse and not ct:
@@ -1269,16 +1271,12 @@ def _sde_chunk(ctx: _Ctx, basis: _Basis, chunk: list, loss: str, results: dict) 
                 xi = (nz @ U0).T.unsqueeze(-1)  # (d, P, 1)
             else:
                 xi = _proj(M, nz.T.unsqueeze(-1) * G0.unsqueeze(1), ct) * w  # (d, P, q)
-            drift = hN * w * (A - Pc)
-            noise = (amp.view(1, ng, P, 1) * xi.reshape(d, 1, P, q)).reshape(d, S, q)
-            if mask is not None:
-                drift, noise = drift * mask, noise * mask
-            A = A - drift - noise
+            amp_d = amp.view(1, S, 1) if mask is None else amp.view(1, S, 1) * mask  # (1 or d, S, 1)
+            A.sub_(hNw * (A - Pc)).sub_((amp_d.view(-1, ng, P, 1) * xi.reshape(d, 1, P, q)).reshape(d, S, q))
         else:
             noise_G = (amp.view(1, ng, P, 1) * nz.T.reshape(N, 1, P, 1)) * G0.view(N, 1, 1, C)  # (N, ng, P, C)
             Gt = (F.sub_(lse).exp_() if loss == "ce" else F) - Y
-            step = w * _proj(M, Gt.mul_(hN).add_(noise_G.reshape(N, S, C)), ct)
-            A = A - (step if mask is None else step * mask)
+            A.sub_(wm * _proj(M, Gt.mul_(hN).add_(noise_G.reshape(N, S, C)), ct))
         A.masked_fill_(rec.dead.view(1, S, 1), 0)
     lrec_t, erec_t = rec.host()
     lrec = np.full((n_max + 1, S), np.nan)
