@@ -12,6 +12,18 @@ os.environ["TORCH_HOME"] = str(ROOT / ".pytest_cache" / "torch-home-empty")
 os.environ.setdefault("TTP_RAY_DATA", str(ROOT / ".pytest_cache" / "data-empty"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """``TTP_RAY_TIMEOUT_SCALE=F`` (``make test-stress``) multiplies every test's own time limit by F: on an
+    oversubscribed machine a test still has a limit, one that fits the machine."""
+    scale = float(os.environ.get("TTP_RAY_TIMEOUT_SCALE", "1"))
+    if scale == 1:
+        return
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        if marker is not None and marker.args:
+            item.add_marker(pytest.mark.timeout(float(marker.args[0]) * scale), append=False)  # the closest one
+
+
 @pytest.fixture(scope="session")
 def digits_5to9():
     from ttp_ray.data import load_dataset

@@ -35,6 +35,18 @@ SPEC = {
     "predictor": "frozen",
 }
 RANK_KEYS = ["predicted_cost_s", "predicted_steps", "predicted_final_error"]
+NEW_EPS = [0.03, 0.2]  # not in SPEC: re-timed from the stored curves, and swept fresh to compare
+
+
+def fresh_eps_spec():
+    """SPEC with other eps and relative eps mode, no fine-tunes: what `rank --eps ... --eps-mode relative` on
+    SPEC's output must reproduce."""
+    d = copy.deepcopy(SPEC)
+    d["name"] = "analysis-fresh-eps"
+    d["eps"] = list(NEW_EPS)
+    d["simulation"]["eps_mode"] = "relative"
+    d["ground_truth"] = {"enabled": False}
+    return d
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +60,7 @@ def sweeps(tmp_path_factory):
 
     assert not ray.is_initialized()
     root = tmp_path_factory.mktemp("analysis")
-    out, old = root / "out", root / "old"
+    out, old, fresh = root / "out", root / "old", root / "fresh_eps"
     resumed = {}
     start_local_ray(num_cpus=2, object_store_mb=100)
     try:
@@ -63,9 +75,10 @@ def sweeps(tmp_path_factory):
             resumed["result"] = run_sweep(parse_spec(copy.deepcopy(SPEC)), str(old), progress=False)
         except Exception as exc:  # reported by the resume test only
             resumed["error"] = exc
+        assert run_sweep(parse_spec(fresh_eps_spec()), str(fresh), progress=False).complete
     finally:
         ray.shutdown()
-    return {"out": out, "old": old, **resumed}
+    return {"out": out, "old": old, "fresh_eps": fresh, **resumed}
 
 
 @pytest.fixture(scope="session")
@@ -151,7 +164,7 @@ def test_rank_max_final_error_unranks_bad_models(sweep_out, capsys):
 @pytest.mark.parametrize("args,field", [
     (["--max-final-error", "2"], "max_final_error"),
     (["--criterion", "accuracy"], "criterion"),
-    (["--eps", "0.3"], "eps"),
+    (["--eps", "0"], "eps"),  # a new eps > 0 is re-timed from the stored curves (test_rank_new_eps_...)
     (["--dataset", "cifar10"], "dataset"),
     (["--by", "speed"], "--by"),
     (["--target-error", "2"], "target_error"),
@@ -651,3 +664,91 @@ def test_ranking_metrics_cost_to_target_does_not_depend_on_eps():
     assert to_target.loc[("d1", "mse")].rows == 5 and to_target.loc[("d1", "mse")].spearman == pytest.approx(0.5)
     with pytest.raises(A.AnalysisError, match="objective"):
         A.ranking_metrics(val.drop(columns=["actual_steps_to_target"]), objectives=["cost_to_target"])
+
+
+# ------------------------------------------------------------------- a new eps from the stored curves
+
+def own_t_eps(steps, values, eps, mode):
+    """T_eps by hand (Algorithm 1): the first logged step with |L_t - L_T| < eps (relative: eps (L_0 - L_T))."""
+    v = np.asarray(values, dtype=float)
+    thr = eps if mode == "absolute" else eps * abs(v[0] - v[-1])
+    return int(np.asarray(steps)[np.argmax(np.abs(v - v[-1]) < thr)])
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("criterion", ["loss", "error"])
+def test_rank_new_eps_from_stored_curves_equals_a_fresh_sweep(sweeps, capsys, criterion):
+    """`rank --eps 0.03 --eps 0.2 --eps-mode relative` on SPEC's output (eps 0.01, 0.05, absolute): without
+    --fresh, the T̂ε of every config equal what a fresh sweep with those eps and mode wrote."""
+    out, fresh = sweeps["out"], sweeps["fresh_eps"]
+    code, text, err = run_cli(["rank", str(out), "--eps", "0.03", "--eps", "0.2", "--eps-mode", "relative",
+                               "--criterion", criterion, "--by", "predicted_steps", "--top", "0", "--json"], capsys)
+    assert code == 0, err
+    answers = [json.loads(line) for line in text.strip().splitlines()]
+    assert [a["eps"] for a in answers] == NEW_EPS and all(a["retimed"] and a["eps_mode"] == "relative"
+                                                          for a in answers)
+    swept = read_table(fresh, "predictions").to_pandas()
+    own = read_table(out, "predictions").to_pandas().drop_duplicates("config_id").set_index("config_id")
+    for a in answers:
+        rows = pd.DataFrame(a["ranked"] + a["flagged"]).set_index("config_id").sort_index()
+        want = swept[(swept.criterion == criterion) & np.isclose(swept.eps, a["eps"])].set_index("config_id")
+        want = want.sort_index()
+        assert list(rows.index) == list(want.index) and len(rows) == 24
+        assert rows.predicted_steps.fillna(-1).astype(int).tolist() == want.predicted_steps.fillna(-1).astype(int).tolist()
+        assert np.allclose(rows.predicted_fraction.astype(float), want.predicted_fraction.astype(float), equal_nan=True)
+        steps = rows.predicted_steps.astype(float)  # the cost: T̂ε x this sweep's own measured step time
+        assert np.allclose(rows.predicted_cost_s.astype(float), steps * own.step_time_s.loc[rows.index], equal_nan=True)
+        assert rows.predicted_steps.notna().sum() >= 10  # not a vacuous comparison
+        ranked = pd.DataFrame(a["ranked"])
+        assert list(ranked.predicted_steps) == sorted(ranked.predicted_steps)
+    # the table form says it re-timed, from where
+    code, text, _ = run_cli(["rank", str(out), "--eps", "0.03", "--criterion", criterion], capsys)
+    assert code == 0 and "re-timed from the stored curves" in text and str(out / "curves") in text
+
+
+def test_retime_with_the_sweeps_own_settings_reproduces_its_rows(sweep_out):
+    from ttp_ray import analysis as A
+
+    t = A.load_sweep(sweep_out)
+    settings = A.timing_settings(t.manifest)
+    assert settings == ("absolute", "threshold", 0)
+    pred = A.retime_predictions(t.predictions, t.curves, SPEC["eps"], criteria=SPEC["criteria"], settings=settings)
+    key = ["dataset", "config_id", "criterion", "eps"]
+    got = pred.sort_values(key).reset_index(drop=True)
+    want = t.predictions.sort_values(key).reset_index(drop=True)
+    assert len(got) == len(want) == 24 * 4
+    assert got.predicted_steps.fillna(-1).tolist() == want.predicted_steps.fillna(-1).tolist()
+    assert np.allclose(got.predicted_cost_s.astype(float), want.predicted_cost_s.astype(float), equal_nan=True)
+    gt = A.retime_ground_truth(t.ground_truth, t.curves, SPEC["eps"], criteria=SPEC["criteria"], settings=settings)
+    key = key + ["seed"]
+    got, want = gt.sort_values(key).reset_index(drop=True), t.ground_truth.sort_values(key).reset_index(drop=True)
+    assert len(got) == len(want) > 0
+    assert got.actual_steps.fillna(-1).tolist() == want.actual_steps.fillna(-1).tolist()
+    stored = A.with_timing(t.predictions, t.ground_truth, None, t.manifest, criteria=["loss"], eps=[0.05])
+    assert stored[2] is False and set(stored[0].eps) == {0.05} and set(stored[1].criterion) == {"loss"}
+
+
+@pytest.mark.timeout(240)
+def test_validate_new_eps_retimes_both_sides(sweep_out, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(sweep_out, out)
+    code, text, err = run_cli(["validate", str(out), "--eps", "0.03", "--eps-mode", "relative", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(text)["retimed"] is True
+    val = pd.read_parquet(out / "validation.parquet")
+    assert set(val.eps) == {0.03} and set(val.eps_mode) == {"relative"} and set(val.criterion) == {"loss", "error"}
+    curves = read_table(out, "curves").to_pandas()
+    checked = 0
+    for r in val.itertuples():
+        for source, col, seed in (("actual", "actual_steps", r.seed), ("predicted", "predicted_steps", None)):
+            c = curves[(curves.config_id == r.config_id) & (curves.source == source)]
+            c = (c[c.seed == seed] if seed is not None else c).sort_values("step")
+            diverged = r.actual_diverged if source == "actual" else r.predicted_diverged
+            if diverged:
+                assert pd.isna(getattr(r, col))
+                continue
+            assert getattr(r, col) == own_t_eps(c.step, c[r.criterion], 0.03, "relative"), (r.config_id, source)
+            checked += 1
+    assert checked >= 8
+    code, _, err = run_cli(["validate", str(out), "--eps", "-1"], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: eps:"), err

@@ -146,3 +146,23 @@ def test_accuracy_report_ranks_each_slice(monkeypatch):
     rho = 1 - 6 * 2 / (8 * 63)
     assert f"| d / b / mse / loss / 0.05 | 8 | 1/0 | {rho:.2f} | 1.00 | yes | GD m=0 0.05x | GD m=0 0.05x |" in body
     assert f"Over 1 slices: median ρ {rho:.2f}, min ρ {rho:.2f}; top-1 regret mean 1.00, max 1.00" in body
+
+
+def test_profile_attributes_a_small_sweep(tmp_path, monkeypatch):
+    import sweep_profile
+
+    from ttp_ray.sweep.spec import parse_spec
+
+    spec = parse_spec({"name": "p", "model": "digits-cnn", "datasets": ["digits-5to9:subset=60"], "losses": ["mse", "ce"],
+                       "lr": {"fraction_of_max_stable": [0.1, 0.5]}, "batch_size": ["full", 16],
+                       "budget": {"steps": 20}, "kernel": {"k": 64},
+                       "simulation": {"momentum_mode": "heavy_ball", "paths": 2, "log_every": 5}})
+    with sweep_profile.cold_step_times():
+        fig = sweep_profile.profile_work(spec)
+    assert fig["configs"] == 8
+    phases, inside = fig["phases"], fig["inside shards"]
+    assert all(v >= 0 for v in phases.values()) and phases["shards (predict_shard)"] > 0
+    for part in ("simulator: discrete GD, mse (closed form)", "simulator: discrete GD, ce", "simulator: minibatch SGD",
+                 "T̂ε rows", "step-time measurement"):
+        assert inside[part] > 0, part
+    assert sum(inside.values()) <= phases["shards (predict_shard)"] * 1.05

@@ -279,6 +279,31 @@ def test_divergence_flags_and_no_nan():
     assert simulate(st, [SimConfig(0.1, 0.5)], 1)[0].max_stable_lr == pytest.approx(3 * st.n / st.lambda_max)
 
 
+def test_sgd_far_beyond_the_limit_is_reported_diverging_without_simulation():
+    """The sde's substep count grows with lr; beyond SDE_SKIP_FACTOR x the limit nothing is simulated (no int64
+    overflow at lr 1e6 and above), and configs inside the limit come out exactly as without those configs."""
+    from ttp_ray.dynamics import SDE_SKIP_FACTOR
+
+    st, _ = make_state(N=30, k=12)
+    ms = st.max_stable_lr()
+    far = [SimConfig(100 * ms, 0.0, 5, "mse"), SimConfig(100 * ms, 0.0, 5, "ce"), SimConfig(1e6, 0.0, 5),
+           SimConfig(1e12, 0.0, 8, "ce"), SimConfig(1e300, 0.0, 5)]
+    opts = SimOptions(method="sde", paths=3, log_every=5)
+    res = simulate(st, far, 100000, opts)  # a budget an sde at these lrs could never step through
+    finite(res)
+    for r in res:
+        assert r.diverged and not r.blew_up and list(r.steps) == [0] and r.seconds == 0.0 and r.group == -1
+        assert f"beyond {SDE_SKIP_FACTOR:g} x max_stable_lr: reported diverging, not simulated" in r.note
+    assert res[0].loss[0] == pytest.approx(float(loss_value(st.f0, st.targets, "mse")))
+    inside = [SimConfig(f * ms, 0.0, 5, loss) for f in (0.3, 1.5) for loss in ("mse", "ce")]
+    alone = simulate(st, inside, 40, opts)
+    mixed = simulate(st, inside + far, 40, opts)[:len(inside)]
+    for a, b in zip(alone, mixed):
+        assert np.array_equal(a.steps, b.steps) and np.array_equal(a.loss, b.loss) and a.note == b.note
+        assert np.array_equal(a.error, b.error) and np.array_equal(a.loss_spread, b.loss_spread)
+    assert not alone[0].diverged and alone[2].diverged and not alone[2].note.endswith("not simulated")
+
+
 def test_elr_fallback_to_heavy_ball():
     st, _ = make_state(N=30, k=12)
     c = SimConfig(1.0 * st.n / st.lambda_max, 0.9)  # eta_eff lambda/N = 10: ELR map unstable, heavy ball stable
@@ -387,3 +412,38 @@ def test_memory_cap_budget_zero_and_no_error():
                 assert np.allclose(a.loss, b.loss, rtol=1e-9, atol=1e-12) and np.array_equal(a.error, b.error)
                 assert c.error is None and c.error_spread is None and np.allclose(a.loss, c.loss, rtol=1e-9, atol=1e-12)
                 assert z.steps.tolist() == [0] and z.loss[0] == pytest.approx(a.loss[0])
+
+
+# ------------------------------------------------------------------------------- moving modes, dtype
+
+
+def test_modes_that_do_not_move_keep_their_start_and_batching_stays_invisible():
+    """``mode_tol``: a mode with eta_eff lambda_k T / N below it keeps its coordinate at 0; each config keeps
+    its own modes, so a config simulated alone or beside others (wider chunks) gives the same curve."""
+    import ttp_ray.dynamics as dyn
+
+    st, _ = make_state(N=40, C=3, k=30, class_trace=True, seed=12)
+    lam = st.eigvals.clone()
+    st.eigvals = lam * torch.logspace(0, -6, lam.numel(), dtype=torch.float64)  # a steep spectrum
+    ms = st.max_stable_lr()
+    cfgs = [SimConfig(f * ms, m, b, loss) for f in (0.01, 0.5) for m in (0.0, 0.5) for b in (None, 5)
+            for loss in ("mse", "ce")]
+    tol = 1e-3
+    T = 30
+    for method in ("auto", "minibatch", "sde"):
+        kept = simulate(st, cfgs, T, SimOptions(method=method, paths=2, mode_tol=tol))
+        every = simulate(st, cfgs, T, SimOptions(method=method, paths=2, mode_tol=0))
+        finite(kept)
+        for c, a, b in zip(cfgs, kept, every):
+            alone = simulate(st, [c], T, SimOptions(method=method, paths=2, mode_tol=tol))[0]
+            assert np.allclose(alone.loss, a.loss, rtol=1e-9, atol=1e-12), (method, c)
+            drop = abs(b.loss[0] - b.loss[-1]) + 1e-12
+            assert np.max(np.abs(a.loss - b.loss)) < 5 * tol * max(b.loss[0], drop), (method, c)
+    # the small-lr configs move fewer modes than the state has
+    small = dyn.resolve_plan(cfgs[0], SimOptions(), st.n, st.lambda_max).eta_eff
+    ctx = dyn._Ctx(st, SimOptions(mode_tol=tol), logged_steps(T))
+    assert 1 <= dyn._moving_modes(ctx, ctx.eig64.w, small, True) < st.eigvals.numel()
+    ctx0 = dyn._Ctx(st, SimOptions(mode_tol=0), logged_steps(T))
+    assert dyn._moving_modes(ctx0, ctx0.eig64.w, small, True) == st.eigvals.numel()
+    with pytest.raises(ValueError, match="mode_tol"):
+        SimOptions(mode_tol=-1)

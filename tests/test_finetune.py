@@ -73,6 +73,48 @@ def test_config_validation(kw, field):
         FinetuneConfig(lr=0.1, batch_size=101).validate(100)
 
 
+def test_step_time_timed_on_a_capped_batch_scaled_and_cached(digits_5to9, tmp_path, monkeypatch):
+    import ttp_ray.step_time as st
+
+    monkeypatch.setenv("TTP_RAY_CACHE", str(tmp_path))
+    calls = []
+
+    def fake(model, dataset, batch_size, loss, *, device, steps, trainable):
+        calls.append((batch_size, loss, steps))
+        return 0.01
+
+    monkeypatch.setattr(st, "measure_step_time", fake)
+    model = build_finetune_model("digits-cnn", 5)
+    n = len(digits_5to9)
+    assert st.step_time(model, digits_5to9, None, "ce") == pytest.approx(0.01 * n / st.STEP_TIME_MAX_BATCH)
+    assert calls == [(st.STEP_TIME_MAX_BATCH, "ce", st.STEP_TIME_STEPS)]
+    assert st.step_time(model, digits_5to9, None, "ce") == pytest.approx(0.01 * n / st.STEP_TIME_MAX_BATCH)
+    assert st.step_time(model, digits_5to9, 600, "ce") == pytest.approx(0.01 * 600 / st.STEP_TIME_MAX_BATCH)
+    assert len(calls) == 1  # the same timed batch: read from the disk cache
+    assert st.step_time(model, digits_5to9, 64, "ce") == pytest.approx(0.01)
+    assert calls[-1] == (64, "ce", st.STEP_TIME_STEPS) and len(calls) == 2
+    files = sorted((tmp_path / "kernels" / "step-times").glob("*.json"))
+    assert len(files) == 2
+    for f in files:
+        f.write_text("{not json")  # a file that cannot be read is measured again
+    st.step_time(model, digits_5to9, 64, "ce")
+    assert len(calls) == 3
+    st.step_time(model, digits_5to9, 64, "ce", cache=False)
+    assert len(calls) == 4
+    other = build_finetune_model("digits-cnn", 5, head_seed=1)  # other weights: another key
+    st.step_time(other, digits_5to9, 64, "ce")
+    assert len(calls) == 5
+
+
+def test_step_time_measures_for_real(digits_5to9, tmp_path, monkeypatch):
+    from ttp_ray.step_time import step_time
+
+    monkeypatch.setenv("TTP_RAY_CACHE", str(tmp_path))
+    model = build_finetune_model("digits-cnn", 5)
+    t = step_time(model, digits_5to9, 32, "mse", max_batch=16, steps=1)
+    assert t > 0 and step_time(model, digits_5to9, 32, "mse", max_batch=16, steps=1) == t
+
+
 @pytest.mark.parametrize("batch_size", [32, None])
 def test_resume_from_a_snapshot_continues_the_same_run(digits_5to9, tmp_path, batch_size):
     """A snapshot taken at a logged step, saved with torch.save and read back with weights_only=True, resumes the

@@ -124,3 +124,26 @@ def test_cli_predict_matches_finetune_fields(capsys):
 def test_cli_predict_bad_options(capsys, args, field):
     code, _, err = run_cli(["predict", "--lr", "0.01", "--steps", "5"] + args, capsys)
     assert code == 2 and err.count("\n") == 1 and field in err
+
+
+def test_float32_steps_give_the_training_times_of_float64(digits_5to9):
+    """The stepped methods run in the state's float32 outputs by default: on an embedded state (default kernel)
+    their T_eps equal float64's within 1 % (the same minibatches and the same noise draws), loss curves to 1e-4."""
+    from ttp_ray.dynamics import simulate
+
+    prep = load_state("digits-cnn", digits_5to9.subset(300, seed=0), KernelOptions())
+    state = prep.state
+    assert state.f0.dtype == torch.float32
+    limit = state.max_stable_lr
+    cfgs = [SimConfig(lr=f * limit(m), momentum=m, batch_size=b, loss=loss)
+            for loss in ("mse", "ce") for m in (0.0, 0.9) for b in (None, 64) for f in (0.05, 0.6)]
+    for method in ("auto", "minibatch", "sde"):
+        got = {dt: simulate(state, cfgs, T, SimOptions(method=method, paths=3, log_every=3, dtype=dt))
+               for dt in (torch.float32, torch.float64)}
+        for c, a, b in zip(cfgs, got[torch.float32], got[torch.float64]):
+            assert a.method == b.method and a.diverged == b.diverged
+            assert np.max(np.abs(a.loss - b.loss) / np.abs(b.loss)) < 1e-4, (method, c)
+            times = [curve_training_times(r.steps, {"loss": r.loss, "error": r.error}, [0.05, 0.01], budget=T,
+                                          eps_mode="relative") for r in (a, b)]
+            for x, y in zip(*times):
+                assert abs(x["steps"] - y["steps"]) <= 0.01 * y["steps"], (method, c, x, y)

@@ -62,6 +62,31 @@ def _selection_options(f):
     return f
 
 
+def _timing_options(f):
+    """``--criterion``, ``--eps`` (repeatable), ``--eps-mode``: T_eps for any of them, re-timed from the stored
+    curves when the sweep did not use them (``ttp_ray.analysis.retime``)."""
+    opts = [
+        click.option("--criterion", type=click.Choice(["loss", "error"]), default=None,
+                     help="T_eps of the loss or the error curve [default: the spec's first criterion]."),
+        click.option("--eps", type=float, multiple=True,
+                     help="Threshold eps, repeatable [default: the spec's first]. A value (or --eps-mode, "
+                          "--criterion) the sweep did not use is read off the stored curves (OUT/curves): no "
+                          "re-run, no --fresh."),
+        click.option("--eps-mode", type=click.Choice(["absolute", "relative"]), default=None,
+                     help="absolute: |L_t - L_T| < eps; relative: < eps x (L_0 - L_T) [default: the sweep's]."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _retimed_line(A, t, criteria, eps_values, eps_mode) -> str:
+    own_mode = A.timing_settings(t.manifest)[0]
+    return (f"T̂ε re-timed from the stored curves ({t.root}/curves): criterion {', '.join(criteria)}, eps "
+            f"{', '.join(f'{e:g}' for e in eps_values)} ({eps_mode or own_mode}); the sweep wrote eps "
+            f"{', '.join(f'{e:g}' for e in sorted(set(t.predictions.eps)))} ({own_mode})")
+
+
 def _targets_line(ranked) -> str:
     """``target (criterion): dataset/loss value (rule), ...`` of the rows of a cost-to-target ranking."""
     t = ranked[["dataset", "loss", "criterion", "target", "target_rule"]].drop_duplicates(["dataset", "loss"])
@@ -88,24 +113,41 @@ def _targets_line(ranked) -> str:
               help="Show the N best configs and at most N flagged ones (0: all).")
 @click.option("--max-final-error", type=float, default=None,
               help="Do not rank configs whose predicted final error is above this fraction (flagged instead).")
-@_selection_options
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: every ranked (top N) and "
+@_timing_options
+@click.option("--dataset", "datasets", multiple=True, help="Only this dataset label (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per eps: every ranked (top N) and "
                                                        "every flagged row (--pareto: every front row).")
-def rank(out, by, target_error, target_loss, pareto, top, max_final_error, criterion, eps, datasets, as_json) -> None:
+def rank(out, by, target_error, target_loss, pareto, top, max_final_error, criterion, eps, eps_mode, datasets,
+         as_json) -> None:
     """Rank a sweep's configs (OUT: the --out of `ttp-ray sweep`) by predicted cost to a common target;
-    configs that never reach it and diverging ones are listed after the ranked ones, flagged."""
-    import pandas as pd
-
+    configs that never reach it and diverging ones are listed after the ranked ones, flagged. One ranking per
+    --eps."""
     from . import analysis as A
 
     needs_curves = by in A.TARGET_RANK_KEYS or pareto or target_error is not None or target_loss is not None
-    t = A.load_sweep(out, tables=("predictions", "curves") if needs_curves else ("predictions",))
+    asked = bool(eps) or eps_mode is not None or criterion is not None
+    t = A.load_sweep(out, tables=("predictions", "curves") if needs_curves or asked else ("predictions",))
     pred = A.select(t.predictions, datasets=datasets or None)
     dflt = A.default_selection(pred, t.manifest)
     criterion = criterion or dflt[0]
-    eps = dflt[1] if eps is None else eps
-    ranked = A.rank(pred, by, curves=t.curves if needs_curves else None, target_error=target_error,
+    eps_values = [float(e) for e in eps] or [dflt[1]]
+    pred, _, retimed = A.with_timing(pred, None, t.curves if asked else None, t.manifest, criteria=[criterion],
+                                     eps=eps_values, eps_mode=eps_mode)
+    notes = [_retimed_line(A, t, [criterion], eps_values, eps_mode)] if retimed else []
+    for value in eps_values:
+        _rank_one(A, t, pred, out, by=by, target_error=target_error, target_loss=target_loss, pareto=pareto, top=top,
+                  max_final_error=max_final_error, criterion=criterion, eps=value, curves=needs_curves,
+                  as_json=as_json, notes=notes, retimed=retimed)
+
+
+def _rank_one(A, t, pred, out, *, by, target_error, target_loss, pareto, top, max_final_error, criterion, eps, curves,
+              as_json, notes, retimed) -> None:
+    """One ranking of ``rank``: the rows of (criterion, eps)."""
+    import pandas as pd
+
+    ranked = A.rank(pred, by, curves=t.curves if curves else None, target_error=target_error,
                     target_loss=target_loss, criterion=criterion, eps=eps, max_final_error=max_final_error)
+    eps_mode = str(ranked.eps_mode.iloc[0]) if len(ranked) and "eps_mode" in ranked.columns else None
     to_target = "predicted_cost_to_target_s" in ranked.columns
     good, flagged = ranked[ranked["rank"].notna()], ranked[ranked["rank"].isna()]
     counts = {k: int(v) for k, v in ranked.flag.replace("", "ranked").value_counts().items()}
@@ -123,22 +165,24 @@ def rank(out, by, target_error, target_loss, pareto, top, max_final_error, crite
         front = A.pareto_front(ranked)
         if as_json:
             click.echo(json.dumps(A.to_jsonable({
-                "out": str(out), "by": by, "criterion": criterion, "eps": eps, "pareto": True,
-                "datasets": sorted(set(pred.dataset)), "front": front[cols + ["pareto_cost_s"]]})))
+                "out": str(out), "by": by, "criterion": criterion, "eps": eps, "eps_mode": eps_mode,
+                "retimed": retimed, "pareto": True, "datasets": sorted(set(pred.dataset)),
+                "front": front[cols + ["pareto_cost_s"]]})))
             return
         title = (f"Pareto front of {len(ranked)} configs of {out} per (dataset, loss): {len(front)} not dominated in "
                  f"(cost to target or to their plateau, predicted final error); criterion {criterion}, eps {eps:g}")
         frame = A.rank_display(front)
         frame.insert(list(frame.columns).index("cost to target (s)"), "front cost (s)",
                      [A.fmt(v, ".3g") for v in front.pareto_cost_s])
-        _echo(_table(title, frame.drop(columns=["T̂ε"])), _targets_line(ranked),
+        _echo(_table(title, frame.drop(columns=["T̂ε"])), _targets_line(ranked), *notes,
               "front cost = cost to target, or to the config's own plateau (T̂ε x step time) when it never reaches "
               "it, or the whole budget x step time when neither; " + note)
         return
     if as_json:
         click.echo(json.dumps(A.to_jsonable({
-            "out": str(out), "by": by, "criterion": criterion, "eps": eps, "datasets": sorted(set(pred.dataset)),
-            "counts": counts, "ranked": shown[cols], "flagged": flagged[cols]})))
+            "out": str(out), "by": by, "criterion": criterion, "eps": eps, "eps_mode": eps_mode, "retimed": retimed,
+            "datasets": sorted(set(pred.dataset)), "counts": counts, "ranked": shown[cols],
+            "flagged": flagged[cols]})))
         return
     show_flagged = flagged if not top else flagged.head(top)
     title = (f"{len(ranked)} configs of {out} ranked by {by} (ascending); criterion {criterion}, eps {eps:g}: "
@@ -152,7 +196,7 @@ def rank(out, by, target_error, target_loss, pareto, top, max_final_error, crite
     _echo(_table(title, frame, sections=(len(shown),) if len(shown) and len(show_flagged) else ()),
           *([_targets_line(ranked)] if to_target else []),
           *([f"(not shown: {hidden[0]} ranked, {hidden[1]} flagged; --top 0 shows all)"] if any(hidden) else []),
-          f"{cost}; {note}")
+          *notes, f"{cost}; {note}")
 
 
 @click.command()
@@ -161,19 +205,28 @@ def rank(out, by, target_error, target_loss, pareto, top, max_final_error, crite
               help="Target error rate for the cost-to-target ranking [default: derived per (dataset, loss)].")
 @click.option("--target-loss", type=float, default=None,
               help="Target loss for the cost-to-target ranking [default: derived per (dataset, loss)].")
+@_timing_options
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
-def validate(out, target_error, target_loss, as_json) -> None:
+def validate(out, target_error, target_loss, criterion, eps, eps_mode, as_json) -> None:
     """Compare predicted with real T_eps (the sweep's ground truth): writes OUT/validation.parquet and
     prints the relative error |T_hat - T| / T (mean, median) and Pearson r, overall and per
     (dataset, loss, GD/SGD); then how well the predicted costs rank the fine-tuned configs (Spearman rho,
     top-1 regret, top-3 hit) per (dataset, model, loss, criterion, eps), for the cost to a common target and
-    for T_eps x step time."""
+    for T_eps x step time. --eps / --eps-mode / --criterion: the comparison for those, both sides re-timed from
+    the stored curves when the sweep did not use them [default: every criterion and eps of the sweep]."""
     import pandas as pd
 
     from . import analysis as A
 
     t = A.load_sweep(out, tables=("predictions", "ground_truth", "curves"))
-    val = A.validation_table(t.predictions, t.ground_truth, t.curves if len(t.curves) else None,
+    pred, gt, retimed = t.predictions, t.ground_truth, False
+    if eps or eps_mode is not None or criterion is not None:
+        if gt.empty:
+            A.validation_table(pred, gt)  # no ground truth: its one-line error
+        pred, gt, retimed = A.with_timing(pred, gt, t.curves, t.manifest, criteria=[criterion] if criterion else None,
+                                          eps=eps or None, eps_mode=eps_mode)
+    notes = [_retimed_line(A, t, sorted(set(pred.criterion)), sorted(set(pred.eps)), eps_mode)] if retimed else []
+    val = A.validation_table(pred, gt, t.curves if len(t.curves) else None,
                              target_error=target_error,
                              target_loss=target_loss)
     path = A.write_validation(val, t.root)
@@ -181,7 +234,7 @@ def validate(out, target_error, target_loss, as_json) -> None:
     rk = A.ranking_metrics(val)
     summary = A.ranking_summary(rk)
     if as_json:
-        click.echo(json.dumps(A.to_jsonable({"out": str(out), "validation": str(path), **m,
+        click.echo(json.dumps(A.to_jsonable({"out": str(out), "validation": str(path), "retimed": retimed, **m,
                                              "ranking": {"groups": rk, "summary": summary}})))
         return
 
@@ -197,7 +250,7 @@ def validate(out, target_error, target_loss, as_json) -> None:
     title = (f"predicted vs real T_eps in {out}: {o['rows']} ground-truth rows of {o['configs']} configs, "
              f"{o['compared']} compared (status: " + ", ".join(f"{k} {v}" for k, v in m["status"].items()) + ")")
     _echo(_table(title, pd.DataFrame(rows), sections=(1, 1 + len(m["slices"]))),
-          f"wrote {path} (one row per config, criterion, eps and seed)", "",
+          f"wrote {path} (one row per config, criterion, eps and seed)", *notes, "",
           _table("ranking of the fine-tuned configs by predicted cost (objective: cost_to_target = steps to the "
                  "common target x step time; cost = T_eps x step time)", _ranking_frame(A, rk)),
           *_ranking_summary_lines(A, summary),

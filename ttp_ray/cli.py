@@ -1,18 +1,24 @@
 """The ``ttp-ray`` command line: a thin click layer over the core.
 
 Bad input ends in one line ``error: <field>: <what is allowed>`` on stderr and exit code 2, never a
-traceback.
+traceback. Importing this module imports neither torch nor Ray (nor pandas): every command imports the core
+when it runs, and the commands whose options are read from the core (``predict``) or live in a module that
+needs pandas (``rank``, ``validate``, ``plot``) are built on first use (:class:`LazyGroup`), so ``ttp-ray
+--help`` and ``ttp-ray sweep SPEC --dry-run`` pay only for what they use.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
-from typing import Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import click
 
-__all__ = ["main", "cli", "InputError"]
+from .preflight import DEFAULT_MAX_CLASSES, DEFAULT_MAX_MEMORY_GB
+
+__all__ = ["main", "cli", "InputError", "LazyGroup"]
 
 
 class InputError(ValueError):
@@ -20,12 +26,8 @@ class InputError(ValueError):
 
 
 def _user_errors():
-    from .data import DatasetError
-    from .models import ModelError
-
-    from .sweep.spec import SpecError
-
-    return (InputError, DatasetError, ModelError, SpecError, ValueError)
+    # DatasetError, ModelError, SpecError and AnalysisError are ValueErrors: nothing to import for them here
+    return (InputError, ValueError)
 
 
 def _fail(msg: str) -> None:
@@ -35,9 +37,17 @@ def _fail(msg: str) -> None:
 
 def main(argv=None) -> None:
     """Entry point: runs the click group and turns user errors into one line, exit code 2."""
+    from .interrupts import INTERRUPTED_MESSAGE, Interrupted
+
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         cli.main(args=argv, prog_name="ttp-ray", standalone_mode=False)
+    except Interrupted as exc:  # a sweep stopped by SIGINT / SIGTERM: its parts are on disk, Ray is shut down
+        click.echo(INTERRUPTED_MESSAGE, err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # nothing is left to do: skip the interpreter's teardown (torch's and Ray's threads take seconds more)
+        os._exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -46,7 +56,7 @@ def main(argv=None) -> None:
     except _user_errors() as exc:
         _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     except KeyboardInterrupt:
-        click.echo("interrupted: results written so far are kept", err=True)
+        click.echo(INTERRUPTED_MESSAGE, err=True)
         sys.exit(130)
 
 
@@ -66,7 +76,44 @@ class BatchSize(click.ParamType):
             self.fail(f"{value!r} is not an integer or 'full'", param, ctx)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A click group with commands built on first use: ``lazy[name] = (build, summary)``, where ``build()``
+    returns the command (importing what it needs) and ``summary`` is the first paragraph of its help, which the
+    group's ``--help`` shortens as click does, without building it (tests/test_cli.py checks it against the
+    built command's help)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy: Dict[str, Tuple[Callable[[], click.Command], str]] = {}
+
+    def add_lazy_command(self, name: str, build: Callable[[], click.Command], short_help: str) -> None:
+        self.lazy[name] = (build, short_help)
+
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx, name):
+        if name not in self.commands and name in self.lazy:
+            self.add_command(self.lazy[name][0](), name)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx, formatter) -> None:
+        names = self.list_commands(ctx)
+        if not names:
+            return
+        limit = formatter.width - 6 - max(len(n) for n in names)
+        rows = []
+        for name in names:
+            cmd = self.commands.get(name)
+            if cmd is None:
+                rows.append((name, click.Command(name, help=self.lazy[name][1]).get_short_help_str(limit)))
+            elif not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ttp-ray")
 def cli() -> None:
     """Predict how many SGD steps fine-tuning will take, without training (Zancato et al. 2020)."""
@@ -90,9 +137,24 @@ def models() -> None:
         click.echo(f"{name:26s} {desc}")
 
 
+def with_progress(f):
+    """A ``--quiet`` flag, and the command run with progress (with ETA, on stderr) unless it is given: the
+    core's long work (pre-training, kernel, step time, simulations, fine-tuning) reports to it."""
+    @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr (results on stdout are the same).")
+    @functools.wraps(f)
+    def run(*args, quiet: bool, **kw):
+        from .progress import Progress, using
+
+        with using(Progress(enabled=not quiet)):
+            return f(*args, **kw)
+
+    return run
+
+
 @cli.command()
 @click.option("--model", "names", multiple=True, default=("digits-cnn", "digits-resnet"), show_default=True,
               help="Embedded backbone(s) to (re)build.")
+@with_progress
 def pretrain(names) -> None:
     """Rebuild the embedded backbones on digits-0to4 (deterministic) and report their accuracy."""
     from .models import load_pretrained_digits
@@ -100,7 +162,7 @@ def pretrain(names) -> None:
     for name in names:
         if name not in ("digits-cnn", "digits-resnet"):
             raise InputError(f"model: {name!r} is not pre-trained by ttp-ray; allowed: digits-cnn, digits-resnet")
-        _, rep = load_pretrained_digits(name, rebuild=True, verbose=True)
+        _, rep = load_pretrained_digits(name, rebuild=True)
         click.echo(f"{name}: train accuracy {rep['train_accuracy']:.4f}, held-out accuracy "
                    f"{rep['holdout_accuracy']:.4f}, {rep['seconds']:.1f} s, recipe {rep['recipe']}")
 
@@ -138,6 +200,11 @@ def common_run_options(f):
         click.option("--head-seed", type=int, default=0, show_default=True, help="Seed of the new linear head."),
         click.option("--trainable", type=click.Choice(["all", "head"]), default="all", show_default=True),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
+        click.option("--max-classes", type=click.IntRange(min=1), default=DEFAULT_MAX_CLASSES, show_default=True,
+                     help="Refuse a dataset with more classes (the new head's outputs)."),
+        click.option("--max-memory-gb", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_MEMORY_GB,
+                     show_default=True, help="Refuse a run whose estimated memory (kernel N x k, simulation paths x N "
+                                             "x C, per-step records) exceeds this many GB."),
         click.option("--download", is_flag=True, help="Allow downloading missing datasets/weights."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
     ]
@@ -148,11 +215,16 @@ def common_run_options(f):
 
 def _validate_common(kw, n: Optional[int] = None) -> None:
     from .finetune import FinetuneConfig
+    from .preflight import check_device, check_lr
 
     if (kw["lr"] is None) == (kw["lr_fraction"] is None):
         raise InputError("lr: give exactly one of --lr (absolute) or --lr-fraction (of max_stable_lr)")
     if kw["lr_fraction"] is not None and not kw["lr_fraction"] > 0:
         raise InputError(f"lr_fraction: must be > 0 (a fraction of max_stable_lr), got {kw['lr_fraction']}")
+    for name in ("lr", "lr_fraction"):
+        if kw[name] is not None:
+            check_lr(kw[name], name)
+    check_device(kw["device"])
     if any(e <= 0 for e in kw["eps_list"]):
         raise InputError(f"eps: every value must be > 0, got {', '.join(map(str, kw['eps_list']))}")
     if kw["subset"] is not None and kw["subset"] <= 0:
@@ -169,21 +241,52 @@ def _adapt_options(kw):
     return AdaptOptions(adapt=not kw["no_adapt"], size=kw["input_size"], channels=kw["input_channels"])
 
 
+def _limits(kw):
+    from .preflight import ResourceLimits
+
+    return ResourceLimits(max_memory_gb=kw["max_memory_gb"], max_classes=kw["max_classes"])
+
+
 def _load_dataset(kw):
-    """The dataset as the backbone takes it (user images adapted to its input; a mismatch: one line)."""
+    """The dataset as the backbone takes it (user images adapted to its input; a mismatch: one line), checked by
+    the preflight (:mod:`ttp_ray.preflight`: labels, classes, readable images) and the backbone built and run on it."""
     from .models import load_dataset_for_model
+    from .preflight import check_dataset, check_dataset_ref, check_model
 
     _validate_common(kw)
+    check_dataset_ref(kw["dataset"], _limits(kw))
     ds = load_dataset_for_model(kw["dataset"], kw["model"], adapt=_adapt_options(kw), subset=kw["subset"],
                                 download=kw["download"])
+    check_dataset(ds, _limits(kw), ref=kw["dataset"])
     _validate_common(kw, len(ds))
+    check_model(kw["model"], ds, allow_download=kw["download"])
     return ds
 
 
+def _check_memory(kw, ds, kernel=None, sim=None, finetune=None) -> None:
+    """The run's estimated memory against ``--max-memory-gb`` (:func:`ttp_ray.preflight.memory_estimate`)."""
+    from .preflight import check_memory, memory_estimate
+
+    est = memory_estimate(len(ds), int(ds.num_classes), fields={"k": "k", "steps": "steps", "paths": "paths"},
+                          kernel=kernel, sim=sim, budget_steps=kw["steps"], n_configs=1, max_batch=kw["batch_size"],
+                          finetune=finetune)
+    check_memory(est, _limits(kw))
+
+
 def _load_inputs(kw):
+    from .finetune import FinetuneConfig
     from .models import build_finetune_model
 
     ds = _load_dataset(kw)
+    lr = kw["lr"] if kw["lr"] is not None else 1.0
+    cfg = FinetuneConfig(lr=lr, momentum=kw["momentum"], batch_size=kw["batch_size"], loss=kw["loss"],
+                         steps=kw["steps"], seed=kw["seed"], log_every=kw["log_every"], trainable=kw["trainable"])
+    kernel = None
+    if kw["lr_fraction"] is not None:  # the default predictor's kernel gives the limit (_finetune_lr)
+        from .kernel import KernelOptions
+
+        kernel = KernelOptions()
+    _check_memory(kw, ds, kernel=kernel, finetune=cfg)
     model = build_finetune_model(kw["model"], ds.num_classes, kw["head_seed"], allow_download=kw["download"])
     return ds, model
 
@@ -212,6 +315,7 @@ def _curve_rows(steps, curves, kw, diverged):
 
 @cli.command()
 @common_run_options
+@with_progress
 def finetune(**kw) -> None:
     """Fine-tune for real (ground truth): full-set loss/error curve, T_eps, step time."""
     from .finetune import FinetuneConfig, finetune as run_finetune
@@ -334,16 +438,13 @@ def _chosen_predictor(kw):
     return get_predictor(name, **options), notes
 
 
-@cli.command()
-@common_run_options
-@prediction_options
 def predict(**kw) -> None:
     """Predict the loss/error curve and T_eps without training (Algorithm 1); --validate trains too."""
     from .dynamics import SimConfig, SimOptions
-    from .finetune import measure_step_time
     from .kernel import KernelOptions
     from .predict import PredictSettings
     from .predictors import PredictionInputs
+    from .step_time import step_time as cached_step_time
 
     if kw["paths"] <= 0:
         raise InputError(f"paths: must be a positive integer, got {kw['paths']}")
@@ -356,19 +457,25 @@ def predict(**kw) -> None:
         class_trace = False if predictor.needs_full_kernel else KernelOptions().class_trace
     kopt = KernelOptions(method=kw["kernel_method"], projection=kw["projection"], k=kw["sketch_k"],
                          class_trace=class_trace, seed=kw["kernel_seed"])
+    sim = SimOptions(method=kw["method"], momentum_mode=kw["momentum_mode"], noise=kw["noise"], paths=kw["paths"],
+                     seed=kw["seed"], log_every=kw["log_every"])
+    if kw["validate"]:
+        from .finetune import FinetuneConfig
+
+        tuned = FinetuneConfig(lr=kw["lr"] or 1.0, momentum=kw["momentum"], batch_size=kw["batch_size"],
+                               loss=kw["loss"], steps=kw["steps"], log_every=kw["log_every"])
+    _check_memory(kw, ds, kernel=kopt, sim=sim, finetune=tuned if kw["validate"] else None)
     prepared = predictor.prepare(PredictionInputs(model=kw["model"], dataset=ds, kernel=kopt, head_seed=kw["head_seed"],
                                                   trainable=kw["trainable"], device=kw["device"],
                                                   cache=not kw["no_cache"], allow_download=kw["download"]))
     if kw["lr_fraction"] is not None:  # of this kernel's limit; --validate fine-tunes at the same lr
         kw["lr"] = kw["lr_fraction"] * prepared.max_stable_lr(kw["momentum"])
     cfg = SimConfig(lr=kw["lr"], momentum=kw["momentum"], batch_size=kw["batch_size"], loss=kw["loss"])
-    sim = SimOptions(method=kw["method"], momentum_mode=kw["momentum_mode"], noise=kw["noise"], paths=kw["paths"],
-                     seed=kw["seed"], log_every=kw["log_every"])
     settings = PredictSettings(sim=sim, eps_mode=kw["eps_mode"])
     (pred,) = prepared.predict([cfg], budget_steps=kw["steps"], eps_list=kw["eps_list"], settings=settings)
     res = pred.result
-    step_time = measure_step_time(prepared.model, ds, kw["batch_size"], kw["loss"], device=kw["device"],
-                                  trainable=kw["trainable"])
+    step_time = cached_step_time(prepared.model, ds, kw["batch_size"], kw["loss"], device=kw["device"],
+                                 trainable=kw["trainable"], cache=not kw["no_cache"])
     times = [{"criterion": r["criterion"], "eps": r["eps"], "steps": r["predicted_steps"],
               "fraction": r["predicted_fraction"]} for r in pred.rows]
     meta = prepared.state.meta
@@ -479,13 +586,45 @@ def _print_run(out: dict) -> None:
         click.echo(f"  step time {out['step_time_s'] * 1e3:.2f} ms on {out['device']}")
 
 
-from .sweep.cli import sweep as _sweep_command  # noqa: E402
-cli.add_command(_sweep_command)
+def _predict_command() -> click.Command:
+    """``predict``: its options' choices and defaults are read from the core's dataclasses (imports torch)."""
+    return click.command("predict")(common_run_options(prediction_options(with_progress(predict))))
 
-from .analysis_cli import plot as _plot_command, rank as _rank_command, validate as _validate_command  # noqa: E402
-cli.add_command(_rank_command)
-cli.add_command(_validate_command)
-cli.add_command(_plot_command)
+
+def _rank_command() -> click.Command:
+    from .analysis_cli import rank
+
+    return rank
+
+
+def _validate_command() -> click.Command:
+    from .analysis_cli import validate
+
+    return validate
+
+
+def _plot_command() -> click.Command:
+    from .analysis_cli import plot
+
+    return plot
+
+
+from .sweep.cli import sweep as _sweep_command  # noqa: E402  (click only)
+cli.add_command(_sweep_command)
+cli.add_lazy_command("predict", _predict_command, predict.__doc__)
+cli.add_lazy_command("rank", _rank_command,
+                     "Rank a sweep's configs (OUT: the --out of `ttp-ray sweep`) by predicted cost to a common target; "
+                     "configs that never reach it and diverging ones are listed after the ranked ones, flagged.")
+cli.add_lazy_command("validate", _validate_command,
+                     "Compare predicted with real T_eps (the sweep's ground truth): writes OUT/validation.parquet and "
+                     "prints the relative error |T_hat - T| / T (mean, median) and Pearson r, overall and per "
+                     "(dataset, loss, GD/SGD); then how well the predicted costs rank the fine-tuned configs (Spearman "
+                     "rho, top-1 regret, top-3 hit) per (dataset, model, loss, criterion, eps), for the cost to a common "
+                     "target and for T_eps x step time.")
+cli.add_lazy_command("plot", _plot_command,
+                     "PNG plots of a sweep (headless): real vs predicted curves per validated config, predicted vs "
+                     "real T_eps, the Theta spectrum with its power-law fit, predicted cost over (lr, batch size) per "
+                     "dataset.")
 
 from .tune_cli import tune as _tune_command  # noqa: E402
 cli.add_command(_tune_command)

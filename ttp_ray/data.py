@@ -46,6 +46,8 @@ __all__ = [
     "data_dir",
     "image_transform",
     "balanced_subset_indices",
+    "image_folder",
+    "check_readable_images",
 ]
 
 
@@ -189,12 +191,27 @@ def data_dir() -> Path:
 # ------------------------------------------------------------------------------------------ embedded
 
 def _digits() -> Tuple[torch.Tensor, torch.Tensor]:
+    d_images, d_target = _sklearn_digits()
+    x = torch.tensor(d_images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8) in [0, 1]
+    x = (x - 0.5) / 0.5  # centred to [-1, 1]
+    return x, torch.tensor(d_target, dtype=torch.long)
+
+
+def _sklearn_digits() -> Tuple[np.ndarray, np.ndarray]:
+    """``load_digits()``'s images (1797, 8, 8) and targets, read from the file scikit-learn ships as
+    ``load_digits`` itself reads it, without importing scikit-learn (about a second); its loader otherwise."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            data = np.loadtxt(path, delimiter=",")
+            return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8) in [0, 1]
-    x = (x - 0.5) / 0.5  # centred to [-1, 1]
-    return x, torch.tensor(d.target, dtype=torch.long)
+    return d.images, d.target
 
 
 def _digits_split(lo: int, hi: int, name: str) -> ImageDataset:
@@ -240,6 +257,13 @@ def _npz(path: str, adapt_to: Optional[InputSpec] = None) -> ImageDataset:
                            f"(got x {x.shape}, y {y.shape})")
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
         raise DatasetError(f"dataset npz: {p}: y must hold non-negative integer labels")
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise DatasetError(f"dataset npz: {p}: x must hold real numbers, got dtype {x.dtype}")
+    if np.issubdtype(x.dtype, np.floating):
+        bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+        if bad:
+            raise DatasetError(f"dataset npz: {p}: x holds {bad} non-finite value(s) (NaN or inf); allowed: finite "
+                               f"numbers")
     xt = torch.tensor(x, dtype=torch.float32)
     integer = np.issubdtype(x.dtype, np.integer)
     if integer:
@@ -377,6 +401,47 @@ def _paper_dataset(name: str, download: bool, image_size: int, adapt_to: Optiona
         raise DatasetError(missing) from None
     files_id = f"{root}|{len(tv)}"
     return _from_torchvision(name, tv, image_size, files_id, key, _pipeline_note(adapt_to, image_size, key))
+
+
+def image_folder(ref: Union[str, DatasetRef]) -> Optional[Path]:
+    """The ImageFolder root a dataset reads its images from (``folder:ROOT``, or a paper set kept as an ImageFolder
+    tree under :func:`data_dir`), or None for the others."""
+    ref = parse_dataset_ref(ref) if isinstance(ref, str) else ref
+    if ref.name == "folder":
+        return Path(ref.options["path"]).expanduser()
+    if ref.name in PAPER_DATASETS and PAPER_DATASETS[ref.name]["loader"] == "ImageFolder":
+        return data_dir() / ref.name / "train"
+    return None
+
+
+def check_readable_images(ref: Union[str, DatasetRef]) -> int:
+    """Open the header of every image a folder dataset would read (PIL ``verify``, no decoding); returns how many.
+    A file PIL cannot open is :class:`DatasetError`, one line naming the first and how many (other datasets: 0)."""
+    from PIL import Image
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+    shown = ref if isinstance(ref, str) else str(ref)
+    root = image_folder(ref)
+    if root is None or not root.is_dir():
+        return 0  # not a folder set, or missing (load_dataset says which files it expected)
+    try:
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        samples = make_dataset(str(root), {c: i for i, c in enumerate(classes)}, extensions=IMG_EXTENSIONS)
+    except (FileNotFoundError, OSError) as exc:
+        raise DatasetError(f"dataset {shown}: {root}: {exc}".splitlines()[0]) from None
+    bad = []
+    for path, _ in samples:
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError ... on broken files
+            bad.append((path, f"{type(exc).__name__}: {exc}"))
+    if bad:
+        first, why = bad[0]
+        raise DatasetError(" ".join(f"dataset {shown}: {len(bad)} of {len(samples)} image(s) cannot be read (first: "
+                                    f"{first}: {why}); allowed: image files PIL can open (remove or replace "
+                                    f"them)".split()))
+    return len(samples)
 
 
 _EMBEDDED = {

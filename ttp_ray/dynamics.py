@@ -64,7 +64,10 @@ Methods (``SimOptions.method``)
                other configs read the path at ``tau = eta_eff t`` (linear interpolation between grid
                points).
                All groups use the same per-path normal draws (common random numbers), so results do
-               not depend on how configs are batched.
+               not depend on how configs are batched. A config with lr beyond
+               ``SDE_SKIP_FACTOR x max_stable_lr(m)`` is not simulated: it is reported diverging at once
+               (its curve is step 0 alone, ``note`` says so), since the substep count, and so the cost,
+               would grow with lr for a curve of a config already flagged diverging.
 ``minibatch``  real SGD with heavy-ball momentum on the linear model ``F = F0 + Z b`` with
                the trainer's batch sampling (:func:`batch_schedule`, path p uses seed ``seed + p``, so
                path 0 reproduces a trainer run with seed ``seed``): ``g = (1/B) sum_{i in batch} Z_i^T g_i``.
@@ -103,9 +106,17 @@ level; arg-max near-ties aside the errors are identical). Stepped methods get th
 from the F they compute anyway, except at logged steps of sde/minibatch with mse (one lift each).
 
 Precision: closed forms, dense-output lifts and the ODE solver run in float64; the stepped methods (ce
-discrete, sde, minibatch) in ``SimOptions.dtype`` (default: the state's dtype). Device: the state's
-(scipy parts on the CPU). Memory: chunks of configs/rows are sized to ``SimOptions.memory_mb``; results
-do not depend on the chunking.
+discrete, sde, minibatch) in ``SimOptions.dtype`` (default: the state's dtype: float32 for the embedded
+backbones' states, whose T_eps equal float64's within 1 %, tests/test_predict.py). Device: the state's (scipy
+parts on the CPU); the stepped methods keep everything on it, the sde's noise included (drawn in float64,
+so float32 and float64 runs see the same draws), and read their records back once per chunk. Layout: a chunk's
+trajectories (configs x paths) sit side by side, coordinates ``(d, S, q)``, outputs ``(N, S, C)``, so a step is
+one GEMM with the basis on each side; minibatch SGD steps every batch size of the chunk together (one row
+gather per distinct batch size). Moving modes: a stepped simulation moves only the eigen modes with
+``eta_eff lambda_k T / N >= mode_tol`` (the first-order fraction of a mode's residual the budget removes);
+the others keep their initial value, and each config keeps its own modes inside a wider chunk, so results do
+not depend on the batching. Memory: chunks of configs/rows are sized to ``SimOptions.memory_mb``; results do
+not depend on the chunking.
 """
 from __future__ import annotations
 
@@ -143,6 +154,8 @@ __all__ = [
     "flow_factors",
     "gd_factors",
     "heavy_ball_factors",
+    "SDE_SKIP_FACTOR",
+    "simulation_memory",
 ]
 
 METHODS = ("auto", "ode", "discrete", "sde", "minibatch")
@@ -150,6 +163,10 @@ MOMENTUM_MODES = ("auto", "elr", "heavy_ball")
 NOISE_MODELS = ("rescaled", "constant")
 FEATURES = ("eigen", "sketch")
 ODE_SOLVERS = ("auto", "BDF", "LSODA", "Radau", "RK45", "RK23", "DOP853")
+# an sde config with lr beyond this multiple of max_stable_lr(m) is reported diverging without being simulated
+# (Euler-Maruyama would take ceil(eta_eff lambda_max h / N) substeps per step there, its cost growing with lr);
+# 4 leaves the ce linear model's factor-2 tolerance (hessian_bound 1/2, METHOD.md §2) simulated as before
+SDE_SKIP_FACTOR = 4.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,6 +226,7 @@ class SimOptions:
     lowrank_tol: float = 1e-7  # 0 disables the compression of closed-form lifts
     lowrank_min_work: float = 2e9  # below this many flops the lifts are done exactly
     memory_mb: float = 1024.0  # cap for the working set of one chunk
+    mode_tol: float = 1e-4  # stepped methods: modes with eta_eff lambda_k T / N below this keep their start value; 0: all move
     dtype: Optional[torch.dtype] = None  # stepped methods; None = the state's dtype
 
     def __post_init__(self):
@@ -232,6 +250,8 @@ class SimOptions:
             raise ValueError(f"blowup_factor: must be > 1, got {self.blowup_factor}")
         if self.max_tau_ratio < 1:
             raise ValueError(f"max_tau_ratio: must be >= 1, got {self.max_tau_ratio}")
+        if not self.mode_tol >= 0:
+            raise ValueError(f"mode_tol: must be >= 0, got {self.mode_tol}")
         if self.ode_solver not in ODE_SOLVERS:
             raise ValueError(f"ode_solver: {self.ode_solver!r} is not one of {', '.join(ODE_SOLVERS)}")
 
@@ -570,40 +590,125 @@ def _sgd_update(A: torch.Tensor, g: torch.Tensor, eta, mom, buf: Optional[torch.
         A.sub_(eta * g)
 
 
-def _record_and_retire(lv: np.ndarray, ev, thr, dead: np.ndarray, lrec: np.ndarray, erec, row, A: torch.Tensor,
-                       buf: Optional[torch.Tensor]) -> np.ndarray:
-    """Store one logged point of the stepped methods; a run whose loss is non-finite or above ``thr`` is
-    retired (its coordinates zeroed so it stays finite) and recorded as inf from then on. Returns the
-    new mask of retired runs."""
-    with np.errstate(invalid="ignore"):
-        bad = ~np.isfinite(lv) | (lv > thr) | dead
-    lrec[row] = np.where(bad, np.inf, lv)
-    if erec is not None:
-        erec[row] = ev
-    if bad.any() and not (bad == dead).all():
-        kill = torch.from_numpy(bad).to(A.device)
-        A[kill] = 0
-        if buf is not None:
-            buf[kill] = 0
-    return bad
-
-
-def _ce_loss_err(F: torch.Tensor, lse: torch.Tensor, y: torch.Tensor, want_err: bool):
-    """ce loss and error of ``F`` (S, N, C) given ``lse = logsumexp(F, -1, keepdim=True)``."""
-    idx = y.view(1, -1, 1).expand(F.shape[0], -1, 1)
-    lv = (lse - torch.gather(F, -1, idx)).squeeze(-1).mean(-1)
-    return lv.to(torch.float64).cpu().numpy(), (_err_only(F, y) if want_err else None)
-
-
 def _err_only(F: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     return (F.argmax(-1) != y.view(1, -1)).to(torch.float64).mean(-1).cpu().numpy()
 
 
-def _mse_loss_coords(ctx: "_Ctx", A: torch.Tensor) -> np.ndarray:
-    """mse loss from eigen coordinates (S, d, q): ``||r0 - V A||^2 = ||r0||^2 - 2 <P, A> + ||A||^2``."""
+# --------------------------------------------------------------------------------------------------
+# the stepped engines' layout: trajectories in the middle, everything on the device
+# --------------------------------------------------------------------------------------------------
+#
+# Coordinates are (..., d, S, q) and outputs (..., N, S, C): S trajectories (configs x paths) side by side, so
+# one step of all of them is one GEMM with the basis (N x d) on each side (no copies of the outputs); the
+# full kernel's outputs are a transposed view of its (..., N C, S) product. Losses, errors, blow-up masks
+# and records stay on the device; a chunk's records reach the host once, at its end.
+
+
+def _lift(M: torch.Tensor, A: torch.Tensor, class_trace: bool, c: int) -> torch.Tensor:
+    """``M A``: basis (or minibatch rows) ``M`` (..., rows, d) times coordinates ``A`` (..., d, S, q) ->
+    outputs (..., n, S, C) (rows = n, or n C for the full kernel)."""
+    *lead, d, s, q = A.shape
+    out = M @ A.reshape(*lead, d, s * q)
+    if class_trace:
+        return out.view(*lead, -1, s, c)
+    return out.view(*lead, -1, c, s).transpose(-1, -2)
+
+
+def _proj(M: torch.Tensor, G: torch.Tensor, class_trace: bool) -> torch.Tensor:
+    """``M^T G``: outputs-shaped ``G`` (..., n, S, C) -> coordinates (..., d, S, q)."""
+    *lead, n, s, c = G.shape
+    Mt = M.transpose(-1, -2)
+    if class_trace:
+        return (Mt @ G.reshape(*lead, n, s * c)).view(*lead, -1, s, c)
+    return (Mt @ G.transpose(-1, -2).reshape(*lead, n * c, s)).view(*lead, -1, s, 1)
+
+
+def _stepped_loss(F: torch.Tensor, y: torch.Tensor, Y: torch.Tensor, loss: str,
+                  lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Loss of every trajectory of outputs ``F`` (..., N, S, C) -> (..., S) float64 (``lse`` = logsumexp(F, -1,
+    keepdim=True) when known)."""
+    if loss == "mse":
+        lv = 0.5 * ((F - Y) ** 2).sum(-1).mean(-2)
+    else:
+        if lse is None:
+            lse = torch.logsumexp(F, -1, keepdim=True)
+        idx = y.view(-1, 1, 1).expand(*F.shape[:-1], 1)
+        lv = (lse - torch.gather(F, -1, idx)).squeeze(-1).mean(-2)
+    return lv.to(torch.float64)
+
+
+def _stepped_error(F: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Error rate of every trajectory of outputs ``F`` (..., N, S, C) -> (..., S) float64."""
+    return (F.argmax(-1) != y.view(-1, 1)).to(torch.float64).mean(-2)
+
+
+def _mse_loss_coords(ctx: "_Ctx", A: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+    """mse loss from eigen coordinates ``A`` (..., d, S, q): ``||r0 - V A||^2 = ||r0||^2 - 2 <P, A> + ||A||^2``
+    with ``P = V^T (Y - F0)`` (d, 1, q) (the first d modes), -> (..., S) float64."""
     Ad = A.to(torch.float64)
-    v = ctx.r0sq - 2.0 * (Ad * ctx.P64).sum((1, 2)) + (Ad * Ad).sum((1, 2))
-    return (v / (2.0 * ctx.n)).cpu().numpy()
+    v = ctx.r0sq - 2.0 * (Ad * P).sum((-3, -1)) + (Ad * Ad).sum((-3, -1))
+    return v / (2.0 * ctx.n)
+
+
+class _Records:
+    """Logged loss (and error) of trajectories, on the device until :meth:`host`. A trajectory whose loss is
+    non-finite or above the blow-up threshold is retired: recorded as inf from then on (the caller zeroes its
+    coordinates so it stays finite)."""
+
+    def __init__(self, rows: int, shape: Tuple[int, ...], want_err: bool, device, fill=math.inf):
+        self.loss = torch.full((rows, *shape), fill, dtype=torch.float64, device=device)
+        self.err = torch.full((rows, *shape), math.nan, dtype=torch.float64, device=device) if want_err else None
+        self.dead = torch.zeros(shape, dtype=torch.bool, device=device)
+
+    def check(self, lv: torch.Tensor, thr: float) -> torch.Tensor:
+        """Retire the trajectories that blew up; returns the loss with inf for every retired one."""
+        self.dead = self.dead | ~torch.isfinite(lv) | (lv > thr)
+        return torch.where(self.dead, math.inf, lv)
+
+    def put(self, row: int, lv: torch.Tensor, ev: Optional[torch.Tensor]) -> None:
+        self.loss[row] = lv
+        if self.err is not None and ev is not None:
+            self.err[row] = ev
+
+    def host(self) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        return self.loss.cpu().numpy(), None if self.err is None else self.err.cpu().numpy()
+
+
+def _moving_modes(ctx: "_Ctx", w: torch.Tensor, eta_eff_max: float, orthonormal: bool) -> int:
+    """How many leading eigen modes move within the budget: ``eta_eff lambda_k T / N >= mode_tol`` (the fraction
+    of mode k's residual gradient descent removes in T steps, to first order; METHOD.md §2). The others keep
+    their initial value (their coordinates stay 0); ``mode_tol = 0`` or a non-eigen basis keeps them all."""
+    d = int(w.shape[0])
+    if ctx.opt.mode_tol <= 0 or not orthonormal or ctx.T == 0:
+        return d
+    scale = eta_eff_max * ctx.T / ctx.n
+    return max(1, min(d, int((w.to(torch.float64) * scale >= ctx.opt.mode_tol).sum())))
+
+
+def _rank_chunks(ranks: Sequence[int], per_item: Sequence[int], cap: int) -> List[List[int]]:
+    """Items (indices into ``ranks``) in chunks by ascending rank: each chunk holds at most ``cap`` trajectories
+    (``per_item`` each) and ranks within a factor 2, so a chunk's width (its largest rank) wastes little."""
+    order = sorted(range(len(ranks)), key=lambda i: (ranks[i], i))
+    chunks: List[List[int]] = []
+    cur: List[int] = []
+    used = 0
+    for i in order:
+        if cur and (used + per_item[i] > cap or ranks[i] > 2 * ranks[cur[0]]):
+            chunks.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += per_item[i]
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def _mode_mask(ranks: Sequence[int], d: int, device, dtype) -> Optional[torch.Tensor]:
+    """(d, S, 1) with 1 for the modes each trajectory moves, or None when all move all d."""
+    if min(ranks) >= d:
+        return None
+    r = torch.as_tensor(list(ranks), device=device)
+    return (torch.arange(d, device=device).view(d, 1) < r.view(1, -1)).to(dtype).unsqueeze(-1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -815,34 +920,40 @@ def _run_ce_discrete(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[S
     basis = ctx.eigc
     steps = ctx.steps
     logged, pos = ctx.logged, ctx.pos
-    N, C, d, q = ctx.n, ctx.c, basis.d, basis.q
-    S_max = max(1, ctx.cap // ((N * C * 6 + d * q * 4) * ctx.item))
+    N, C, q, ct = ctx.n, ctx.c, basis.q, basis.ct
     want_err = ctx.opt.compute_error
     thr = ctx.thr("ce")
     dev, dt = ctx.device, ctx.cdtype
-    wN = (basis.w / N).view(1, d, 1)
+    S_max = max(1, ctx.cap // ((N * C * 6 + basis.d * q * 4) * ctx.item))
+    ranks = [_moving_modes(ctx, basis.w, plans[idx[0]].eta_eff, basis.orthonormal) for _, idx in jobs]
+    f0, Y = ctx.f0.view(N, 1, C), ctx.Y.view(N, 1, C)
     results: Dict[int, tuple] = {}
-    for c0 in range(0, len(jobs), S_max):
-        chunk = jobs[c0:c0 + S_max]
-        S = len(chunk)
-        eta = torch.tensor([plans[idx[0]].eta for _, idx in chunk], dtype=dt, device=dev).view(S, 1, 1)
-        mom = torch.tensor([plans[idx[0]].mom for _, idx in chunk], dtype=dt, device=dev).view(S, 1, 1)
-        use_buf = bool((mom != 0).any())
-        A = torch.zeros(S, d, q, dtype=dt, device=dev)
+    for members in _rank_chunks(ranks, [1] * len(jobs), S_max):
+        chunk = [jobs[i] for i in members]
+        S, d = len(chunk), max(ranks[i] for i in members)
+        M, w = basis.M[:, :d], basis.w[:d]
+        mask = _mode_mask([ranks[i] for i in members], d, dev, dt)
+        eta = torch.tensor([plans[idx[0]].eta for _, idx in chunk], dtype=dt, device=dev).view(1, S, 1)
+        mom = torch.tensor([plans[idx[0]].mom for _, idx in chunk], dtype=dt, device=dev).view(1, S, 1)
+        use_buf = any(plans[idx[0]].mom != 0 for _, idx in chunk)
+        wN = (w / N).view(d, 1, 1) if mask is None else (w / N).view(d, 1, 1) * mask
+        A = torch.zeros(d, S, q, dtype=dt, device=dev)
         buf = torch.zeros_like(A) if use_buf else None
-        lrec = np.full((len(steps), S), np.inf)
-        erec = np.full((len(steps), S), np.nan) if want_err else None
-        dead = np.zeros(S, dtype=bool)
+        rec = _Records(len(steps), (S,), want_err, dev)
         for t in range(ctx.T + 1):
-            F = basis.lift(A).add_(ctx.f0)  # (S, N, C)
+            F = _lift(M, A, ct, C).add_(f0)  # (N, S, C)
             lse = torch.logsumexp(F, -1, keepdim=True)
             if logged[t]:
-                lv, ev = _ce_loss_err(F, lse, ctx.y, want_err)
-                dead = _record_and_retire(lv, ev, thr, dead, lrec, erec, pos[t], A, buf if use_buf else None)
+                lv = rec.check(_stepped_loss(F, ctx.y, Y, "ce", lse), thr)
+                rec.put(pos[t], lv, _stepped_error(F, ctx.y) if want_err else None)
+                A.masked_fill_(rec.dead.view(1, S, 1), 0)
+                if buf is not None:
+                    buf.masked_fill_(rec.dead.view(1, S, 1), 0)
             if t == ctx.T:
                 break
-            G = F.sub_(lse).exp_().sub_(ctx.Y)  # softmax(F) - Y, in place
-            _sgd_update(A, basis.proj(G) * wN, eta, mom, buf if use_buf else None)
+            G = F.sub_(lse).exp_().sub_(Y)  # softmax(F) - Y, in place
+            _sgd_update(A, _proj(M, G, ct).mul_(wN), eta, mom, buf)
+        lrec, erec = rec.host()
         for s, (_, idx) in enumerate(chunk):
             for i in idx:
                 results[i] = (lrec[:, s][None, :], erec[:, s][None, :] if want_err else None)
@@ -1047,8 +1158,9 @@ def _emit_dense(ctx: _Ctx, dense, taus: np.ndarray, sel: np.ndarray, emit):
 # --------------------------------------------------------------------------------------------------
 
 
-def _path_generators(seed: int, paths: int) -> List[torch.Generator]:
-    return [torch.Generator(device="cpu").manual_seed(int(seed) + p) for p in range(paths)]
+def _path_generators(seed: int, paths: int, device) -> List[torch.Generator]:
+    """One generator per path (path p: seed + p) on the device the noise is drawn on."""
+    return [torch.Generator(device=device).manual_seed(int(seed) + p) for p in range(paths)]
 
 
 def _run_sde(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[SimulationPlan]) -> Dict[int, tuple]:
@@ -1062,6 +1174,7 @@ def _run_sde(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[Simulatio
     for gid, idx in jobs:
         pl = plans[idx[0]]
         e_min = min(plans[i].eta_eff for i in idx)
+        e_max = max(plans[i].eta_eff for i in idx)
         x = elr_stability_ratio(e_min, lam_max, N, pl.loss)
         nsub = 1 if x < 2.0 else int(math.ceil(x))
         h = e_min / nsub
@@ -1074,95 +1187,105 @@ def _run_sde(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[Simulatio
             interp[i] = (lo, fr)
             need.update(lo.tolist())
             need.update((lo[fr > 0] + 1).tolist())
-        info.append(dict(idx=idx, loss=pl.loss, h=h, temp=pl.temperature, n_grid=max(need), need=need, interp=interp))
-    info.sort(key=lambda z: z["n_grid"])
+        info.append(dict(idx=idx, loss=pl.loss, h=h, temp=pl.temperature, n_grid=max(need), need=need, interp=interp,
+                         rank=_moving_modes(ctx, basis.w, e_max, basis.orthonormal)))
     G_max = max(1, ctx.cap // ((N * C * 6 + d * q * 4) * ctx.item * P))
     results: Dict[int, tuple] = {}
     for loss in ("mse", "ce"):
         items = [z for z in info if z["loss"] == loss]
-        for c0 in range(0, len(items), G_max):
-            _sde_chunk(ctx, basis, items[c0:c0 + G_max], loss, results)
+        # chunks of similar rank, then of similar grid length (a chunk runs to its longest grid)
+        for members in _rank_chunks([z["rank"] for z in items], [1] * len(items), G_max):
+            _sde_chunk(ctx, basis, sorted((items[i] for i in members), key=lambda z: z["n_grid"]), loss, results)
     return results
 
 
 def _sde_chunk(ctx: _Ctx, basis: _Basis, chunk: list, loss: str, results: dict) -> None:
+    """Euler–Maruyama of a chunk of temperature groups x P paths (trajectory s = g P + p), one tensor program
+    per grid step on the state's device; the noise is drawn there, in the working dtype."""
     opt = ctx.opt
-    N, d, q = ctx.n, basis.d, basis.q
+    N, C, q, ct = ctx.n, ctx.c, basis.q, basis.ct
     P = opt.paths
     want_err = opt.compute_error
     ng = len(chunk)
-    S = ng * P  # trajectory s = g * P + p
+    S = ng * P
     dt, dev = ctx.cdtype, ctx.device
     thr, L0 = ctx.thr(loss), ctx.L0[loss]
-    G0 = ((torch.softmax(ctx.f0, -1) if loss == "ce" else ctx.f0) - ctx.Y).unsqueeze(0)  # (1, N, C) at t = 0
+    ranks = [z["rank"] for z in chunk for _ in range(P)]
+    d = max(ranks)
+    M, w = basis.M[:, :d], basis.w[:d].view(d, 1, 1)
+    mask = _mode_mask(ranks, d, dev, dt)  # modes a group does not move keep their coordinates at 0
+    f0, Y = ctx.f0.view(N, 1, C), ctx.Y.view(N, 1, C)
+    G0 = (torch.softmax(ctx.f0, -1) if loss == "ce" else ctx.f0) - ctx.Y  # (N, C) at t = 0
     h = torch.tensor([z["h"] for z in chunk], dtype=dt, device=dev).repeat_interleave(P)
     temp = torch.tensor([z["temp"] for z in chunk], dtype=dt, device=dev).repeat_interleave(P)
     n_max = max(z["n_grid"] for z in chunk)
+    row_of = np.full(n_max + 1, -1)  # grid step -> its row in the records (-1: no config reads it)
     need_any = np.zeros(n_max + 1, dtype=bool)
     for z in chunk:
         need_any[sorted(z["need"])] = True
-    lrec = np.full((n_max + 1, S), np.nan)
-    erec = np.full((n_max + 1, S), np.nan) if want_err else None
-    A = torch.zeros(S, d, q, dtype=dt, device=dev)
-    w = basis.w.view(1, d, 1)
-    Pc = ctx.P64.to(dt).unsqueeze(0)  # (1, d, q)
-    gens = _path_generators(opt.seed, P)
-    dead = np.zeros(S, dtype=bool)
+    row_of[need_any] = np.arange(int(need_any.sum()))
+    rec = _Records(int(need_any.sum()), (S,), want_err, dev, fill=math.nan)
+    A = torch.zeros(d, S, q, dtype=dt, device=dev)
+    Pc = ctx.P64[:d].to(dt).unsqueeze(1)  # (d, 1, q)
+    P64 = ctx.P64[:d].unsqueeze(1)
+    gens = _path_generators(opt.seed, P, dev)
     rescale = opt.noise == "rescaled"
-    sq = torch.sqrt(h * temp / N).view(S, 1, 1)  # sqrt(h * eta_eff / B_eff) * N^-1/2
-    hN = (h / N).view(S, 1, 1)
+    sq = torch.sqrt(h * temp / N)  # sqrt(h * eta_eff / B_eff) * N^-1/2, (S,)
+    hN = (h / N).view(1, S, 1)
     fast_mse = loss == "mse" and basis.orthonormal
     U0 = None
-    if fast_mse and not basis.ct:
+    if fast_mse and not ct:
         # per-sample gradient coordinates u_i = w * M_i^T g0_i, (N, d): a draw is (n - n_bar) @ U0
-        U0 = (basis.M3 * G0[0].unsqueeze(-1)).sum(1) * basis.w.view(1, d)
+        U0 = (basis.M3[:, :, :d] * G0.unsqueeze(-1)).sum(1) * basis.w[:d].view(1, d)
     for j in range(n_max + 1):
+        need = bool(need_any[j])
         F = None
-        if not fast_mse or (want_err and need_any[j]):
-            F = basis.lift(A).add_(ctx.f0)  # (S, N, C)
+        if not fast_mse or (want_err and need):
+            F = _lift(M, A, ct, C).add_(f0)  # (N, S, C)
         ev = None
+        lse = None
         if fast_mse:
-            lv = _mse_loss_coords(ctx, A)
-            if want_err and need_any[j]:
-                ev = _err_only(F, ctx.y)
-        elif loss == "ce":
-            lse = torch.logsumexp(F, -1, keepdim=True)
-            lv, ev = _ce_loss_err(F, lse, ctx.y, want_err and need_any[j])
+            lv = _mse_loss_coords(ctx, A, P64)
         else:
-            lv, ev = _loss_err(F, ctx.y, ctx.Y, loss, want_err and need_any[j])
-        with np.errstate(invalid="ignore"):
-            bad = ~np.isfinite(lv) | (lv > thr) | dead
-        lv = np.where(bad, np.inf, lv)
-        if need_any[j]:
-            lrec[j] = lv
-            if want_err:
-                erec[j] = ev
-        if bad.any() and not (bad == dead).all():
-            dead = bad
-            A[torch.from_numpy(dead).to(dev)] = 0
+            lse = torch.logsumexp(F, -1, keepdim=True) if loss == "ce" else None
+            lv = _stepped_loss(F, ctx.y, Y, loss, lse)
+        lv = rec.check(lv, thr)
+        if need:
+            rec.put(int(row_of[j]), lv, _stepped_error(F, ctx.y) if want_err else None)
         if j == n_max:
             break
         # xi = N^-1/2 sum_i (n_i - n_bar) g0_i; one draw per path and grid step, shared by all groups
-        nz = torch.stack([torch.randn(N, generator=g, dtype=torch.float64) for g in gens], 0).to(dev, dt)  # (P, N)
-        nz = nz - nz.mean(1, keepdim=True)
+        # drawn in float64 whatever the working dtype: float32 and float64 runs see the same noise
+        nz = torch.stack([torch.randn(N, generator=g, dtype=torch.float64, device=dev) for g in gens], 0)  # (P, N)
+        nz = (nz - nz.mean(1, keepdim=True)).to(dt)
         amp = sq
         if rescale:
-            ratio = np.where(bad, 0.0, np.maximum(lv, 0.0) / max(L0, 1e-300))
-            amp = sq * torch.sqrt(torch.as_tensor(ratio, dtype=dt, device=dev)).view(S, 1, 1)
+            ratio = torch.where(rec.dead, 0.0, lv.clamp_min(0.0) / max(L0, 1e-300))
+            amp = sq * torch.sqrt(ratio).to(dt)
         if fast_mse:
             # proj(F - Y) = A - P for orthonormal V: the drift is diagonal; noise from the shared draws
             if U0 is not None:
-                xi = (nz @ U0).view(P, d, q)
+                xi = (nz @ U0).T.unsqueeze(-1)  # (d, P, 1)
             else:
-                xi = w * basis.proj(nz.unsqueeze(-1) * G0)  # (P, d, q)
-            xi = xi.repeat(ng, 1, 1)  # (S, d, q), s = g*P + p
-            A = A - hN * w * (A - Pc) - amp * xi
+                xi = _proj(M, nz.T.unsqueeze(-1) * G0.unsqueeze(1), ct) * w  # (d, P, q)
+            drift = hN * w * (A - Pc)
+            noise = (amp.view(1, ng, P, 1) * xi.reshape(d, 1, P, q)).reshape(d, S, q)
+            if mask is not None:
+                drift, noise = drift * mask, noise * mask
+            A = A - drift - noise
         else:
-            noise_G = (amp * nz.repeat(ng, 1).unsqueeze(-1)) * G0  # (S, N, C), s = g*P + p
-            Gt = (F.sub_(lse).exp_() if loss == "ce" else F) - ctx.Y
-            A = A - w * basis.proj(hN * Gt + noise_G)
-        if dead.any():
-            A[torch.from_numpy(dead).to(dev)] = 0
+            noise_G = (amp.view(1, ng, P, 1) * nz.T.reshape(N, 1, P, 1)) * G0.view(N, 1, 1, C)  # (N, ng, P, C)
+            Gt = (F.sub_(lse).exp_() if loss == "ce" else F) - Y
+            step = w * _proj(M, Gt.mul_(hN).add_(noise_G.reshape(N, S, C)), ct)
+            A = A - (step if mask is None else step * mask)
+        A.masked_fill_(rec.dead.view(1, S, 1), 0)
+    lrec_t, erec_t = rec.host()
+    lrec = np.full((n_max + 1, S), np.nan)
+    lrec[need_any] = lrec_t
+    erec = None
+    if want_err:
+        erec = np.full((n_max + 1, S), np.nan)
+        erec[need_any] = erec_t
     for g, z in enumerate(chunk):
         cols = slice(g * P, (g + 1) * P)
         for i in z["idx"]:
@@ -1188,64 +1311,95 @@ def _interp_rec(rec: np.ndarray, lo: np.ndarray, fr: np.ndarray) -> np.ndarray:
 
 
 def _run_minibatch(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[SimulationPlan]) -> Dict[int, tuple]:
+    """Every (loss, batch size) of the grid in one program per chunk: the trajectories (P paths x G simulations)
+    step together; each step gathers the rows of each batch size once per path (a loop over the distinct batch
+    sizes, not over configs), and the logged evaluations lift all trajectories in one GEMM."""
     opt = ctx.opt
     basis = ctx.eigc if opt.features == "eigen" else _sketch_basis(ctx.state, ctx.cdtype)
-    N, C, d, q = ctx.n, ctx.c, basis.d, basis.q
+    N, C, q = ctx.n, ctx.c, basis.q
     P = opt.paths
-    want_err = opt.compute_error
-    steps = ctx.steps
-    logged, pos = ctx.logged, ctx.pos
-    G_max = max(1, ctx.cap // ((N * C * 4 + d * q * 4) * ctx.item * P))
+    G_max = max(1, ctx.cap // ((N * C * 4 + basis.d * q * 4) * ctx.item * P))
+    ranks = [_moving_modes(ctx, basis.w, plans[idx[0]].eta_eff, basis.orthonormal) for _, idx in jobs]
+    dev = ctx.device
+    schedules: Dict[int, torch.Tensor] = {}  # batch size -> (T, P, B) on the device
     results: Dict[int, tuple] = {}
-    by_b: Dict[Tuple[int, str], List[Tuple[int, List[int]]]] = {}
-    for gid, idx in jobs:
-        pl = plans[idx[0]]
-        by_b.setdefault((pl.batch, pl.loss), []).append((gid, idx))
-    dt, dev = ctx.cdtype, ctx.device
-    for (B, loss), items in by_b.items():
-        sched = torch.stack([batch_schedule(N, B, ctx.T, opt.seed + p) for p in range(P)], 1).to(dev)  # (T, P, B)
-        thr = ctx.thr(loss)
-        w = basis.w.view(1, 1, d, 1) / B
-        for c0 in range(0, len(items), G_max):
-            chunk = items[c0:c0 + G_max]
-            G = len(chunk)
-            eta = torch.tensor([plans[idx[0]].eta for _, idx in chunk], dtype=dt, device=dev).view(1, G, 1, 1)
-            mom = torch.tensor([plans[idx[0]].mom for _, idx in chunk], dtype=dt, device=dev).view(1, G, 1, 1)
-            use_buf = bool((mom != 0).any())
-            A = torch.zeros(P, G, d, q, dtype=dt, device=dev)
-            buf = torch.zeros_like(A) if use_buf else None
-            lrec = np.full((len(steps), P, G), np.inf)
-            erec = np.full((len(steps), P, G), np.nan) if want_err else None
-            dead = np.zeros((P, G), dtype=bool)
-            for t in range(ctx.T + 1):
-                if logged[t]:
-                    lv, ev = _minibatch_eval(ctx, basis, A, loss, want_err)
-                    dead = _record_and_retire(lv, ev, thr, dead, lrec, erec, pos[t], A, buf if use_buf else None)
-                if t == ctx.T:
-                    break
-                idx_t = sched[t]  # (P, B)
-                R = basis.rows(idx_t)
-                Fb = basis.lift_rows(R, A).add_(ctx.f0[idx_t].unsqueeze(1))  # (P, G, B, C)
-                Yb = ctx.Y[idx_t].unsqueeze(1)
-                if loss == "ce":
-                    Fb = Fb.sub_(torch.logsumexp(Fb, -1, keepdim=True)).exp_()
-                Gb = Fb.sub_(Yb)
-                _sgd_update(A, basis.proj_rows(R, Gb) * w, eta, mom, buf if use_buf else None)
-            for g_, (_, idx) in enumerate(chunk):
-                for i in idx:
-                    results[i] = (lrec[:, :, g_].T.copy(), erec[:, :, g_].T.copy() if want_err else None)
+    for members in _rank_chunks(ranks, [1] * len(jobs), G_max):
+        members = sorted(members, key=lambda i: (plans[jobs[i][1][0]].loss != "mse", plans[jobs[i][1][0]].batch, i))
+        for B in {int(plans[jobs[i][1][0]].batch) for i in members} - set(schedules):
+            schedules[B] = torch.stack([batch_schedule(N, B, ctx.T, opt.seed + p) for p in range(P)], 1).to(dev)
+        _minibatch_chunk(ctx, basis, [jobs[i] for i in members], [ranks[i] for i in members], plans, schedules,
+                         results)
     return results
 
 
-def _minibatch_eval(ctx: _Ctx, basis: _Basis, A: torch.Tensor, loss: str, want_err: bool):
-    """Loss/error of every (path, simulation) at coordinates ``A`` (P, G, d, q) -> (P, G) arrays."""
-    P, G, d, q = A.shape
-    flat = A.reshape(P * G, d, q)
-    if loss == "mse" and basis.orthonormal and not want_err:
-        return _mse_loss_coords(ctx, flat).reshape(P, G), None
-    F = basis.lift(flat).add_(ctx.f0)  # (P*G, N, C)
-    lv, ev = _loss_err(F, ctx.y, ctx.Y, loss, want_err)
-    return lv.reshape(P, G), (ev.reshape(P, G) if want_err else None)
+def _minibatch_chunk(ctx: _Ctx, basis: _Basis, chunk: List[Tuple[int, List[int]]], ranks: List[int],
+                     plans: List[SimulationPlan], schedules: Dict[int, torch.Tensor], results: dict) -> None:
+    opt = ctx.opt
+    N, C, q, ct = ctx.n, ctx.c, basis.q, basis.ct
+    P, G = opt.paths, len(chunk)
+    want_err = opt.compute_error
+    steps, logged, pos = ctx.steps, ctx.logged, ctx.pos
+    dt, dev = ctx.cdtype, ctx.device
+    d = max(ranks)
+    M = basis.M[:, :d]
+    M3 = None if ct else basis.M3[:, :, :d]
+    pl = [plans[idx[0]] for _, idx in chunk]
+    # contiguous runs of one (loss, batch size): the buckets a step loops over
+    buckets: List[Tuple[int, int, int, str]] = []
+    for g, p in enumerate(pl):
+        if buckets and buckets[-1][2:] == (p.batch, p.loss):
+            buckets[-1] = (buckets[-1][0], g + 1, p.batch, p.loss)
+        else:
+            buckets.append((g, g + 1, p.batch, p.loss))
+    n_mse = sum(p.loss == "mse" for p in pl)  # sorted by loss: the mse simulations come first
+    losses = [(lo, hi, loss) for lo, hi, loss in ((0, n_mse, "mse"), (n_mse, G, "ce")) if hi > lo]
+    eta = torch.tensor([p.eta for p in pl], dtype=dt, device=dev).view(1, 1, G, 1)
+    mom = torch.tensor([p.mom for p in pl], dtype=dt, device=dev).view(1, 1, G, 1)
+    use_buf = any(p.mom != 0 for p in pl)
+    w = basis.w[:d].view(1, d, 1, 1) / torch.tensor([float(p.batch) for p in pl], dtype=dt, device=dev).view(1, 1, G, 1)
+    mask = _mode_mask(ranks, d, dev, dt)
+    if mask is not None:
+        w = w * mask.unsqueeze(0)  # modes a simulation does not move keep their coordinates at 0
+    thr = torch.tensor([ctx.thr(p.loss) for p in pl], dtype=torch.float64, device=dev).view(1, G)
+    A = torch.zeros(P, d, G, q, dtype=dt, device=dev)
+    buf = torch.zeros_like(A) if use_buf else None
+    rec = _Records(len(steps), (P, G), want_err, dev)
+    fast = all(loss == "mse" for _, _, loss in losses) and basis.orthonormal and not want_err
+    P64 = ctx.P64[:d].view(1, d, 1, q)
+    f0, Y = ctx.f0.view(N, 1, C), ctx.Y.view(N, 1, C)
+    U = torch.empty_like(A)
+    for t in range(ctx.T + 1):
+        if logged[t]:
+            if fast:
+                lv, ev = _mse_loss_coords(ctx, A, P64), None
+            else:
+                flat = A.permute(1, 0, 2, 3).reshape(d, P * G, q)  # every trajectory in one GEMM
+                F = _lift(M, flat, ct, C).add_(f0).view(N, P, G, C)
+                lv = torch.empty(P, G, dtype=torch.float64, device=dev)
+                for lo, hi, loss in losses:
+                    part = F[:, :, lo:hi].reshape(N, P * (hi - lo), C)
+                    lv[:, lo:hi] = _stepped_loss(part, ctx.y, Y, loss).view(P, hi - lo)
+                ev = (F.argmax(-1) != ctx.y.view(N, 1, 1)).to(torch.float64).mean(0) if want_err else None
+            lv = rec.check(lv, thr)
+            rec.put(pos[t], lv, ev)
+            A.masked_fill_(rec.dead.view(P, 1, G, 1), 0)
+            if buf is not None:
+                buf.masked_fill_(rec.dead.view(P, 1, G, 1), 0)
+        if t == ctx.T:
+            break
+        for lo, hi, B, loss in buckets:
+            idx_t = schedules[B][t]  # (P, B)
+            R = M.index_select(0, idx_t.reshape(-1)).view(P, B, d) if ct else \
+                M3.index_select(0, idx_t.reshape(-1)).view(P, B * C, d)
+            Fb = _lift(R, A[:, :, lo:hi], ct, C).add_(ctx.f0[idx_t].unsqueeze(2))  # (P, B, g, C)
+            if loss == "ce":
+                Fb = Fb.sub_(torch.logsumexp(Fb, -1, keepdim=True)).exp_()
+            U[:, :, lo:hi] = _proj(R, Fb.sub_(ctx.Y[idx_t].unsqueeze(2)), ct)
+        _sgd_update(A, U.mul_(w), eta, mom, buf)
+    lrec, erec = rec.host()
+    for g, (_, idx) in enumerate(chunk):
+        for i in idx:
+            results[i] = (lrec[:, :, g].T.copy(), erec[:, :, g].T.copy() if want_err else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1300,6 +1454,48 @@ def _finish(cfg: SimConfig, plan: SimulationPlan, steps: np.ndarray, lp: np.ndar
     )
 
 
+def simulation_memory(n: int, num_classes: int, rank: int, class_trace: bool, budget_steps: int, n_configs: int,
+                      options: Optional[SimOptions] = None, max_batch: Optional[int] = None) -> Dict[str, int]:
+    """Bytes :func:`simulate` holds at its peak for ``n_configs`` configs on a state of ``n`` samples, ``num_classes``
+    classes and ``rank`` eigenpairs (an upper estimate read off the arrays the engines allocate, so that a plan can
+    be refused before it runs), by what drives them: ``steps`` (the per-step index arrays of the budget, and the sde's
+    grid records), ``records`` (every config's curves, per path), ``working_set`` (one chunk of trajectories: at
+    least one config's ``paths x N x C`` outputs, else sized to ``memory_mb``), ``batches`` (the minibatch schedule,
+    ``T x paths x B`` indices; ``max_batch`` None: full batch only) and ``basis`` (the eigenbasis copies)."""
+    opt = options or SimOptions()
+    item = 8  # float64 closed forms and lifts; the stepped methods' dtype is at most that
+    t, nc = int(budget_steps), int(n) * int(num_classes)
+    q = num_classes if class_trace else 1
+    rows = n if class_trace else nc
+    logged = t // opt.log_every + 2
+    stochastic = max_batch is not None and max_batch < n
+    paths = opt.paths if stochastic else 1
+    unit = paths * (nc * 6 + rank * q * 4) * item  # one config's trajectories (sde, minibatch, ce discrete)
+    working = max(unit, min(int(opt.memory_mb * 2 ** 20), n_configs * unit))
+    per_chunk = max(1, min(n_configs, int(opt.memory_mb * 2 ** 20) // max(unit, 1)))
+    grid = 2 * 8 * (int(opt.max_tau_ratio * t) + 1) * per_chunk * paths if stochastic else 0
+    return {
+        "steps": 9 * (t + 1) + grid,
+        "records": 3 * 2 * 8 * logged * paths * n_configs,
+        "working_set": working,
+        "batches": 2 * 8 * t * paths * int(max_batch) if stochastic else 0,
+        "basis": 2 * rows * rank * item + 6 * nc * item,
+    }
+
+
+def _not_simulated(cfg: SimConfig, plan: SimulationPlan, steps: np.ndarray, ctx: _Ctx) -> SimResult:
+    """The result of a config reported diverging without simulation (sde beyond ``SDE_SKIP_FACTOR`` x the
+    limit): its curve is step 0 alone (F0's loss and error), as for a run that blows up at its first step."""
+    msl = ctx.state.max_stable_lr(cfg.momentum)
+    f0 = ctx.f0_64.unsqueeze(0)
+    loss, err = _loss_err(f0, ctx.y, ctx.Y64, cfg.loss, ctx.opt.compute_error)
+    note = "; ".join(x for x in (plan.note, f"lr {cfg.lr:.4g} > max_stable_lr {msl:.4g}",
+                                 f"beyond {SDE_SKIP_FACTOR:g} x max_stable_lr: reported diverging, not simulated") if x)
+    return SimResult(config=cfg, steps=steps[:1].copy(), loss=loss, error=err, loss_spread=None, error_spread=None,
+                     diverged=True, blew_up=False, max_stable_lr=msl, method=plan.method, momentum_mode=plan.mode,
+                     paths=ctx.opt.paths, group=-1, seconds=0.0, note=note)
+
+
 def simulate(
     state: KernelState,
     configs: Sequence[SimConfig],
@@ -1318,7 +1514,10 @@ def simulate(
     steps = logged_steps(int(budget_steps), opt.log_every)
     ctx = _Ctx(state, opt, steps)
     plans = [resolve_plan(c, opt, ctx.n, ctx.lambda_max) for c in configs]
-    groups = _group_plans(plans, opt)
+    beyond = {i for i, (c, pl) in enumerate(zip(configs, plans))
+              if pl.method == "sde" and c.lr > SDE_SKIP_FACTOR * ctx.state.max_stable_lr(c.momentum)}
+    kept = [i for i in range(len(configs)) if i not in beyond]
+    groups = [[kept[j] for j in g] for g in _group_plans([plans[i] for i in kept], opt)] if kept else []
     engines = {}
     for gid, idx in enumerate(groups):
         pl = plans[idx[0]]
@@ -1341,6 +1540,8 @@ def simulate(
         "minibatch": _run_minibatch,
     }
     out: List[Optional[SimResult]] = [None] * len(configs)
+    for i in beyond:
+        out[i] = _not_simulated(configs[i], plans[i], steps, ctx)
     gid_of = {i: gid for gid, idx in enumerate(groups) for i in idx}
     with torch.no_grad():
         for name, jobs in engines.items():

@@ -19,10 +19,11 @@ import torch
 from .data import ImageDataset
 from .models import FinetuneModel, check_trainable, trainable_names
 from .objectives import check_loss, error_rate, loss_value
+from .progress import Progress, resolve
 from .sampling import batch_schedule
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "LoggedPoint", "finetune", "evaluate", "measure_step_time",
-           "result_summary", "DIVERGENCE_FACTOR"]
+           "result_summary", "DIVERGENCE_FACTOR", "finetune_memory"]
 
 DIVERGENCE_FACTOR = 1e3  # a loss above this multiple of L_0 (or non-finite) counts as diverged
 
@@ -117,13 +118,14 @@ def evaluate(model: torch.nn.Module, dataset: ImageDataset, loss: str, *, device
 
 def finetune(model: FinetuneModel, dataset: ImageDataset, config: FinetuneConfig, *, device="cpu",
              eval_batch_size: int = 2048, record_outputs: bool = False,
-             on_log: Optional[Callable[[LoggedPoint], None]] = None,
+             progress: Optional[Progress] = None, on_log: Optional[Callable[[LoggedPoint], None]] = None,
              resume: Optional[Dict[str, Any]] = None) -> FinetuneResult:
     """Fine-tune ``model`` in place with SGD(lr, momentum), batch norm frozen; log full-set curves.
 
     ``record_outputs`` (full batch only) keeps f(w_t) at every step (``FinetuneResult.outputs``; N C floats a
-    step), which :func:`ttp_ray.drift.calibrate_drift` reads. ``on_log`` is called at every logged step with a
-    :class:`LoggedPoint` (``ttp_ray.tune`` reports it to Ray Tune and checkpoints its ``snapshot()``);
+    step), which :func:`ttp_ray.drift.calibrate_drift` reads. ``progress``: one task over the steps, with an
+    ETA (default: the ambient one, :func:`ttp_ray.progress.current`). ``on_log`` is called at every logged step
+    with a :class:`LoggedPoint` (``ttp_ray.tune`` reports it to Ray Tune and checkpoints its ``snapshot()``);
     ``resume`` is such a snapshot, of this very config: the run continues from its step with the same weights,
     momentum buffers, minibatch order and curve so far, as if it had never stopped."""
     t_start = time.perf_counter()
@@ -187,7 +189,11 @@ def finetune(model: FinetuneModel, dataset: ImageDataset, config: FinetuneConfig
         return True
 
     schedule = iter(batch_schedule(n, b, config.steps, seed=config.seed)[start:]) if not full_batch else None
+    task = resolve(progress).task(f"fine-tuning (lr {config.lr:.4g}, m {config.momentum:g}, B {b}, "
+                                  f"{config.loss})", total=config.steps, unit="steps", completed=start)
     for t in range(start, config.steps + 1):
+        if t > start:
+            task.advance()
         # a resumed run logged its first step before the snapshot was taken
         logging_now = (t % config.log_every == 0 or t == config.steps) and not (resume is not None and t == start)
         if full_batch:
@@ -224,6 +230,7 @@ def finetune(model: FinetuneModel, dataset: ImageDataset, config: FinetuneConfig
             loss.backward()
             opt.step()
             step_seconds += time.perf_counter() - t0
+    task.close()
     n_steps = max(1, steps[-1] if steps else 1)
     if diverged:
         n_steps = max(1, t)
@@ -236,6 +243,18 @@ def finetune(model: FinetuneModel, dataset: ImageDataset, config: FinetuneConfig
         grad_norm_sq=np.asarray(grad_sq) if full_batch else None,
         outputs=np.stack(outs) if outs else None,
     )
+
+
+def finetune_memory(n: int, config: FinetuneConfig) -> Dict[str, int]:
+    """Bytes :func:`finetune` holds for its bookkeeping, by what drives them (an upper estimate, for refusing a run
+    before it starts; the model and the images are not counted): ``batches`` (the minibatch schedule, ``T x B``
+    indices, built whole) and ``records`` (the logged curves; full batch: a gradient norm per step)."""
+    t = int(config.steps)
+    b = int(config.batch_size or n)
+    logged = t // int(config.log_every) + 2
+    minibatch = b < n
+    return {"batches": 16 * t * b if minibatch else 0,
+            "records": 3 * 32 * logged + (0 if minibatch else 32 * t)}
 
 
 def _check_snapshot(snap: Dict[str, Any], config: FinetuneConfig) -> int:
@@ -268,10 +287,12 @@ def result_summary(result: FinetuneResult) -> Dict[str, object]:
 
 
 def measure_step_time(model: FinetuneModel, dataset: ImageDataset, batch_size: Optional[int], loss: str = "ce", *,
-                      device="cpu", steps: int = 5, warmup: int = 1, trainable: str = "all") -> float:
+                      device="cpu", steps: int = 5, warmup: int = 1, trainable: str = "all",
+                      progress: Optional[Progress] = None) -> float:
     """Median wall time of one SGD step (forward + backward + update) at batch size B on ``device``.
 
     Runs on a copy of ``model``, so the caller's weights are untouched; used for ``predicted_cost_s``.
+    ``progress``: one task over the timed steps (default: the ambient one).
     """
     m = copy.deepcopy(model).to(device).eval()
     b = batch_size or len(dataset)
@@ -280,6 +301,7 @@ def measure_step_time(model: FinetuneModel, dataset: ImageDataset, batch_size: O
     opt = torch.optim.SGD(params, lr=1e-6, momentum=0.9)
     y = dataset.targets
     times = []
+    task = resolve(progress).task(f"measuring the step time (B {b}, {loss})", total=steps + warmup, unit="steps")
     for i, idx in enumerate(batch_schedule(len(dataset), b, steps + warmup, seed=0)):
         xb, yb = dataset.images(idx).to(device), y[idx].to(device)
         if str(device).startswith("cuda"):
@@ -292,4 +314,6 @@ def measure_step_time(model: FinetuneModel, dataset: ImageDataset, batch_size: O
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+        task.advance()
+    task.close()
     return float(np.median(times))

@@ -25,6 +25,7 @@ seeded; batch-norm statistics stay frozen (the model is always in eval mode).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib
 import os
@@ -35,11 +36,11 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, ResNet
 
 from .atomic import atomic_write
 from .data import ImageDataset, is_embedded, load_dataset
 from .inputs import UNKNOWN_INPUT, AdaptOptions, InputSpec, check_channels
+from .progress import Progress, resolve
 from .paths import cache_dir  # re-exported: ttp_ray.models.cache_dir keeps working
 
 __all__ = [
@@ -66,6 +67,7 @@ __all__ = [
     "input_spec",
     "module_input_spec",
     "load_dataset_for_model",
+    "is_factory",
 ]
 
 
@@ -94,43 +96,58 @@ class DigitsCNN(nn.Module):
         return self.fc(self.features(x))
 
 
-class DigitsResNet(ResNet):
-    """torchvision's ResNet with BasicBlocks at reduced depth and width, for 8x8 inputs.
+@functools.lru_cache(maxsize=None)
+def _digits_resnet_class() -> type:
+    """``DigitsResNet``, defined on first use: torchvision (whose import also loads torch._dynamo, seconds) is
+    imported only when a digits-resnet is built, not by every command that imports this module."""
+    from torchvision.models.resnet import BasicBlock, ResNet
 
-    Uses ``ResNet._make_layer`` and ``ResNet.forward`` unchanged; the stem is a 3x3 stride-1 conv
-    without max-pooling so an 8x8 image keeps spatial extent through the four stages.
-    """
+    class DigitsResNet(ResNet):
+        """torchvision's ResNet with BasicBlocks at reduced depth and width, for 8x8 inputs.
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 5, widths=(8, 16, 32, 64),
-                 layers=(1, 1, 1, 1)) -> None:
-        nn.Module.__init__(self)
-        self._norm_layer = nn.BatchNorm2d
-        self.inplanes, self.dilation, self.groups, self.base_width = widths[0], 1, 1, 64
-        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.Identity()
-        self.layer1 = self._make_layer(BasicBlock, widths[0], layers[0])
-        self.layer2 = self._make_layer(BasicBlock, widths[1], layers[1], stride=2)
-        self.layer3 = self._make_layer(BasicBlock, widths[2], layers[2], stride=2)
-        self.layer4 = self._make_layer(BasicBlock, widths[3], layers[3], stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(widths[3], num_classes)
-        self.feature_dim = widths[3]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        Uses ``ResNet._make_layer`` and ``ResNet.forward`` unchanged; the stem is a 3x3 stride-1 conv
+        without max-pooling so an 8x8 image keeps spatial extent through the four stages.
+        """
+
+        def __init__(self, in_channels: int = 1, num_classes: int = 5, widths=(8, 16, 32, 64),
+                     layers=(1, 1, 1, 1)) -> None:
+            nn.Module.__init__(self)
+            self._norm_layer = nn.BatchNorm2d
+            self.inplanes, self.dilation, self.groups, self.base_width = widths[0], 1, 1, 64
+            self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(widths[0])
+            self.relu = nn.ReLU(inplace=True)
+            self.maxpool = nn.Identity()
+            self.layer1 = self._make_layer(BasicBlock, widths[0], layers[0])
+            self.layer2 = self._make_layer(BasicBlock, widths[1], layers[1], stride=2)
+            self.layer3 = self._make_layer(BasicBlock, widths[2], layers[2], stride=2)
+            self.layer4 = self._make_layer(BasicBlock, widths[3], layers[3], stride=2)
+            self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+            self.fc = nn.Linear(widths[3], num_classes)
+            self.feature_dim = widths[3]
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                elif isinstance(m, nn.BatchNorm2d):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+
+    DigitsResNet.__qualname__ = "DigitsResNet"  # the model fingerprint (kernel and backbone caches) reads it
+    return DigitsResNet
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DigitsResNet":
+        return _digits_resnet_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def digits_cnn(num_classes: int = 5) -> DigitsCNN:
     return DigitsCNN(1, num_classes)
 
 
-def digits_resnet(num_classes: int = 5) -> DigitsResNet:
-    return DigitsResNet(1, num_classes)
+def digits_resnet(num_classes: int = 5) -> "DigitsResNet":
+    return _digits_resnet_class()(1, num_classes)
 
 
 _DIGITS_ARCHS: Dict[str, Callable[[int], nn.Module]] = {"digits-cnn": digits_cnn, "digits-resnet": digits_resnet}
@@ -168,8 +185,10 @@ def state_dict_hash(sd: Dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def pretrain_backbone(name: str, recipe: PretrainRecipe = PRETRAIN_RECIPE) -> Tuple[nn.Module, Dict[str, float]]:
-    """Pre-train a digits backbone from scratch, deterministically; returns (model, report)."""
+def pretrain_backbone(name: str, recipe: PretrainRecipe = PRETRAIN_RECIPE, *, progress: Optional[Progress] = None,
+                      why: str = "") -> Tuple[nn.Module, Dict[str, float]]:
+    """Pre-train a digits backbone from scratch, deterministically; returns (model, report). ``progress``: one
+    task advanced per epoch (default: the ambient one, :func:`ttp_ray.progress.current`), described with ``why``."""
     if name not in _DIGITS_ARCHS:
         raise ModelError(f"model: only {', '.join(_DIGITS_ARCHS)} are pre-trained by ttp-ray, not {name!r}")
     ds = load_dataset(recipe.dataset)
@@ -190,6 +209,8 @@ def pretrain_backbone(name: str, recipe: PretrainRecipe = PRETRAIN_RECIPE) -> Tu
                               weight_decay=recipe.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=recipe.epochs)
         t0 = time.perf_counter()
+        task = resolve(progress).task(f"pre-training {name} on {recipe.dataset}{why}", total=recipe.epochs,
+                                      unit="epochs")
         for _ in range(recipe.epochs):
             model.train()
             order = train[torch.randperm(len(train), generator=g)]
@@ -199,6 +220,8 @@ def pretrain_backbone(name: str, recipe: PretrainRecipe = PRETRAIN_RECIPE) -> Tu
                 nn.functional.cross_entropy(model(x[b]), y[b]).backward()
                 opt.step()
             sched.step()
+            task.advance()
+        task.close()
         seconds = time.perf_counter() - t0
     finally:
         torch.use_deterministic_algorithms(prev_det)
@@ -216,8 +239,9 @@ def _digits_backbone_path(name: str, recipe: PretrainRecipe) -> Path:
 
 
 def load_pretrained_digits(name: str, recipe: PretrainRecipe = PRETRAIN_RECIPE, *, rebuild: bool = False,
-                           verbose: bool = False) -> Tuple[nn.Module, Dict[str, float]]:
-    """The cached pre-trained digits backbone, pre-training it on first use (or when ``rebuild``)."""
+                           progress: Optional[Progress] = None) -> Tuple[nn.Module, Dict[str, float]]:
+    """The cached pre-trained digits backbone, pre-training it on first use (or when ``rebuild``; ``progress``
+    shows it, epoch by epoch with an ETA)."""
     path = _digits_backbone_path(name, recipe)
     if path.exists() and not rebuild:
         try:
@@ -229,9 +253,8 @@ def load_pretrained_digits(name: str, recipe: PretrainRecipe = PRETRAIN_RECIPE, 
                 return model, dict(blob["report"])
         except Exception:
             pass  # corrupt or stale cache: fall through and rebuild it
-    if verbose:
-        print(f"pre-training {name} on {recipe.dataset} (recipe {recipe.key()}) ...", flush=True)
-    model, report = pretrain_backbone(name, recipe)
+    why = "" if rebuild else f" (first use; cached in {path.parent})"
+    model, report = pretrain_backbone(name, recipe, progress=progress, why=why)
     sd = model.state_dict()
     blob = {"state_dict": sd, "num_classes": model.fc.out_features, "sha256": state_dict_hash(sd), "report": report}
     atomic_write(path, lambda tmp: torch.save(blob, tmp))
@@ -302,10 +325,10 @@ def _load_checkpoint(arch: str, path: str) -> nn.Module:
     return model
 
 
-def load_backbone(name: str, *, allow_download: bool = False, verbose: bool = False) -> nn.Module:
+def load_backbone(name: str, *, allow_download: bool = False) -> nn.Module:
     """The pre-trained network named ``name`` (module docstring), in eval mode."""
     if name in _DIGITS_ARCHS:
-        return load_pretrained_digits(name, verbose=verbose)[0]
+        return load_pretrained_digits(name)[0]
     if name in _TORCHVISION_ARCHS:
         return _torchvision_imagenet(name, allow_download).eval()
     if ":" in name:
@@ -314,9 +337,16 @@ def load_backbone(name: str, *, allow_download: bool = False, verbose: bool = Fa
             return _load_checkpoint(left, right).eval()
         try:
             factory = getattr(importlib.import_module(left), right)
-        except (ImportError, AttributeError) as exc:
-            raise ModelError(f"model {name}: cannot import factory ({type(exc).__name__}: {exc})") from None
-        model = factory()
+        except Exception as exc:  # ImportError, AttributeError, or whatever the module raises on import
+            raise ModelError(_one_line(f"model {name}: cannot import factory ({type(exc).__name__}: {exc})")) from None
+        if not callable(factory):
+            raise ModelError(f"model {name}: {right} is a {type(factory).__name__}, not a function; allowed: a "
+                             "function that takes no arguments and returns an nn.Module")
+        try:
+            model = factory()
+        except Exception as exc:  # the user's code: one line, no traceback
+            raise ModelError(_one_line(f"model {name}: the factory raised {type(exc).__name__}: {exc}; allowed: a "
+                                       "function that takes no arguments and returns an nn.Module")) from None
         if not isinstance(model, nn.Module):
             raise ModelError(f"model {name}: factory returned {type(model).__name__}, not an nn.Module")
         if getattr(model, "input_spec", None) is None and getattr(factory, "input_spec", None) is not None:
@@ -324,6 +354,19 @@ def load_backbone(name: str, *, allow_download: bool = False, verbose: bool = Fa
         return model.eval()
     allowed = ", ".join(list(_DIGITS_ARCHS) + list(_TORCHVISION_ARCHS) + ["ARCH:PATH", "package.module:function"])
     raise ModelError(f"model: unknown name {name!r}; allowed: {allowed}")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def is_factory(name: str) -> bool:
+    """Whether backbone ``name`` is a user factory ``package.module:function`` (Python code imported and called),
+    rather than a known backbone or an ``ARCH:PATH`` checkpoint (weights only)."""
+    if ":" not in name:
+        return False
+    left = name.split(":", 1)[0]
+    return left not in _DIGITS_ARCHS and left not in _TORCHVISION_ARCHS
 
 
 # ------------------------------------------------------------------------------------ input specs
@@ -399,7 +442,7 @@ def load_dataset_for_model(ref: Union[str, ImageDataset], model: str, *, adapt: 
 
 # ------------------------------------------------------------------------------- fine-tuning model
 
-def _split_classifier(backbone: nn.Module) -> Tuple[nn.Module, int]:
+def _split_classifier(backbone: nn.Module, name: str = "") -> Tuple[nn.Module, int]:
     """Replace the backbone's classifier by Identity; return (feature extractor, feature dim)."""
     body = copy.deepcopy(backbone)
     for attr in ("fc", "classifier", "head"):
@@ -415,7 +458,9 @@ def _split_classifier(backbone: nn.Module) -> Tuple[nn.Module, int]:
         dim = body[-1].in_features
         body[-1] = nn.Identity()
         return body, dim
-    raise ModelError(f"model: cannot find a linear classifier (fc/classifier/head) in {type(backbone).__name__}")
+    raise ModelError(f"model{' ' + name if name else ''}: cannot find a linear classifier (fc/classifier/head) in "
+                     f"{type(backbone).__name__} to replace by the new head; allowed: a module whose fc, classifier or "
+                     f"head attribute (or last layer, for an nn.Sequential) is an nn.Linear")
 
 
 class FinetuneModel(nn.Module):
@@ -437,10 +482,10 @@ class FinetuneModel(nn.Module):
         return self.head(self.features(x))
 
 
-def build_finetune_model(backbone: str, num_classes: int, head_seed: int = 0, *, allow_download: bool = False,
-                         verbose: bool = False) -> FinetuneModel:
-    net = load_backbone(backbone, allow_download=allow_download, verbose=verbose)
-    features, dim = _split_classifier(net)
+def build_finetune_model(backbone: str, num_classes: int, head_seed: int = 0, *, allow_download: bool = False
+                         ) -> FinetuneModel:
+    net = load_backbone(backbone, allow_download=allow_download)
+    features, dim = _split_classifier(net, backbone)
     return FinetuneModel(features, dim, num_classes, head_seed)
 
 

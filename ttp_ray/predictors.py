@@ -39,6 +39,7 @@ from .kernel import KernelOptions
 from .probe import ProbeOptions, ProbedDrift, drift_summary, probe_drift, warp_result
 from .predict import (PredictedConfig, PredictSettings, check_request, load_state, load_subset_state,
                       predicted_configs, simulate_subset, subset_row_fields)
+from .progress import Progress, resolve
 from .relinearise import (FLOW_METHOD, RelinearisationOptions, RelinearisedResult, flow_path, relinearised_curves,
                           simulate_on_flow_path)
 from .stability import hessian_bound, max_stable_lr
@@ -147,9 +148,11 @@ class PreparedPredictor:
 
     # ---- the one entry point
     def predict(self, configs: Sequence[SimConfig], *, budget_steps: int, eps_list: Sequence[float],
-                settings: PredictSettings = PredictSettings()) -> List[PredictedConfig]:
+                settings: PredictSettings = PredictSettings(), progress: Optional[Progress] = None
+                ) -> List[PredictedConfig]:
         """T̂ε rows of every config: the predictor simulates those it supports, its ``fallback`` the others
-        (one-line ``ValueError`` naming the field where there is none); results in the order of ``configs``."""
+        (one-line ``ValueError`` naming the field where there is none); results in the order of ``configs``.
+        ``progress``: one task over the configs (default: the ambient one, :func:`ttp_ray.progress.current`)."""
         configs = list(configs)
         check_request(self.n, configs, budget_steps, eps_list)
         pred = self.predictor
@@ -159,10 +162,13 @@ class PreparedPredictor:
         if rest and pred.fallback is None:
             raise ValueError(reasons[rest[0]])
         results: List[Optional[SimResult]] = [None] * len(configs)
-        for idx, by in ((own, pred), (rest, get_predictor(pred.fallback) if rest else None)):
-            if idx:
-                for i, res in zip(idx, by.simulate(self, [configs[i] for i in idx], int(budget_steps), settings)):
-                    results[i] = res
+        with resolve(progress).task(f"simulating {len(configs)} config(s) over {int(budget_steps)} steps "
+                                    f"({pred.name})", total=len(configs), unit="configs") as task:
+            for idx, by in ((own, pred), (rest, get_predictor(pred.fallback) if rest else None)):
+                if idx:
+                    for i, res in zip(idx, by.simulate(self, [configs[i] for i in idx], int(budget_steps), settings)):
+                        results[i] = res
+                    task.advance(len(idx))
         thinned = [_thin(r, settings.sim.log_every, int(budget_steps)) for r in results]
         return predicted_configs(thinned, self.n, budget_steps=budget_steps, eps_list=eps_list, settings=settings,
                                  extra={"limit_from": self.limit_from, **pred.row_fields(self, settings)})

@@ -31,13 +31,14 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from .models import trainable_names
 from .objectives import loss_value, output_gradient
+from .progress import resolve as resolve_progress
 from .sampling import batch_schedule
 
 __all__ = ["ProbeOptions", "ProbeRun", "ProbedDrift", "batch_quadratic", "run_probe", "probe_drift", "drift_summary"]
@@ -127,7 +128,7 @@ def _running(x: np.ndarray, window: int, fn) -> np.ndarray:
 
 def run_probe(model, dataset, state, loss: str, momentum: float, lr: float, steps: int, batch_size: int, *,
               trainable: str = "all", device: str = "cpu", norm_batches: int = 4, level_window: int = 5,
-              seed: int = 0) -> ProbeRun:
+              seed: int = 0, on_step: Optional[Callable[[int], None]] = None) -> ProbeRun:
     """Fine-tune a copy of ``model`` for ``steps`` real heavy-ball minibatch steps and record, at each, the
     running loss level and the batch Rayleigh quotient against Θ0 (module docstring, step 1)."""
     t0 = time.perf_counter()
@@ -153,7 +154,11 @@ def run_probe(model, dataset, state, loss: str, momentum: float, lr: float, step
         quad = quadratic(idx, output_gradient(out.detach().double(), yb, loss))
         return float(lb.detach()), b * b * g2 / max(quad, 1e-300)
 
-    q0 = [quotient(schedule[i])[1] for i in range(norm_batches)]  # at w0: no step taken
+    step_done = on_step or (lambda n: None)
+    q0 = []
+    for i in range(norm_batches):  # at w0: no step taken
+        q0.append(quotient(schedule[i])[1])
+        step_done(1)
     quotient0 = float(np.median(q0)) if q0 else 1.0
     losses, quots = [], []
     diverged = False
@@ -167,6 +172,7 @@ def run_probe(model, dataset, state, loss: str, momentum: float, lr: float, step
         losses.append(lb)
         quots.append(q)
         opt.step()
+        step_done(1)
     level = _running(np.asarray(losses), level_window, np.mean)
     scale = np.asarray(quots) / max(quotient0, 1e-300)
     return ProbeRun(momentum=float(momentum), lr=float(lr), batch_size=b, level=level, scale=scale,
@@ -229,10 +235,13 @@ def probe_drift(model, dataset, state, loss: str, budget_steps: int, options: Pr
     steps = per_probe // b - options.norm_batches
     steps = max(1, min(steps, options.max_steps or int(budget_steps)))
     runs = []
-    for i, (m, f) in enumerate(options.probes):
-        runs.append(run_probe(model, dataset, state, loss, m, f * state.max_stable_lr(m), steps, b,
-                              trainable=trainable, device=device, norm_batches=options.norm_batches,
-                              level_window=options.level_window, seed=options.seed + i))
+    total = len(options.probes) * (steps + options.norm_batches)
+    with resolve_progress(None).task(f"probing the kernel's drift ({loss}: {len(options.probes)} real runs of "
+                                     f"{steps} steps, B {b})", total=total, unit="steps") as task:
+        for i, (m, f) in enumerate(options.probes):
+            runs.append(run_probe(model, dataset, state, loss, m, f * state.max_stable_lr(m), steps, b,
+                                  trainable=trainable, device=device, norm_batches=options.norm_batches,
+                                  level_window=options.level_window, seed=options.seed + i, on_step=task.advance))
     runs.sort(key=lambda r: r.effective_lr)
     levels, scales = [], []
     for r in runs:

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 
 from .training_time import curve_training_times
 
@@ -185,6 +184,8 @@ def read_table(root: Union[str, Path], table: str, columns: Optional[List[str]] 
     schema = SCHEMAS[table].append(pa.field("dataset", pa.string()))
     if not base.is_dir():
         return schema.empty_table() if columns is None else schema.empty_table().select(columns)
+    import pyarrow.dataset as pads  # here only: its import costs more than the rest of the tables
+
     ds = pads.dataset(str(base), format="parquet", schema=schema,
                       partitioning=pads.partitioning(pa.schema([("dataset", pa.string())]), flavor="hive"),
                       exclude_invalid_files=False, ignore_prefixes=[".", "_"])

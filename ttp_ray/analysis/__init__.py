@@ -9,6 +9,8 @@ Two modules, re-exported here (``from ttp_ray import analysis; analysis.rank(...
   :func:`to_jsonable`;
 * :mod:`ttp_ray.analysis.targets` -- the common target of a (dataset, loss) and the steps and cost for a
   curve to reach it (the default ranking objective);
+* :mod:`ttp_ray.analysis.retime` -- T̂ε and Tε for another ε, ε mode or criterion, read off the stored curves
+  (:func:`retime_predictions`, :func:`retime_ground_truth`, :func:`with_timing`);
 * :mod:`ttp_ray.analysis.errors` -- :class:`AnalysisError`;
 * :mod:`ttp_ray.analysis.plots` -- the figures (matplotlib, imported there only) and :func:`write_plots`.
 
@@ -23,6 +25,7 @@ from .metrics import (DEFAULT_RANK_KEY, GROUP_KEYS, PLATEAUS, RANK_KEYS, RANKING
                       rank_display, ranking_metrics, ranking_summary, regime_label, select, to_jsonable,
                       validated_configs, validation_metrics, validation_table, write_validation)
 from .targets import TARGET_MARGIN, derive_targets, steps_to_target, with_cost_to_target
+from .retime import has_timing, retime_ground_truth, retime_predictions, timing_settings, with_timing
 from .plots import (PLOT_KINDS, cost_heatmap_figure, curve_figure, curves_overview_figure, safe_name,
                     spectrum_figure, t_eps_scatter_figure, write_figure, write_plots)
 
@@ -53,6 +56,11 @@ __all__ = [
     "derive_targets",
     "steps_to_target",
     "with_cost_to_target",
+    "timing_settings",
+    "retime_predictions",
+    "retime_ground_truth",
+    "has_timing",
+    "with_timing",
     "validation_table",
     "validation_metrics",
     "ranking_metrics",

@@ -29,6 +29,7 @@ from .cache import (
     kernel_state,
     kernels_cache_dir,
     load_kernel_state,
+    model_fingerprint,
     save_kernel_state,
 )
 from .estimators import (
@@ -36,6 +37,7 @@ from .estimators import (
     KernelSketch,
     class_trace_kernel,
     compute_kernel_state,
+    kernel_memory,
     eigendecompose_kernel,
     eigendecompose_sketch,
     exact_kernel,
@@ -64,8 +66,10 @@ __all__ = [
     "eigendecompose_kernel",
     "eigendecompose_sketch",
     "compute_kernel_state",
+    "kernel_memory",
     "kernel_state",
     "kernel_cache_key",
+    "model_fingerprint",
     "kernel_cache_path",
     "kernels_cache_dir",
     "save_kernel_state",

@@ -37,6 +37,7 @@ __all__ = [
     "save_kernel_state",
     "load_kernel_state",
     "kernel_state",
+    "model_fingerprint",
 ]
 
 KERNEL_CACHE_VERSION = 1
@@ -52,7 +53,8 @@ def kernels_cache_dir() -> Path:
     return Path(cache_dir()) / "kernels"
 
 
-def _model_fingerprint(model: nn.Module) -> str:
+def model_fingerprint(model: nn.Module) -> str:
+    """Content hash of a model: its class and every tensor of its state dict (weights and buffers, head included)."""
     h = hashlib.sha256()
     h.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
     for name, t in sorted(model.state_dict().items()):
@@ -69,7 +71,7 @@ def kernel_cache_key(model: nn.Module, dataset: Any, options: KernelOptions, *, 
     classes, ``trainable`` and :meth:`KernelOptions.result_fields`."""
     fields_ = {
         "version": KERNEL_CACHE_VERSION,
-        "model": _model_fingerprint(model),
+        "model": model_fingerprint(model),
         "head_seed": getattr(model, "head_seed", None),
         "dataset": str(dataset.fingerprint()),
         "n": len(dataset),

@@ -33,11 +33,12 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from ..progress import Progress, resolve
 from ..state import KernelState
 from .gradients import ImageSource, PerSampleGradients, auto_batch_size, class_probe_cotangents
 from .options import EIGEN_SOLVERS, PROJECTIONS, KernelOptions
@@ -47,12 +48,15 @@ __all__ = [
     "ExactKernel",
     "KernelSketch",
     "exact_kernel",
+    "exact_kernel_panel",
+    "exact_kernel_passes",
     "kernel_sketch",
     "kernel_sketches",
     "class_trace_kernel",
     "eigendecompose_sketch",
     "eigendecompose_kernel",
     "compute_kernel_state",
+    "kernel_memory",
 ]
 
 _CHUNK_BYTES = 4 * 2**20  # per-sample gradients are assembled and projected in blocks of about this size
@@ -85,14 +89,15 @@ class KernelSketch:
 
 def exact_kernel(grads: PerSampleGradients, images: Any, num_classes: int, *, class_trace: bool = False,
                  dtype: torch.dtype = torch.float64, memory_cap_mb: float = 512.0,
-                 batch_size: Optional[int] = None) -> ExactKernel:
+                 batch_size: Optional[int] = None, on_rows: Optional[Callable[[int], None]] = None) -> ExactKernel:
     """Exact empirical NTK from every per-sample, per-class Jacobian row (METHOD.md §2, §6).
 
     ``Theta[i*C + c, j*C + c'] = J_{ic} . J_{jc'}``; with ``class_trace``,
     ``Theta_N[i, j] = (1/C) sum_c J_{ic} . J_{jc}``. The Gram is accumulated in ``dtype`` over panels of
     samples whose Jacobian rows fit in half of ``memory_cap_mb`` (one panel when all of J fits; else the
     rows of the later samples are recomputed once per panel). ``images``: an ``(N, ...)`` tensor or a
-    dataset with ``images(slice)`` and ``len``. Runs on ``grads.device``.
+    dataset with ``images(slice)`` and ``len``. Runs on ``grads.device``. ``on_rows(b)`` is called after each
+    batch of b samples' Jacobian rows (:func:`exact_kernel_passes` samples in all), for progress.
     """
     src = ImageSource(images)
     n, c, d = src.n, int(num_classes), grads.num_params
@@ -100,14 +105,15 @@ def exact_kernel(grads: PerSampleGradients, images: Any, num_classes: int, *, cl
     if batch_size is None:
         batch_size = auto_batch_size(grads, src, c, memory_cap_mb / 2)
     item = torch.empty((), dtype=dtype).element_size()
-    panel = max(1, min(n, int((memory_cap_mb / 2) * 2**20 // (c * d * item))))
-    panel = max(panel, min(n, batch_size))
+    panel = exact_kernel_panel(n, c, d, item, memory_cap_mb, batch_size)
     per = 1 if class_trace else c
     theta = torch.zeros(n * per, n * per, dtype=dtype, device=grads.device)
     f0 = torch.empty(n, c, dtype=grads.dtype, device=grads.device)
 
     def jacobian_rows(s: int, e: int) -> Tuple[torch.Tensor, torch.Tensor]:
         out, g = grads(src.batch(s, e).to(device=grads.device, dtype=grads.dtype), eye)
+        if on_rows is not None:
+            on_rows(e - s)
         flat = torch.cat([g[nm].reshape(e - s, c, -1) for nm in grads.names], dim=2).to(dtype)
         if class_trace:  # (b, C*D) / sqrt(C): its Gram is (1/C) sum_c J_c J_c^T
             return out, flat.reshape(e - s, c * d) / math.sqrt(c)
@@ -137,25 +143,40 @@ def exact_kernel(grads: PerSampleGradients, images: Any, num_classes: int, *, cl
     return ExactKernel(theta, f0, bool(class_trace), seconds, int(batch_size), panels)
 
 
+def exact_kernel_panel(n: int, num_classes: int, num_params: int, item: int, memory_cap_mb: float,
+                       batch_size: int) -> int:
+    """Samples per panel of :func:`exact_kernel`: their Jacobian rows fit in half of ``memory_cap_mb``."""
+    panel = max(1, min(n, int((memory_cap_mb / 2) * 2**20 // (num_classes * num_params * item))))
+    return max(panel, min(n, batch_size))
+
+
+def exact_kernel_passes(n: int, panel: int) -> int:
+    """Sample gradients :func:`exact_kernel` computes with panels of ``panel``: each panel's own, then the later ones."""
+    return sum(n - p0 for p0 in range(0, n, panel))
+
+
 def kernel_sketch(grads: PerSampleGradients, images: Any, num_classes: int, *, k: int,
                   projection: str = "countsketch", class_trace: bool = False, class_probes: int = 1,
-                  seed: int = 0, memory_cap_mb: float = 512.0, batch_size: Optional[int] = None) -> KernelSketch:
+                  seed: int = 0, memory_cap_mb: float = 512.0, batch_size: Optional[int] = None,
+                  on_rows: Optional[Callable[[int], None]] = None) -> KernelSketch:
     """Projected per-sample gradients ``Z`` with ``E[Z Z^T] = Theta`` (METHOD.md §6).
 
     Full (``class_trace=False``): row ``i*C + c`` of Z is ``P(J_{ic})`` (C cotangents per sample, batched).
     Class trace: row i is ``P([u_1 . J_i, ..., u_m . J_i])`` with the :func:`class_probe_cotangents`
     ``U`` (m = ``class_probes`` per sample), so ``E[Z Z^T] = Theta_N``. ``P`` is ``projection`` applied per
     parameter tensor as soon as its gradients exist; no ``D x k`` matrix is formed. Batches are sized to
-    ``memory_cap_mb`` unless ``batch_size`` is given. Runs on ``grads.device``.
+    ``memory_cap_mb`` unless ``batch_size`` is given. Runs on ``grads.device``. ``on_rows(b)`` is called
+    after each batch of b samples, for progress.
     """
     return kernel_sketches(grads, images, num_classes, [(projection, k)], class_trace=class_trace,
                            class_probes=class_probes, seed=seed, memory_cap_mb=memory_cap_mb,
-                           batch_size=batch_size)[0]
+                           batch_size=batch_size, on_rows=on_rows)[0]
 
 
 def kernel_sketches(grads: PerSampleGradients, images: Any, num_classes: int, projections: Sequence[Tuple[str, int]],
                     *, class_trace: bool = False, class_probes: int = 1, seed: int = 0,
-                    memory_cap_mb: float = 512.0, batch_size: Optional[int] = None) -> List[KernelSketch]:
+                    memory_cap_mb: float = 512.0, batch_size: Optional[int] = None,
+                    on_rows: Optional[Callable[[int], None]] = None) -> List[KernelSketch]:
     """:func:`kernel_sketch` for several ``(projection, k)`` at once, from one gradient pass (studies of
     accuracy against k). Each sketch's ``seconds`` is the wall time of the whole shared pass."""
     for kind, _ in projections:
@@ -193,6 +214,8 @@ def kernel_sketches(grads: PerSampleGradients, images: Any, num_classes: int, pr
         for p, ws, z in zip(projs, wss, zs):
             z[s * per:e * per] = p.finish(ws)
         del out, block, wss
+        if on_rows is not None:
+            on_rows(e - s)
     seconds = time.perf_counter() - t0
     return [KernelSketch(z, f0, bool(class_trace), kind, seconds, int(batch_size), cot.cpu())
             for z, (kind, _) in zip(zs, projections)]
@@ -206,6 +229,20 @@ def class_trace_kernel(theta: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- eigen
+
+def kernel_memory(n: int, num_classes: int, options: KernelOptions) -> int:
+    """Bytes the kernel estimate holds at its peak for ``n`` samples of ``num_classes`` classes (an upper estimate
+    from what it allocates, for refusing a plan before it runs): the sketch Z (``rows x k``) and its float64 copy,
+    the smaller Gram matrix and the eigenvectors (``rows x min(rows, k)``), or the exact ``rows x rows`` kernel and
+    its eigh; plus the per-batch working set ``memory_cap_mb``. ``rows`` is N (class trace) or N C."""
+    rows = int(n) if options.class_trace else int(n) * int(num_classes)
+    cap = int(options.memory_cap_mb * 2 ** 20)
+    if options.method == "exact":
+        return 3 * rows * rows * 8 + cap
+    k = int(options.k)
+    r = min(rows, k)
+    return rows * k * (4 + 8) + 2 * r * r * 8 + rows * r * 8 + cap
+
 
 def eigendecompose_sketch(z: torch.Tensor, *, dtype: torch.dtype = torch.float64, rtol: float = 1e-9,
                           solver: str = "gram") -> Tuple[torch.Tensor, torch.Tensor]:
@@ -266,14 +303,16 @@ def _model_on(model: nn.Module, device) -> nn.Module:
 
 
 def compute_kernel_state(model: nn.Module, dataset: Any, options: KernelOptions = KernelOptions(), *,
-                         device: Union[str, torch.device] = "cpu", trainable: str = "all") -> KernelState:
+                         device: Union[str, torch.device] = "cpu", trainable: str = "all",
+                         progress: Optional[Progress] = None) -> KernelState:
     """The :class:`KernelState` of ``model`` (eval mode, BN frozen) on ``dataset``, computed now.
 
     ``dataset``: an :class:`~ttp_ray.data.ImageDataset` (``images``, ``targets``, ``num_classes``,
     ``len``). f0 are the outputs at w0 (eval mode, batched: a by-product of the gradient pass);
     eigenpairs come from the SVD of Z (``method="sketch"``) or ``eigh`` of Theta (``"exact"``).
     ``device``: where gradients, Z and the eigen step run ("cpu", "cuda", ...); the state returned is on
-    the CPU. ``trainable``: ``"all"`` or ``"head"`` (models.trainable_names).
+    the CPU. ``trainable``: ``"all"`` or ``"head"`` (models.trainable_names). ``progress``: one task over the
+    samples' gradient pass, with an ETA (default: the ambient one, :func:`ttp_ray.progress.current`).
     """
     if model.training:
         raise ValueError("model: must be in eval mode (batch-norm statistics frozen, METHOD.md §1); call model.eval()")
@@ -289,9 +328,15 @@ def compute_kernel_state(model: nn.Module, dataset: Any, options: KernelOptions 
         "memory_cap_mb": float(options.memory_cap_mb), "torch": torch.__version__,
         "dataset": getattr(dataset, "name", None), "options": asdict(options),
     }
+    what = f"kernel of {meta['dataset'] or 'the dataset'} ({len(dataset)} samples, {options.method}"
     if options.method == "exact":
-        ex = exact_kernel(grads, dataset, c, class_trace=options.class_trace, dtype=dt,
-                          memory_cap_mb=options.memory_cap_mb, batch_size=options.batch_size)
+        b = options.batch_size or auto_batch_size(grads, ImageSource(dataset), c, options.memory_cap_mb / 2)
+        item = torch.empty((), dtype=dt).element_size()
+        passes = exact_kernel_passes(len(dataset), exact_kernel_panel(len(dataset), c, grads.num_params, item,
+                                                                      options.memory_cap_mb, b))
+        with resolve(progress).task(f"{what}): per-sample Jacobians", total=passes, unit="samples") as task:
+            ex = exact_kernel(grads, dataset, c, class_trace=options.class_trace, dtype=dt,
+                              memory_cap_mb=options.memory_cap_mb, batch_size=b, on_rows=task.advance)
         t1 = time.perf_counter()
         eigvals, eigvecs = eigendecompose_kernel(ex.theta, dtype=dt, rtol=options.eig_rtol)
         eig_s = time.perf_counter() - t1
@@ -299,9 +344,12 @@ def compute_kernel_state(model: nn.Module, dataset: Any, options: KernelOptions 
         meta.update(projection=None, k=None, seed=None, class_probes=None, kernel_seconds=ex.seconds,
                     batch_size=ex.batch_size, panels=ex.panels)
     else:
-        sk = kernel_sketch(grads, dataset, c, k=options.k, projection=options.projection,
-                           class_trace=options.class_trace, class_probes=options.class_probes, seed=options.seed,
-                           memory_cap_mb=options.memory_cap_mb, batch_size=options.batch_size)
+        with resolve(progress).task(f"{what} k={options.k}): per-sample gradients, sketched", total=len(dataset),
+                                    unit="samples") as task:
+            sk = kernel_sketch(grads, dataset, c, k=options.k, projection=options.projection,
+                               class_trace=options.class_trace, class_probes=options.class_probes,
+                               seed=options.seed, memory_cap_mb=options.memory_cap_mb,
+                               batch_size=options.batch_size, on_rows=task.advance)
         t1 = time.perf_counter()
         eigvals, eigvecs = eigendecompose_sketch(sk.z, dtype=dt, rtol=options.eig_rtol, solver=options.eigen_solver)
         eig_s = time.perf_counter() - t1

@@ -58,9 +58,9 @@ def ground_truth_task(job: GroundTruthJob) -> GroundTruthOutput:
 
 
 @ray.remote(num_cpus=0)
-def preflight_task(spec) -> Dict[str, Any]:
+def preflight_task(spec, limits=None) -> Dict[str, Any]:
     """:func:`ttp_ray.sweep.preflight.preflight` on the cluster (where the data lives)."""
-    return preflight(spec)
+    return preflight(spec) if limits is None else preflight(spec, limits=limits)
 
 
 def actor_options(cpus: float, gpus: float, max_restarts: int, max_task_retries: int,

@@ -24,25 +24,33 @@ Order of events (:func:`run_sweep`):
    that ranking and ``predicted_cost_s``'s order the fine-tuned configs (``analysis.ranking_metrics``).
 
 Ctrl-C or a killed driver loses nothing already written: parts are atomic and the next run with the
-same spec and ``--out`` skips them.
+same spec and ``--out`` skips them. With ``handle_signals`` (``ttp-ray sweep``), SIGINT and SIGTERM stop the
+loop within a second (:class:`~ttp_ray.interrupts.Interrupted`), the actors are killed and Ray is shut down;
+the CLI prints one line and exits 130 / 143. An ``--address`` that accepts no TCP connection fails before
+``ray.init`` (:func:`check_address`, one line).
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
+from ..interrupts import stop_on_signals
+from ..progress import NULL_PROGRESS, Progress, Task, current
+
+from ..preflight import PreflightError, ResourceLimits, check_output_dir
 from .output import SPECTRUM_PART, SweepOutput, read_table
 from .plan import DatasetSize, GroundTruthRun, Shard, SweepPlan, build_plan, dry_run_text, resolve_lr
-from .preflight import preflight
-from .spec import SpecError, SweepSpec
+from .preflight import check_local, check_plan, preflight
+from .spec import SpecError, SweepSpec, ground_truth_from_identity
 
-__all__ = ["SweepResult", "preflight", "plan_sweep", "resource_view", "check_feasible", "dry_run", "run_sweep",
-           "summary_text", "start_local_ray"]
+__all__ = ["SweepResult", "AddressError", "ADDRESS_TIMEOUT_S", "check_address", "preflight", "plan_sweep",
+           "resource_view", "check_feasible", "dry_run", "run_sweep", "summary_text", "start_local_ray",
+           "failure_text"]
 
 MAX_INFLIGHT_PER_ACTOR = 2
 
@@ -59,6 +67,13 @@ class SweepResult:
     seconds: float
     actor_nodes: Dict[str, str] = field(default_factory=dict)  # unit -> node id of its first actor
     shard_seconds: float = 0.0  # actor-side wall time of the shards predicted by this run, summed
+    input_failures: List[str] = field(default_factory=list)  # the failures a re-run cannot fix (bad input)
+    notes: List[str] = field(default_factory=list)  # what the run did besides the work (a stale lock taken over, ...)
+
+    @property
+    def retryable(self) -> bool:
+        """Whether some failure may go away on a re-run (else every one was bad input found inside a worker)."""
+        return len(self.failures) > len(self.input_failures)
 
 
 # -------------------------------------------------------------------------------------------- plan
@@ -120,9 +135,11 @@ def _public(view: Dict[str, Any]) -> Dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------- dry run
 
-def dry_run(spec: SweepSpec, *, address: Optional[str] = None, num_cpus: Optional[int] = None) -> str:
-    """The plan as text, without starting Ray and without data (paper datasets: sizes from the table)."""
-    sizes = preflight(spec, allow_missing=True)
+def dry_run(spec: SweepSpec, *, address: Optional[str] = None, num_cpus: Optional[int] = None,
+            limits: ResourceLimits = ResourceLimits()) -> Tuple[str, Optional[str]]:
+    """The plan as text, without starting Ray and without data (paper datasets: sizes from the table), with the
+    memory estimate of its largest unit; and the one-line refusal the run would meet (``limits``), or None."""
+    sizes = preflight(spec, allow_missing=True, limits=limits)
     plan = plan_sweep(spec, sizes)
     view = resource_view(spec, plan, _local_cluster_guess(num_cpus))
     shown = _public(view)
@@ -130,7 +147,21 @@ def dry_run(spec: SweepSpec, *, address: Optional[str] = None, num_cpus: Optiona
         shown["cluster"] = f"attach to {address or os.environ['RAY_ADDRESS']} (GPUs 'auto' resolved there)"
     else:
         shown["cluster"] = "local Ray on 127.0.0.1, " + shown["cluster"]
-    return dry_run_text(plan, shown)
+    refusal = None
+    try:
+        check_plan(spec, plan, limits)
+    except PreflightError as exc:
+        refusal = str(exc)
+    from .preflight import unit_memory
+
+    worst = max((unit_memory(spec, d.size.n, d.size.num_classes, max((len(x.configs) for x in d.shards), default=0),
+                             max((c.budget_steps for c in d.configs), default=0)) for d in plan.datasets),
+                key=lambda e: e.total, default=None)
+    lines = [dry_run_text(plan, shown), f"  limits: configs {plan.n_configs} of at most {limits.max_configs} "
+                                        f"(--max-configs)"]
+    if worst is not None:
+        lines.append(f"  memory: {worst.text()}; limit {limits.max_memory_gb:g} GB per process (--max-memory-gb)")
+    return "\n".join(lines), refusal
 
 
 # ---------------------------------------------------------------------------------------------- Ray
@@ -151,8 +182,39 @@ def start_local_ray(num_cpus: Optional[int] = None, object_store_mb=None) -> Non
              logging_level=logging.WARNING, **kw)
 
 
+class AddressError(ValueError):
+    """``--address`` (or ``RAY_ADDRESS``) names no Ray cluster this machine reaches: one line, exit code 2."""
+
+
+ADDRESS_TIMEOUT_S = 5.0  # the TCP pre-check of --address before ray.init (whose own retries take minutes)
+_ADDRESS_ALLOWED = ("allowed: the host:port of a running Ray head (`ray start --head` prints it; ray://host:port "
+                    "for Ray Client), 'auto' on a node of a running cluster, or no --address (and no RAY_ADDRESS) "
+                    "for a local Ray")
+
+
+def check_address(address: str, timeout_s: float = ADDRESS_TIMEOUT_S) -> None:
+    """Fail fast, one line, when ``address`` (``host:port`` or ``ray://host:port``) does not accept a TCP
+    connection within ``timeout_s``; ``auto`` and ``local`` are left to Ray. Ray-free."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = hostport.rstrip("/").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise AddressError(f"--address: {address!r} is not host:port; {_ADDRESS_ALLOWED}")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        why = (f"no answer within {timeout_s:g} s" if isinstance(exc, socket.timeout)
+               else (exc.strerror or type(exc).__name__).lower())
+        raise AddressError(f"--address: cannot reach {host}:{port} ({why}); {_ADDRESS_ALLOWED}") from None
+
+
 def _connect(spec: SweepSpec, address: Optional[str], num_cpus: Optional[int]) -> bool:
-    """Connect to Ray; returns True when this call started (and so must stop) it."""
+    """Connect to Ray; returns True when this call started (and so must stop) it. An address that names
+    no reachable cluster is an :class:`AddressError` (one line) within seconds, not minutes of Ray's retries."""
     import logging
 
     import ray
@@ -161,19 +223,24 @@ def _connect(spec: SweepSpec, address: Optional[str], num_cpus: Optional[int]) -
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        check_address(address)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except (ConnectionError, TimeoutError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise AddressError(f"--address: no Ray cluster at {address!r} ({first}); {_ADDRESS_ALLOWED}") from None
         return True
     start_local_ray(num_cpus, spec.resources.object_store_mb)
     return True
 
 
-def _remote_preflight(spec: SweepSpec) -> Dict[str, Dict[str, Any]]:
+def _remote_preflight(spec: SweepSpec, limits: ResourceLimits) -> Dict[str, Dict[str, Any]]:
     import ray
 
     from .actors import preflight_task
 
     try:
-        return ray.get(preflight_task.remote(spec))
+        return ray.get(preflight_task.remote(spec, limits))
     except ray.exceptions.RayTaskError as exc:
         cause = getattr(exc, "cause", None)
         if isinstance(cause, ValueError):
@@ -184,42 +251,48 @@ def _remote_preflight(spec: SweepSpec) -> Dict[str, Dict[str, Any]]:
 # --------------------------------------------------------------------------------------- the sweep
 
 class _Reporter:
-    """Progress: a rich bar on a terminal, else one line per finished part."""
+    """A sweep's progress (:mod:`ttp_ray.progress`): one task per kind of unit, prediction shards and
+    ground-truth fine-tunes (done / total with an ETA each, as their costs differ; parts found on disk count as
+    done), one open-ended task per (dataset, model) while its actor prepares the kernel state, and notes
+    (kernel loaded, errors)."""
 
-    def __init__(self, plan: SweepPlan, skipped: Dict[str, int], echo: Callable[[str], None], enabled: bool):
-        self.echo = echo
-        self.enabled = enabled
-        self.bar = None
-        self.done = dict(skipped)
-        self.total = {"predictions": plan.n_shards, "ground_truth": plan.n_ground_truth}
-        if enabled and sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    def __init__(self, name: str, plan: SweepPlan, skipped: Dict[str, int], progress: Progress):
+        self.progress = progress
+        self.kernels: Dict[str, Task] = {}
+        self.units: Dict[str, Task] = {}
+        for kind, total, what, unit in (("predictions", plan.n_shards, "prediction shards", "shards"),
+                                        ("ground_truth", plan.n_ground_truth, "fine-tunes (ground truth)", "runs")):
+            if total:
+                self.units[kind] = progress.task(f"sweep {name}: {what}", total=total, unit=unit,
+                                                 completed=skipped[kind])
 
-            self.bar = Progress(TextColumn("{task.description:>24s}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), console=Console(stderr=True))
-            self.tasks = {}
-            for kind, label in (("predictions", "prediction shards"), ("ground_truth", "ground-truth runs")):
-                if self.total[kind]:
-                    self.tasks[kind] = self.bar.add_task(label, total=self.total[kind], completed=self.done[kind])
-            self.bar.start()
+    def kernel_started(self, unit: str) -> None:
+        self.kernels[unit] = self.progress.task(f"{unit}: actor start and kernel state")
 
-    def advance(self, kind: str, text: str) -> None:
-        self.done[kind] += 1
-        if self.bar is not None:
-            self.bar.update(self.tasks[kind], advance=1)
-        elif self.enabled:
-            self.echo(f"[{self.done[kind]}/{self.total[kind]}] {text}")
+    def kernel_done(self, unit: str) -> None:
+        task = self.kernels.pop(unit, None)
+        if task is not None:
+            task.close()
+
+    def advance(self, kind: str) -> None:
+        task = self.units[kind]
+        task.advance()
+        if task.total is not None and task.completed >= task.total:
+            task.close()
+
+    def tick(self) -> None:
+        """Time passed: plain lines are due every few seconds even when nothing finished."""
+        for task in list(self.units.values()) + list(self.kernels.values()):
+            task.tick()
 
     def note(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.console.print(text)
-        elif self.enabled:
-            self.echo(text)
+        self.progress.note(text)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+        for unit in list(self.kernels):
+            self.kernel_done(unit)
+        for task in self.units.values():
+            task.close("stopped")  # a finished one closed when its last unit came
 
 
 @dataclass
@@ -239,15 +312,18 @@ class _Sweep:
     """The driver loop of one run (state kept here so the loop reads as a list of events)."""
 
     def __init__(self, spec: SweepSpec, plan: SweepPlan, output: SweepOutput, view: Dict[str, Any],
-                 reporter: _Reporter, crash_marker: Optional[str], stop_after: Optional[int]):
+                 reporter: _Reporter, crash_marker: Optional[str], stop_after: Optional[int],
+                 check_stop: Callable[[], None]):
         import ray
 
+        self.check_stop = check_stop  # raises Interrupted after a signal (ttp_ray.interrupts)
         self.ray = ray
         self.spec, self.plan, self.output, self.view, self.reporter = spec, plan, output, view, reporter
         self.crash_marker = crash_marker
         self.stop_after = stop_after
         self.refs: Dict[Any, Tuple[str, str, Any, int]] = {}
         self.failures: List[str] = []
+        self.input_failures: List[str] = []  # those a re-run cannot fix
         self.written = {"predictions": 0, "ground_truth": 0}
         self.datasets: Dict[str, _DatasetRun] = {}
         self.actor_nodes: Dict[str, str] = {}
@@ -263,6 +339,7 @@ class _Sweep:
             if run.pending or run.gt_pending or run.needs_spectrum:
                 actor = self._new_actor(run)
                 self.refs[actor.prepare.remote(run.needs_spectrum)] = ("prepare", d.key, None, 0)
+                self.reporter.kernel_started(d.key)
 
     def _new_actor(self, run: _DatasetRun):
         from .actors import DatasetActor, actor_options
@@ -308,6 +385,8 @@ class _Sweep:
     def loop(self) -> None:
         while self.refs:
             ready, _ = self.ray.wait(list(self.refs), num_returns=1, timeout=1.0)
+            self.check_stop()
+            self.reporter.tick()
             for ref in ready:
                 kind, label, payload, idx = self.refs.pop(ref)
                 run = self.datasets[label]
@@ -324,6 +403,7 @@ class _Sweep:
             self.output.write_parts(run.unit.label, run.unit.prefix + SPECTRUM_PART, {"spectra": spectrum})
             run.needs_spectrum = False
         run.info = info
+        self.reporter.kernel_done(run.label)
         self.actor_nodes[run.label] = info.get("node_id", "")
         self.output.record_dataset(run.label, {k: v for k, v in info.items() if k not in ("pid",)})
         hit = "loaded from cache" if info.get("kernel_cache_hit") else "computed"
@@ -341,8 +421,7 @@ class _Sweep:
         self.written["predictions"] += 1
         self.shard_seconds += out.seconds
         run.inflight[idx] -= 1
-        self.reporter.advance("predictions", f"{shard.key}: {out.configs} configs, {out.simulations} simulations, "
-                                             f"{out.seconds:.2f} s on {out.host}")
+        self.reporter.advance("predictions")
         self._feed(run)
         self._release_if_done(run)
         if self.stop_after is not None and self.written["predictions"] >= self.stop_after:
@@ -352,19 +431,22 @@ class _Sweep:
         self.output.write_parts(out.dataset, out.run_id, {"curves": out.curves, "ground_truth": out.rows})
         self.output.sync()
         self.written["ground_truth"] += 1
-        self.reporter.advance("ground_truth", f"{g.key}: {out.seconds:.1f} s on {out.host}")
+        self.reporter.advance("ground_truth")
 
     def _failed(self, kind: str, run: _DatasetRun, payload, idx: int, exc: Exception) -> None:
-        cause = getattr(exc, "cause", None) or exc
-        first = (str(cause).strip().splitlines() or [type(cause).__name__])[-1][:300]
-        what = {"prepare": f"{run.label}: kernel state", "shard": f"{getattr(payload, 'key', '')}: prediction",
-                "gt": f"{getattr(payload, 'key', '')}: ground truth"}[kind]
-        self.failures.append(f"{what} failed: {type(cause).__name__}: {first}")
+        text, bad_input = failure_text(kind, run.label, getattr(payload, "key", ""), exc,
+                                       dataset=run.unit.entry.ref, model=run.unit.model or str(self.spec.model))
+        self.failures.append(text)
+        if bad_input:
+            self.input_failures.append(text)
         self.reporter.note(f"error: {self.failures[-1]}")
         if kind == "prepare":
+            self.reporter.kernel_done(run.label)
             run.failed = True
             self.failures.append(f"{run.label}: {len(run.pending)} shard(s) and {len(run.gt_pending)} "
                                  f"ground-truth run(s) not attempted")
+            if bad_input:
+                self.input_failures.append(self.failures[-1])
             run.pending.clear()
             run.gt_pending = []
             self._release_if_done(run)
@@ -372,6 +454,16 @@ class _Sweep:
             run.inflight[idx] -= 1
             self._feed(run)
             self._release_if_done(run)
+
+    def cancel_pending(self) -> None:
+        """Cancel what is in flight (stopping early): fine-tune tasks are killed, shard calls dropped; so that Ray's
+        shutdown has no failed task left to report."""
+        for ref, (kind, *_rest) in list(self.refs.items()):
+            try:
+                self.ray.cancel(ref, force=kind == "gt")
+            except Exception:  # pragma: no cover - already finished or gone
+                pass
+        self.refs.clear()
 
     def shutdown_actors(self) -> None:
         for run in self.datasets.values():
@@ -381,6 +473,19 @@ class _Sweep:
                 except Exception:  # pragma: no cover - already gone
                     pass
             run.actors = []
+
+
+def failure_text(kind: str, unit: str, key: str, exc: BaseException, *, dataset: str, model: str) -> Tuple[str, bool]:
+    """The line a failed actor call or task leaves (``kind``: prepare, shard, gt), and whether it is bad input that
+    a re-run cannot fix: a ``ValueError`` (the core's one-line input errors: ``DatasetError``, ``ModelError``, ...)
+    raised inside the worker, as opposed to a worker that died or a system error (retried by a re-run)."""
+    cause = getattr(exc, "cause", None) or exc
+    first = (str(cause).strip().splitlines() or [type(cause).__name__])[-1][:300]
+    what = {"prepare": f"{unit}: kernel state", "shard": f"{key}: prediction", "gt": f"{key}: ground truth"}[kind]
+    if isinstance(cause, ValueError):
+        return (f"{what} failed on bad input (dataset {dataset}, model {model}), which a re-run cannot fix: "
+                f"{type(cause).__name__}: {first}"), True
+    return f"{what} failed: {type(cause).__name__}: {first}", False
 
 
 def _plan_summary(plan: SweepPlan) -> Dict[str, Any]:
@@ -396,58 +501,135 @@ def _plan_summary(plan: SweepPlan) -> Dict[str, Any]:
 
 
 def run_sweep(spec: SweepSpec, out: Optional[str] = None, *, address: Optional[str] = None, fresh: bool = False,
-              num_cpus: Optional[int] = None, progress: bool = True, echo: Callable[[str], None] = print,
+              num_cpus: Optional[int] = None, progress: Union[bool, Progress] = False, handle_signals: bool = False,
+              echo: Callable[[str], None] = print, limits: ResourceLimits = ResourceLimits(),
               _crash_marker: Optional[str] = None, _stop_after_shards: Optional[int] = None) -> SweepResult:
-    """Run (or resume) a sweep; see the module docstring. ``_crash_marker`` and ``_stop_after_shards``
-    are test hooks (an actor exits once mid-sweep; the driver stops as on Ctrl-C)."""
+    """Run (or resume) a sweep; see the module docstring.
+
+    ``progress``: a :class:`~ttp_ray.progress.Progress` (units done / total with an ETA, a task per kernel
+    phase, notes), True for the ambient one (:func:`ttp_ray.progress.current`) or False for none.
+    ``handle_signals``: SIGINT and SIGTERM raise :class:`~ttp_ray.interrupts.Interrupted` (Ray is shut down on
+    the way out; ``ttp-ray sweep`` prints one line and exits 130 / 143), set again after ``ray.init``, which
+    installs its own SIGTERM handler. ``echo``: where notes go (a resumed lock, parts recomputed). ``limits``: the
+    resource bounds the plan is checked against before anything runs. ``_crash_marker`` and
+    ``_stop_after_shards`` are test hooks (an actor exits once mid-sweep; the driver stops as on Ctrl-C)."""
+    traps = stop_on_signals() if handle_signals else contextlib.nullcontext()
+    with traps as trap:
+        return _run_sweep(spec, out, address=address, fresh=fresh, num_cpus=num_cpus,
+                          progress=_progress(progress), trap=trap, echo=echo, limits=limits,
+                          crash_marker=_crash_marker, stop_after=_stop_after_shards)
+
+
+def _progress(progress: Union[bool, Progress]) -> Progress:
+    if progress is True:
+        return current() if current().enabled else Progress()
+    return progress or NULL_PROGRESS
+
+
+def _run_sweep(spec: SweepSpec, out: Optional[str], *, address: Optional[str], fresh: bool, num_cpus: Optional[int],
+               progress: Progress, trap, echo: Callable[[str], None], limits: ResourceLimits,
+               crash_marker: Optional[str], stop_after: Optional[int]) -> SweepResult:
     import ray
 
     t0 = time.perf_counter()
     output = SweepOutput(out or spec.output_dir())
     attach = bool(address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized()
     opened = None
-    if not attach:  # local: data, model, resources, plan and output directory checked before Ray starts
-        plan = plan_sweep(spec, preflight(spec))
+    notes: List[str] = []
+    if not attach:  # local: output directory, data, model, resources and plan checked before Ray starts
         cluster = ray.cluster_resources() if ray.is_initialized() else _local_cluster_guess(num_cpus)
+        check_local(spec, str(output.root), cluster)
+        sizes = preflight(spec, limits=limits)
+        plan = plan_sweep(spec, sizes)
+        check_plan(spec, plan, limits)
         check_feasible(spec, plan, cluster)
-        opened = _open(spec, output, plan, fresh)
+        opened = _open(spec, output, plan, fresh, sizes, notes, echo)
         if not _has_work(opened[2]):
-            return _finish(spec, output, opened, None, t0)
+            try:
+                return _finish(spec, output, opened, None, t0, notes)
+            finally:
+                output.release_lock()
+    else:
+        check_output_dir(output.root, "output")
+    # Ray's blocking calls turn an exception raised by a signal handler into a SystemError: from here on a
+    # signal is recorded and raised by check() between them (at least once a second in the loop)
+    with trap.deferred() if trap is not None else contextlib.nullcontext():
+        return _run_on_ray(spec, output, opened, address=address, fresh=fresh, num_cpus=num_cpus, progress=progress,
+                           trap=trap, echo=echo, limits=limits, notes=notes, crash_marker=crash_marker,
+                           stop_after=stop_after, t0=t0)
+
+
+def _run_on_ray(spec: SweepSpec, output: SweepOutput, opened, *, address: Optional[str], fresh: bool,
+                num_cpus: Optional[int], progress: Progress, trap, echo: Callable[[str], None],
+                limits: ResourceLimits, notes: List[str], crash_marker: Optional[str],
+                stop_after: Optional[int], t0: float) -> SweepResult:
+    import ray
+
+    check = trap.check if trap is not None else (lambda: None)
     started = _connect(spec, address, num_cpus)
+    if trap is not None:
+        trap.install()  # ray.init replaced the SIGTERM handler
     sweep = None
     try:
+        check()
         if opened is None:
-            opened = _open(spec, output, plan_sweep(spec, _remote_preflight(spec)), fresh)
+            sizes = _remote_preflight(spec, limits)
+            plan = plan_sweep(spec, sizes)
+            check_plan(spec, plan, limits)
+            opened = _open(spec, output, plan, fresh, sizes, notes, echo)
+            check()
         plan, _, pending = opened
         view = resource_view(spec, plan, ray.cluster_resources())
-        reporter = _Reporter(plan, _skipped(plan, pending), echo, progress)
+        reporter = _Reporter(spec.name, plan, _skipped(plan, pending), progress)
         try:
             if any(_skipped(plan, pending).values()):
                 reporter.note(f"resuming {output.root}: " + ", ".join(
                     f"{v} {k} part(s)" for k, v in _skipped(plan, pending).items()) + " already written, skipped")
-            sweep = _Sweep(spec, plan, output, view, reporter, _crash_marker, _stop_after_shards)
+            sweep = _Sweep(spec, plan, output, view, reporter, crash_marker, stop_after, check)
             sweep.start(*pending)
             sweep.loop()
+        except BaseException:
+            if sweep is not None:
+                sweep.cancel_pending()
+            raise
         finally:
             reporter.close()
-            if sweep is not None:
-                sweep.shutdown_actors()
-        return _finish(spec, output, opened, sweep, t0)
+            if sweep is not None and not started:  # Ray outlives this call: free its CPUs now
+                sweep.shutdown_actors()  # (else ray.shutdown ends the job's actors, without retry noise)
+        return _finish(spec, output, opened, sweep, t0, notes)
     finally:
         try:
             if output.manifest:
                 output.sync()
         except OSError:  # pragma: no cover - disk gone; the parts on disk stay the record
             pass
+        output.release_lock()
         if started:
             ray.shutdown()
 
 
-def _open(spec: SweepSpec, output: SweepOutput, plan: SweepPlan, fresh: bool):
-    """Claim the output directory for ``plan`` and find what is left to do."""
-    previous = _open_output(output, spec, plan, fresh)
-    output.start(name=spec.name, spec_dict=spec.to_dict(), identity=spec.identity(), spec_hash=spec.identity_hash(),
-                 layout_hash=plan.layout_hash(), plan_summary=_plan_summary(plan), previous=previous)
+def _open(spec: SweepSpec, output: SweepOutput, plan: SweepPlan, fresh: bool, sizes: Dict[str, Dict[str, Any]],
+          notes: List[str], echo: Callable[[str], None]):
+    """Claim the output directory for ``plan`` (its lock, then the manifest) and find what is left to do: parts that
+    do not read back are dropped and recomputed."""
+    _open_output(output, spec, plan, fresh, sizes, dry=True)  # refusals before the lock: nothing written
+    note = output.acquire_lock()
+    try:
+        previous = _open_output(output, spec, plan, fresh, sizes)
+        output.start(name=spec.name, spec_dict=spec.to_dict(), identity=spec.identity(),
+                     spec_hash=spec.identity_hash(), layout_hash=plan.layout_hash(), plan_summary=_plan_summary(plan),
+                     previous=previous)
+        dropped = output.drop_unreadable_parts()
+    except BaseException:
+        output.release_lock()
+        raise
+    if note:
+        notes.append(note)
+    if dropped:
+        notes.append(f"{output.root}: {len(dropped)} part(s) did not read back and will be recomputed: "
+                     + ", ".join(dropped[:4]) + (" ..." if len(dropped) > 4 else ""))
+    for line in notes:
+        echo(f"note: {line}")
     done_shards = output.completed_keys("predictions")
     done_gt = output.completed_keys("ground_truth")
     pending_shards = {d.key: [s for s in d.shards if s.key not in done_shards] for d in plan.datasets}
@@ -470,7 +652,8 @@ def _skipped(plan: SweepPlan, pending) -> Dict[str, int]:
             "ground_truth": plan.n_ground_truth - sum(map(len, pending[1].values()))}
 
 
-def _finish(spec: SweepSpec, output: SweepOutput, opened, sweep: Optional["_Sweep"], t0: float) -> SweepResult:
+def _finish(spec: SweepSpec, output: SweepOutput, opened, sweep: Optional["_Sweep"], t0: float,
+            notes: Sequence[str] = ()) -> SweepResult:
     plan, previous, pending = opened
     # planned parts only: OUT/ground_truth may also hold the runs of `ttp-ray tune` (parts tune-*)
     complete = ({s.key for d in plan.datasets for s in d.shards} <= output.completed_keys("predictions")
@@ -483,14 +666,32 @@ def _finish(spec: SweepSpec, output: SweepOutput, opened, sweep: Optional["_Swee
     return SweepResult(output.root, plan, complete, written, _skipped(plan, pending),
                        list(sweep.failures) if sweep is not None else [], infos, time.perf_counter() - t0,
                        dict(sweep.actor_nodes) if sweep is not None else {},
-                       sweep.shard_seconds if sweep is not None else 0.0)
+                       sweep.shard_seconds if sweep is not None else 0.0,
+                       list(sweep.input_failures) if sweep is not None else [], list(notes))
 
 
-def _open_output(output: SweepOutput, spec: SweepSpec, plan: SweepPlan, fresh: bool) -> Optional[Dict[str, Any]]:
+def _open_output(output: SweepOutput, spec: SweepSpec, plan: SweepPlan, fresh: bool,
+                 sizes: Dict[str, Dict[str, Any]], dry: bool = False) -> Optional[Dict[str, Any]]:
+    """The manifest of the sweep ``output`` holds, if it is this one (``--fresh``: cleared, None); ``dry``: only the
+    checks, nothing removed."""
     if fresh:
-        output.clear()
+        if dry:
+            output.check_clearable()
+        else:
+            output.clear()
         return None
-    return output.check_compatible(spec.identity_hash(), plan.layout_hash(), spec.identity())
+
+    def relayout(old_ground_truth: Dict[str, Any]) -> str:
+        """This spec's layout hash under the ground-truth selection an OUT was written with."""
+        import dataclasses
+
+        try:
+            old = dataclasses.replace(spec, ground_truth=ground_truth_from_identity(old_ground_truth))
+        except (TypeError, ValueError):
+            return ""
+        return plan_sweep(old, sizes).layout_hash()
+
+    return output.check_compatible(spec.identity_hash(), plan.layout_hash(), spec.identity(), relayout)
 
 
 # ------------------------------------------------------------------------------------------- summary

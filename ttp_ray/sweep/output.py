@@ -26,7 +26,17 @@ the partition path, never inside a part, so the hive dataset has one consistent 
 
 Every file is written to a temporary name in its final directory and ``os.replace``-d into place, so a
 part either exists whole or not at all: the parts on disk are the record of what is complete (the
-manifest mirrors them, and is reconciled with them on resume). Nothing here imports Ray.
+manifest mirrors them, and is reconciled with them on resume). A part counts as done only if it reads back:
+on resume (:meth:`SweepOutput.drop_unreadable_parts`) a part whose Parquet footer cannot be read, or whose row
+count or size differs from what the manifest recorded when it was written (``parts``), is removed with the other
+tables' parts of its unit, and recomputed. Nothing here imports Ray.
+
+Only what is ours is touched: ``--fresh`` (:meth:`SweepOutput.clear`) clears a directory only when its manifest
+says it is a ttp-ray sweep's OUT (a new or empty directory has nothing to clear); temporary files are swept only
+when the process that wrote them (the pid in their name) is gone. One sweep at a time per OUT
+(:meth:`SweepOutput.acquire_lock`): ``OUT/.ttp-ray.lock`` holds the owner's pid and host under an ``flock`` that
+the kernel drops when the owner dies, so a stale lock (its run killed) is taken over with a note, a live one is
+one line, exit code 2.
 
 The tables' schemas, :func:`as_table`, :func:`curve_table`, :func:`read_table` and the manifest's identity
 live in the core module :mod:`ttp_ray.tables` (re-exported here); this module is the directory's
@@ -36,10 +46,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
+import re
 import shutil
+import socket
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 from urllib.parse import quote
 
 import pyarrow as pa
@@ -60,6 +73,7 @@ __all__ = [
     "TUNE_DIR",
     "TABLES",
     "MANIFEST",
+    "LOCK",
     "OutputError",
     "SweepOutput",
     "partition_dir",
@@ -74,6 +88,8 @@ __all__ = [
 MANIFEST_VERSION = 1
 SPECTRUM_PART = "spectrum"  # the one part of ``spectra`` per dataset (per (dataset, model): prefixed by the model)
 DERIVED = ("validation.parquet",)  # written from the tables by ``ttp-ray validate``; stale once they are cleared
+LOCK = ".ttp-ray.lock"  # OUT/.ttp-ray.lock: pid and host of the sweep writing OUT (flock-ed while it runs)
+_TEMP = re.compile(r"^\..+\.(\d+)\.\d+\.tmp$")  # ttp_ray.atomic's temporary names: .NAME.PID.NS.tmp
 TUNE_DIR = "tune"  # OUT/tune: the Ray Tune experiments of ``ttp-ray tune`` (its storage path); cleared with them
 
 
@@ -120,6 +136,7 @@ class SweepOutput:
     def __init__(self, root: Union[str, Path]):
         self.root = Path(root)
         self.manifest: Dict[str, Any] = {}
+        self._lock_fd: Optional[int] = None
 
     # ------------------------------------------------------------------------------ paths
     @property
@@ -137,18 +154,26 @@ class SweepOutput:
             hint = "use another --out" if e.readable else "use --fresh or another --out"
             raise OutputError(f"output: {e}; {hint}") from None
 
-    def check_compatible(self, spec_hash: str, layout_hash: str, spec_dict: Dict[str, Any]) -> Optional[Dict]:
-        """The existing manifest if ``OUT`` holds this very sweep (or nothing); else :class:`OutputError`."""
+    def check_compatible(self, spec_hash: str, layout_hash: str, spec_dict: Dict[str, Any],
+                         relayout: Optional[Callable[[Dict[str, Any]], str]] = None) -> Optional[Dict]:
+        """The existing manifest if ``OUT`` holds this very sweep (or nothing); else :class:`OutputError`. A spec
+        that differs in ``ground_truth`` only is this sweep too when ``relayout(old ground_truth identity)`` (the
+        layout hash of this plan under the old selection) is the manifest's: its predictions are the same, and
+        a resume adds (or keeps) the fine-tunes."""
         old = self.read_manifest()
         if old is None:
             stray = [p.name for p in self.root.iterdir()] if self.root.is_dir() else []
             ours = [p for p in stray if p in TABLES]
             if ours:
-                raise OutputError(f"output: {self.root} holds sweep tables but no {MANIFEST}; "
-                                  f"use --fresh to start over or another --out")
+                raise OutputError(f"output: {self.root} holds sweep tables but no {MANIFEST}, so it is not known to be "
+                                  f"a ttp-ray sweep's OUT; allowed: another --out (or move those tables away)")
             return None
         if old.get("spec_hash") != spec_hash:
             changed = _changed_fields(old.get("identity", {}), spec_dict)
+            only_gt = bool(changed) and all(f.split(".")[0] == "ground_truth" for f in changed)
+            if only_gt and relayout is not None and relayout(old.get("identity", {}).get("ground_truth", {})) == \
+                    old.get("layout_hash"):
+                return old  # the same predictions, another ground-truth selection: resumed, its fine-tunes added
             raise OutputError(f"output: {self.root} holds a sweep of a different spec (changed: "
                               f"{', '.join(changed) or 'unknown'}); use --fresh to overwrite it or another --out")
         if old.get("layout_hash") != layout_hash:
@@ -156,10 +181,28 @@ class SweepOutput:
                               f"dataset sizes); use --fresh to overwrite it or another --out")
         return old
 
+    def check_clearable(self) -> bool:
+        """Whether ``--fresh`` has something to clear here: False for a new or empty directory, True for a ttp-ray
+        sweep's OUT (its manifest says so); :class:`OutputError` for anything else. Reads only."""
+        if not self.root.is_dir() or not [p for p in self.root.iterdir() if p.name != LOCK]:
+            return False
+        try:
+            ours = read_manifest(self.root)
+        except ManifestError as e:
+            raise OutputError(f"output: {e}, so {self.root} is not known to be a ttp-ray sweep's OUT; --fresh clears "
+                              f"only those; allowed: another --out") from None
+        if ours is None:
+            raise OutputError(f"output: {self.root} is not a ttp-ray sweep's OUT (it holds files but no {MANIFEST} of a "
+                              f"sweep); --fresh clears only those; allowed: a new or empty directory, or a sweep's OUT")
+        return True
+
     def clear(self) -> None:
         """Remove this sweep's tables, what was derived from them (``validation.parquet``, the Ray Tune
         experiments of ``ttp-ray tune`` under ``OUT/tune``) and the manifest (``--fresh``); other files are left
-        alone."""
+        alone. Only in a directory whose manifest says it is a ttp-ray sweep's OUT (a new or empty one has nothing
+        to clear): else :class:`OutputError` and nothing is touched (:meth:`check_clearable`)."""
+        if not self.check_clearable():
+            return
         for table in TABLES:
             shutil.rmtree(self.root / table, ignore_errors=True)
         shutil.rmtree(self.root / TUNE_DIR, ignore_errors=True)
@@ -186,12 +229,96 @@ class SweepOutput:
     def completed_keys(self, table: str) -> set:
         return {f"{label}/{part}" for label, parts in self.completed(table).items() for part in parts}
 
+    def drop_unreadable_parts(self) -> List[str]:
+        """Remove every part that does not read back (its Parquet footer unreadable, or a row count or size other
+        than the manifest's record of it) with the other tables' parts of the same unit, so that a resumed run
+        recomputes them; returns their keys (``<table>/<label>/<part>``)."""
+        recorded = self.manifest.get("parts", {})
+        bad = set()
+        for table in TABLES:
+            for label, parts in self.completed(table).items():
+                for part in parts:
+                    path = self.part_path(table, label, part)
+                    key = f"{table}/{label}/{part}"
+                    try:
+                        rows = pq.read_metadata(path).num_rows
+                        size = path.stat().st_size
+                    except Exception:  # truncated or not Parquet at all
+                        bad.add((label, part))
+                        continue
+                    want = recorded.get(key)
+                    if want is not None and (want.get("rows") != rows or want.get("bytes") != size):
+                        bad.add((label, part))
+        dropped = []
+        for label, part in sorted(bad):
+            for table in TABLES:
+                path = self.part_path(table, label, part)
+                if path.exists():
+                    path.unlink()
+                    dropped.append(f"{table}/{label}/{part}")
+                self.manifest.get("parts", {}).pop(f"{table}/{label}/{part}", None)
+        return dropped
+
+    # ------------------------------------------------------------------------------ one run at a time
+    def acquire_lock(self) -> Optional[str]:
+        """Hold ``OUT/.ttp-ray.lock`` (``flock``, released by the kernel when this process ends) with this process's
+        pid and host. Another live sweep holding it: :class:`OutputError`, one line. A lock file whose owner is gone
+        (its flock released; a killed run) is taken over: returns a note saying whose it was."""
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / LOCK
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                held = _read_lock(fd)
+                os.close(fd)
+                who = (f"pid {held.get('pid')} on {held.get('host')}, since {held.get('started')}" if held
+                       else "another process")
+                raise OutputError(f"output: {self.root} is being written by another sweep ({who}); one sweep at a "
+                                  f"time per OUT; allowed: wait for it, or another --out") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the file was replaced while we waited for it: lock the new one
+        held = _read_lock(fd)
+        if held and held.get("host") != socket.gethostname():
+            os.close(fd)
+            raise OutputError(f"output: {self.root} is locked by a sweep on another host (pid {held.get('pid')} on "
+                              f"{held.get('host')}, since {held.get('started')}); its liveness cannot be checked from "
+                              f"here; allowed: wait for it, or remove {path} once that run is gone")
+        mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(mine) + "\n").encode(), 0)
+        self._lock_fd = fd
+        if held:
+            return (f"{self.root}: took over the lock of a sweep that is gone (pid {held.get('pid')} on "
+                    f"{held.get('host')}, since {held.get('started')})")
+        return None
+
+    def release_lock(self) -> None:
+        """Remove ``OUT/.ttp-ray.lock`` and release it (no-op when not held)."""
+        fd = self._lock_fd
+        if fd is None:
+            return
+        try:
+            (self.root / LOCK).unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+            self._lock_fd = None
+
     # ------------------------------------------------------------------------------ writing
     def start(self, *, name: str, spec_dict: Dict[str, Any], identity: Dict[str, Any], spec_hash: str,
               layout_hash: str, plan_summary: Dict[str, Any], previous: Optional[Dict[str, Any]]) -> None:
         """Create (or reopen) the manifest for this run."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temps()
+        parts = dict((previous or {}).get("parts", {}))
         runs = list((previous or {}).get("runs", []))
         runs.append({"started": _now(), "versions": versions()})
         self.manifest = {
@@ -200,15 +327,19 @@ class SweepOutput:
             "versions": versions(), "created": (previous or {}).get("created", _now()), "updated": _now(),
             "plan": plan_summary, "runs": runs,
             "datasets": dict((previous or {}).get("datasets", {})),
+            "parts": parts,
             "complete": False,
         }
         self.sync()
 
     def _remove_stale_temps(self) -> None:
-        """Temp files of writes cut short (a killed driver) are never read; sweep them away."""
+        """Temp files of writes cut short (a killed driver) are never read; sweep them away, but only those whose
+        writer (the pid in their name) is no longer running here."""
         for table in TABLES:
             for tmp in (self.root / table).glob("dataset=*/.part-*.tmp"):
-                tmp.unlink(missing_ok=True)
+                m = _TEMP.match(tmp.name)
+                if m and not _pid_alive(int(m[1])):
+                    tmp.unlink(missing_ok=True)
 
     def record_dataset(self, label: str, info: Dict[str, Any]) -> None:
         self.manifest.setdefault("datasets", {})[label] = info
@@ -218,7 +349,9 @@ class SweepOutput:
         """Write the parts of one unit of work; the first table named decides completeness, so it is
         written last (``curves`` before ``predictions`` / ``ground_truth``)."""
         for table in sorted(tables, key=lambda t: t != "curves"):
-            write_table_atomic(tables[table], self.part_path(table, dataset, part))
+            path = write_table_atomic(tables[table], self.part_path(table, dataset, part))
+            self.manifest.setdefault("parts", {})[f"{table}/{dataset}/{part}"] = {
+                "rows": tables[table].num_rows, "bytes": path.stat().st_size}
 
     def sync(self, complete: Optional[bool] = None) -> None:
         """Refresh the manifest's completion record from the parts on disk, and write it."""
@@ -237,6 +370,29 @@ class SweepOutput:
             self.manifest["complete"] = bool(complete)
         self.manifest["updated"] = _now()
         write_json_atomic(self.manifest, self.manifest_path)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (one of another user counts as running)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_lock(fd: int) -> Optional[Dict[str, Any]]:
+    """The owner recorded in an open lock file, or None when it is empty or not ours."""
+    try:
+        text = os.pread(fd, 4096, 0).decode()
+        held = json.loads(text) if text.strip() else None
+    except (OSError, ValueError):
+        return None
+    return held if isinstance(held, dict) else None
 
 
 def _changed_fields(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> List[str]:

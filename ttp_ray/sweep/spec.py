@@ -3,15 +3,19 @@
 Every field, its default and its allowed values (``*`` marks the required ones)::
 
     name*: quickstart                  # [A-Za-z0-9_.-]+, names the run
-    model*: digits-cnn                 # backbone (``ttp-ray models``), or a list of distinct backbones: a grid
-                                       # axis, one kernel state per (dataset, model)
+    model*: digits-cnn                 # backbone (``ttp-ray models``), ARCH:PATH (a checkpoint), or a list of
+                                       # distinct backbones: a grid axis, one kernel state per (dataset, model);
+                                       # package.module:function is Python code the sweep imports and calls on
+                                       # the driver and in every actor: refused unless the CLI has --allow-code
+                                       # (or TTP_RAY_ALLOW_CODE=1)
     datasets*:                         # non-empty list; each entry a string or a mapping
       - digits-5to9                    #   registry name, npz:PATH, folder:ROOT, NAME:subset=N
-      - {name: digits, subset: 300}    #   mapping: name*, subset (int > 0), label (partition value),
+      - {name: digits, subset: 300}    #   mapping: name*, subset (int > 0), label (partition value, default the
+                                       #   name: at most 100 of letters, digits, _ . - : = , / + @ ~),
                                        #   input_size, input_channels (ints > 0), adapt (true): user images
                                        #   (npz, folder) brought to each backbone's input (ttp_ray.inputs)
     losses: [ce]                       # subset of mse, ce
-    lr*: [0.01, 0.1]                   # absolute values > 0, or {values: [...]}, or
+    lr*: [0.01, 0.1]                   # absolute values in (0, 1e6], or {values: [...]}, or
                                        # {fraction_of_max_stable: [0.05, 0.5, 1.2]} (of each dataset's
                                        # 2(1+m)N/lambda_max, measured on the kernel), lists may be
                                        # written {geomspace: [lo, hi, count]} or {linspace: [...]}
@@ -42,6 +46,12 @@ Every field, its default and its allowed values (``*`` marks the required ones):
                                        # 0.6} with the predictor's options; kernel.subset and
                                        # simulation.drift_reference are its old spellings (deprecated)
 
+Before anything runs (``ttp-ray sweep``, :mod:`ttp_ray.sweep.preflight` and :mod:`ttp_ray.preflight`): the grid's
+size, the product of the axes' lengths read off the YAML (at most ``--max-configs``, default 100,000), the data
+(finite values, labels, at most ``--max-classes`` classes, default 1,000, readable images), every backbone built
+with its head and run on two images, the output directory, and the memory one actor needs (kernel N x k,
+simulation of a shard; at most ``--max-memory-gb``, default 16). Each refusal is one line naming the field.
+
 The defaults of the kernel and simulation options are those of :class:`ttp_ray.kernel.KernelOptions`,
 :class:`ttp_ray.dynamics.SimOptions`, :class:`ttp_ray.predict.PredictSettings` (and ``trainable`` that of
 :class:`ttp_ray.finetune.FinetuneConfig`), read from them; tests/test_sweep_spec.py checks this table against
@@ -65,6 +75,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 from ..inputs import AdaptOptions
 from ..objectives import LOSSES
 from ..training_time import CRITERIA
+from .grid import SpecError, grid_axes, read_spec
 from .spec_types import (AUTO, GT_FILTER_FIELDS, LR_MODES, NAME_CHARS, Budget, CostSpec, DatasetEntry,
                          GroundTruthSpec, KernelSpec, LrGrid, OutputSpec, PredictorSpec, ResourcesSpec, SimulationSpec,
                          SweepSpec, freeze_value)
@@ -86,11 +97,12 @@ __all__ = [
     "GT_FILTER_FIELDS",
     "load_spec",
     "parse_spec",
+    "read_spec",
+    "grid_axes",
+    "code_models",
+    "check_code",
+    "ground_truth_from_identity",
 ]
-
-
-class SpecError(ValueError):
-    """An invalid sweep spec; the message is one line: ``<field>: <problem>; allowed: <values>``."""
 
 
 # ------------------------------------------------------------------- building: errors as SpecError
@@ -159,12 +171,13 @@ def _as_list(value: Any, path: str, what: str) -> List[Any]:
 
 
 def _unique(items: Sequence[Any], path: str) -> tuple:
-    seen = []
+    seen = set()
     for x in items:
-        if x in seen:
+        key = freeze_value(x)
+        if key in seen:
             _fail(path, f"value {_show(x)} is listed twice", "distinct values")
-        seen.append(x)
-    return tuple(seen)
+        seen.add(key)
+    return tuple(items)
 
 
 def _number(value: Any, path: str, allowed: str = "a number") -> float:
@@ -457,16 +470,33 @@ def parse_spec(data: Any) -> SweepSpec:
 
 def load_spec(path: Union[str, Path]) -> SweepSpec:
     """Read and validate a YAML spec file (``yaml.safe_load``)."""
-    import yaml
+    return parse_spec(read_spec(path))
 
-    p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"spec: file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise SpecError(f"spec: {p} is not valid YAML{where}: {problem}") from None
-    return parse_spec(data)
+
+def ground_truth_from_identity(d: Mapping[str, Any]) -> GroundTruthSpec:
+    """The :class:`GroundTruthSpec` recorded in a manifest's ``identity`` (its resource fields take their defaults)."""
+    known = {f.name for f in fields(GroundTruthSpec)}
+    kw = {k: v for k, v in d.items() if k in known}
+    if "seeds" in kw:
+        kw["seeds"] = tuple(kw["seeds"])
+    if "where" in kw:
+        kw["where"] = tuple((str(k), tuple(v)) for k, v in kw["where"])
+    return GroundTruthSpec(**kw)
+
+
+def code_models(spec: SweepSpec) -> Tuple[str, ...]:
+    """The spec's backbones that are Python factories (``package.module:function``): code the sweep imports and
+    calls on the driver and in every actor."""
+    from ..models import is_factory
+
+    return tuple(m for m in spec.models if is_factory(m))
+
+
+def check_code(spec: SweepSpec, allowed: bool) -> None:
+    """A spec naming Python code (``model: pkg.mod:fn``) needs the user's consent: ``--allow-code`` or
+    ``TTP_RAY_ALLOW_CODE=1``; else one-line SpecError naming ``model``."""
+    code = code_models(spec)
+    if code and not allowed:
+        raise SpecError(f"model: {code[0]!r} is Python code (package.module:function) that the sweep would import "
+                        f"and call on the driver and every actor; allowed: a backbone name or ARCH:PATH, or pass "
+                        f"--allow-code (or set TTP_RAY_ALLOW_CODE=1) to run code from this spec")

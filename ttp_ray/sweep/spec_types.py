@@ -15,6 +15,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from urllib.parse import quote
 
 from ..drift import check_reference_fraction
 from ..dynamics import SimConfig, SimOptions
@@ -24,6 +25,7 @@ from ..kernel import KernelOptions
 from ..models import check_trainable
 from ..objectives import check_loss
 from ..predict import PredictSettings
+from ..preflight import check_label, check_lr
 from ..subset import SubsetOptions
 
 __all__ = [
@@ -52,6 +54,7 @@ AUTO = "auto"  # resolved at run time (see the fields that allow it)
 DEVICES = (AUTO, "cpu", "cuda")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 NAME_CHARS = "letters, digits, '_', '.', '-'"
+MAX_MODEL_PREFIX = 180  # bytes of a percent-encoded model name in part file names (a file name has at most 255)
 _KERNEL = KernelOptions()  # the defaults of the core options
 _PREDICT = PredictSettings()  # .sim: SimOptions()
 
@@ -97,6 +100,7 @@ class DatasetEntry:
 
     def __post_init__(self):
         _check_min("subset", self.subset, 1, also=(None,))
+        check_label(self.label)  # it names the dataset's directories under OUT
 
     @property
     def key(self) -> str:
@@ -123,6 +127,7 @@ class LrGrid:
             raise ValueError(f"mode: {self.mode!r} is not one of {', '.join(LR_MODES)}")
         for value in self.values:  # SimConfig's lr rule; a fraction of max_stable_lr is > 0 exactly when its lr is
             SimConfig(lr=value)
+            _as_field("values", check_lr, value)  # the preflight's bound (MAX_LR), for absolute lrs and fractions
 
     @property
     def relative(self) -> bool:
@@ -223,8 +228,9 @@ class SimulationSpec:
 
 @dataclass(frozen=True)
 class CostSpec:
-    """Step-time measurement for ``predicted_cost_s``: the median of ``step_time_steps`` SGD steps; a
-    batch above ``step_time_max_batch`` is timed at that size and scaled linearly."""
+    """Step-time measurement for ``predicted_cost_s`` (:func:`ttp_ray.step_time.step_time`, cached on disk with
+    the kernel when ``kernel.cache``): the median of ``step_time_steps`` SGD steps; a batch above
+    ``step_time_max_batch`` is timed at that size and scaled linearly."""
 
     step_time_steps: int = 5
     step_time_max_batch: int = 1024
@@ -369,6 +375,10 @@ class SweepSpec:
             raise ValueError(f"name: {self.name!r} is not a valid name; allowed: {NAME_CHARS}")
         if isinstance(self.model, tuple) and (len(self.model) < 2 or len(set(self.model)) != len(self.model)):
             raise ValueError(f"model: a list must hold at least two distinct backbones, got {list(self.model)}")
+        for i, model in enumerate(self.model if isinstance(self.model, tuple) else ()):
+            if len(quote(model, safe="").encode()) > MAX_MODEL_PREFIX:  # it starts every part's file name
+                raise ValueError(f"model[{i}]: {model[:40]!r}... is too long to name part files once percent-encoded "
+                                 f"(> {MAX_MODEL_PREFIX} bytes); allowed: a shorter name or path")
         labels = [d.label for d in self.datasets]
         for label in labels:
             if labels.count(label) > 1:

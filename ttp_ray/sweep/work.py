@@ -2,7 +2,7 @@
 
 * :class:`DatasetWork` -- one (dataset, model)'s prepared state (kernel computed once, or loaded from the disk
   cache), predicting shard after shard with :func:`ttp_ray.predict.predict_grid` and measuring step times
-  with :func:`ttp_ray.finetune.measure_step_time`; its Theta spectrum as a table (:meth:`spectrum_table`);
+  with :func:`ttp_ray.step_time.step_time` (cached on disk); its Theta spectrum as a table (:meth:`spectrum_table`);
 * :func:`run_ground_truth` -- one real fine-tune (:func:`ttp_ray.finetune.finetune`), T_eps read off its
   curve by :func:`ttp_ray.training_time.curve_training_times` exactly as off the predicted ones.
 
@@ -138,18 +138,18 @@ class DatasetWork:
         return as_table(rows, "spectra")
 
     def step_time(self, batch_size: Optional[int], loss: str) -> float:
-        """Median SGD step time at batch size B (None: N) on this device, measured once per (B, loss)."""
-        from ..finetune import measure_step_time
+        """SGD step time at batch size B (None: N) on this device (:func:`ttp_ray.step_time.step_time`: timed at
+        most at ``cost.step_time_max_batch`` samples and scaled, cached on disk), looked up once per (B, loss)."""
+        from ..step_time import step_time
 
         p = self.prepared
         b = p.n if batch_size is None else min(int(batch_size), p.n)
         key = (b, loss)
         if key not in self._step_times:
-            cost = self.job.spec.cost
-            timed = min(b, cost.step_time_max_batch)
-            t = measure_step_time(p.model, p.dataset, timed, loss, device=self.job.device,
-                                  steps=cost.step_time_steps, trainable=self.job.spec.kernel.trainable)
-            self._step_times[key] = t * b / timed
+            cost, k = self.job.spec.cost, self.job.spec.kernel
+            self._step_times[key] = step_time(p.model, p.dataset, b, loss, device=self.job.device,
+                                              trainable=k.trainable, max_batch=cost.step_time_max_batch,
+                                              steps=cost.step_time_steps, cache=k.cache)
         return self._step_times[key]
 
     # ------------------------------------------------------------------------------ shards
