@@ -168,7 +168,7 @@ def test_every_block_is_marked_and_every_kind_is_there():
     assert {b.lang for b in ran} == {"bash", "python"} and len(ran) >= 6
 
 
-MAKE_RUNS = {"quickstart": "ttp-ray sweep sweeps/quickstart.yaml", "test": "pytest"}  # what each target runs
+MAKE_RUNS = {"quickstart": "ttp-ray sweep sweeps/quickstart.yaml", "test": "pytest", "test-stress": "pytest"}  # what each target runs
 
 
 @pytest.mark.parametrize("block", [b for b in BLOCKS if b.mode != "run"],
