@@ -323,12 +323,13 @@ def report(result: Dict[str, Any]) -> str:
         float(g["real_cost_to_target_s"]))]
     cheapest_flagged = min(reach, key=lambda g: float(g["real_cost_to_target_s"])) if reach else None
     diverge_note = (
-        f"Of the {len(flagged)} configs predicted to diverge (lr beyond 2(1+m)N/lambda_max of the kernel at w0), "
-        f"{len(survived)} did not diverge for real"
+        f"Of the {len(flagged)} configs predicted to diverge (which ttp-ray never tries), {len(survived)} did not "
+        f"diverge for real"
         + (f"; the cheapest of them to the target, {describe(grid, cheapest_flagged['config_id'])}, costs "
            f"{float(cheapest_flagged['real_cost_to_target_s']):.2f} s (regret "
-           f"{float(cheapest_flagged['real_cost_to_target_s']) / f['best_cost_s']:.2f}): ttp-ray never tries them."
-           if cheapest_flagged else ".") if flagged else "No config is predicted to diverge.")
+           f"{float(cheapest_flagged['real_cost_to_target_s']) / f['best_cost_s']:.2f}"
+           + ("; the grid's best, which ttp-ray cannot pick" if cheapest_flagged["config_id"] == f["best"] else "")
+           + ")." if cheapest_flagged else ".") if flagged else "No config is predicted to diverge.")
     first = grid[result["guided"][0]["config_id"]] if result["guided"] else None
     k1 = "" if first is None else (
         f" Trained alone (K = 1), ttp-ray's predicted best ({describe(grid, first['config_id'])}) would have regret "

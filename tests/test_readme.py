@@ -168,8 +168,8 @@ def test_every_block_is_marked_and_every_kind_is_there():
     assert {b.lang for b in ran} == {"bash", "python"} and len(ran) >= 6
 
 
-# what each make target of the README runs
-MAKE_RUNS = {"quickstart": "ttp-ray sweep sweeps/quickstart.yaml", "test": "pytest", "test-stress": "pytest"}
+MAKE_RUNS = {"quickstart": "ttp-ray sweep sweeps/quickstart.yaml", "test": "pytest",
+             "test-stress": "TTP_RAY_TIMEOUT_SCALE=4"}  # what each target runs
 
 
 @pytest.mark.parametrize("block", [b for b in BLOCKS if b.mode != "run"],

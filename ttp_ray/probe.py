@@ -216,9 +216,6 @@ class ProbedDrift:
             out[j] = math.exp(float(np.interp(x, ee, ls)))  # np.interp holds the end values outside
         return out.reshape(np.shape(loss_value)) if np.ndim(loss_value) else out[0]
 
-    def max_scale(self, effective_lr: float) -> float:
-        return float(max(np.max(s) for s in self.scales)) if self.scales else 1.0
-
     @property
     def per_sample_gradients(self) -> int:
         return int(sum(r.per_sample_gradients for r in self.runs))
