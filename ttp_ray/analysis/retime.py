@@ -87,51 +87,39 @@ def retime_predictions(pred: pd.DataFrame, curves: pd.DataFrame, eps: Sequence[f
                        criteria: Sequence[str] = CRITERIA, settings: TimingSettings = _DEFAULT_TIMING) -> pd.DataFrame:
     """One row per (config, criterion, ε) of ``pred``'s configs, T̂ε read off the stored predicted curve with
     ``settings`` = (eps_mode, definition, window) (:func:`timing_settings` gives the sweep's own)."""
-    _check(criteria, eps, settings[0], settings[1])
-    if pred.empty:
-        return pred.copy()
-    pred = pred.copy()
-    pred["dataset"] = pred["dataset"].astype(str)
-    by_config = _curves_of(curves, "predicted", ["dataset", "config_id"])
-    rows = []
-    for r in pred.drop_duplicates(["dataset", "config_id"]).to_dict("records"):
-        curve = by_config.get((r["dataset"], r["config_id"]))
-        for crit in criteria:
-            for t in _times(curve, crit, eps, int(r["budget_steps"]), bool(r["diverged"]), settings,
-                            f"config {r['config_id']}"):
-                steps = t["steps"]
-                rows.append({**r, "criterion": crit, "eps": t["eps"], "eps_mode": settings[0],
-                             "predicted_steps": steps, "predicted_fraction": t["fraction"],
-                             "predicted_cost_s": None if steps is None else steps * float(r["step_time_s"])})
-    out = pd.DataFrame(rows, columns=list(pred.columns))
-    out["predicted_steps"] = out["predicted_steps"].astype("Int64")
-    for col in ("predicted_fraction", "predicted_cost_s", "eps"):
-        out[col] = out[col].astype(float)
-    return out
+    return _retime(pred, curves, eps, criteria, settings, source="predicted", keys=["dataset", "config_id"],
+                   side="predicted", what=lambda r: f"config {r['config_id']}")
 
 
 def retime_ground_truth(gt: pd.DataFrame, curves: pd.DataFrame, eps: Sequence[float], *,
                         criteria: Sequence[str] = CRITERIA, settings: TimingSettings = _DEFAULT_TIMING) -> pd.DataFrame:
     """One row per (config, criterion, ε, seed) of ``gt``'s runs, Tε read off each seed's stored real curve."""
+    return _retime(gt, curves, eps, criteria, settings, source="actual", keys=["dataset", "config_id", "seed"],
+                   side="actual", what=lambda r: f"run {r['config_id']} seed {r['seed']}")
+
+
+def _retime(rows: pd.DataFrame, curves: pd.DataFrame, eps: Sequence[float], criteria: Sequence[str],
+            settings: TimingSettings, *, source: str, keys: List[str], side: str, what) -> pd.DataFrame:
+    """``rows`` (predictions or ground truth) re-timed from their stored ``source`` curves: one row per run
+    (``keys``), criterion and ε, the ``{side}_steps`` / ``_fraction`` / ``_cost_s`` columns recomputed."""
     _check(criteria, eps, settings[0], settings[1])
-    if gt.empty:
-        return gt.copy()
-    gt = gt.copy()
-    gt["dataset"] = gt["dataset"].astype(str)
-    by_run = _curves_of(curves, "actual", ["dataset", "config_id", "seed"])
-    rows = []
-    for r in gt.drop_duplicates(["dataset", "config_id", "seed"]).to_dict("records"):
-        curve = by_run.get((r["dataset"], r["config_id"], int(r["seed"])))
+    if rows.empty:
+        return rows.copy()
+    rows = rows.copy()
+    rows["dataset"] = rows["dataset"].astype(str)
+    by_run = _curves_of(curves, source, keys)
+    out_rows = []
+    for r in rows.drop_duplicates(keys).to_dict("records"):
+        curve = by_run.get(tuple(int(r[k]) if k == "seed" else r[k] for k in keys))
         for crit in criteria:
-            for t in _times(curve, crit, eps, int(r["budget_steps"]), bool(r["diverged"]), settings,
-                            f"run {r['config_id']} seed {r['seed']}"):
+            for t in _times(curve, crit, eps, int(r["budget_steps"]), bool(r["diverged"]), settings, what(r)):
                 steps = t["steps"]
-                rows.append({**r, "criterion": crit, "eps": t["eps"], "eps_mode": settings[0],
-                             "actual_steps": steps, "actual_fraction": t["fraction"],
-                             "actual_cost_s": None if steps is None else steps * float(r["step_time_s"])})
-    out = pd.DataFrame(rows, columns=list(gt.columns))
-    out["actual_steps"] = out["actual_steps"].astype("Int64")
-    for col in ("actual_fraction", "actual_cost_s", "eps"):
+                out_rows.append({**r, "criterion": crit, "eps": t["eps"], "eps_mode": settings[0],
+                                 f"{side}_steps": steps, f"{side}_fraction": t["fraction"],
+                                 f"{side}_cost_s": None if steps is None else steps * float(r["step_time_s"])})
+    out = pd.DataFrame(out_rows, columns=list(rows.columns))
+    out[f"{side}_steps"] = out[f"{side}_steps"].astype("Int64")
+    for col in (f"{side}_fraction", f"{side}_cost_s", "eps"):
         out[col] = out[col].astype(float)
     return out
 
