@@ -107,11 +107,16 @@ FT = ["finetune", "--dataset", "digits-5to9:subset=100", "--steps", "3"]
 PR = ["predict", "--dataset", "digits-5to9:subset=100", "--steps", "3", "--k", "64"]
 
 
-def _sweep(spec_changes=None, extra=(), out=None):
+def _sweep(spec_changes=None, extra=(), out=None, command="sweep"):
     def build(tmp, existing):
-        return ["sweep", write_spec(tmp, **(spec_changes or {})), "--out", str(out(tmp, existing) if out else existing),
+        return [command, write_spec(tmp, **(spec_changes or {})), "--out", str(out(tmp, existing) if out else existing),
                 *extra]
     return build
+
+
+def _tune(spec_changes=None, extra=(), out=None):
+    """``ttp-ray tune``: the sweep's preflight (and its own options) before Ray starts."""
+    return _sweep(spec_changes, ["--quiet", *extra], out, command="tune")
 
 
 def _foreign_dir(tmp, existing):
@@ -245,6 +250,25 @@ CASES = {
     "sweep --fresh on a foreign manifest": (_sweep(extra=["--fresh"], out=_foreign_manifest), "output:"),
     "sweep into an OUT a live sweep holds": (_sweep(out=_locked), "another sweep"),
     "sweep of another spec into the OUT": (_sweep({"lr": {"fraction_of_max_stable": [0.3]}}), "different spec"),
+    # --- tune: the same preflight as sweep, before Ray starts
+    "tune bad spec field": (_tune({"losses": ["hinge"]}), "losses"),
+    "tune unknown spec key": (_tune({"budgett": {"steps": 10}}), "budgett"),
+    "tune --top 0": (_tune(extra=["--top", "0"]), "top:"),
+    "tune --top negative": (_tune(extra=["--top", "-2"]), "top:"),
+    "tune --margin below 1": (_tune(extra=["--margin", "0.5"]), "margin:"),
+    "tune criterion not in the spec": (_tune(extra=["--criterion", "accuracy"]), "criterion:"),
+    "tune eps not in the spec": (_tune(extra=["--eps", "0.5"]), "eps:"),
+    "tune dataset not in the spec": (_tune(extra=["--dataset", "cifar10"]), "dataset:"),
+    "tune --out is a file": (_tune(out=_a_file), "output:"),
+    "tune 10^7 configs": (_tune({"losses": ["mse", "ce"], "lr": {"geomspace": [1e-4, 1, 5000000]}}), "--max-configs"),
+    "tune code without --allow-code": (_tune({"model": "os:getcwd"}), "--allow-code"),
+    "tune factory raises": (_tune({"model": "tests.helpers:raising_factory"}, ["--allow-code"]), "the factory raised"),
+    "tune kernel.k 1e8": (_tune({"kernel": {"k": 100000000}}), "kernel.k:"),
+    "tune npz with NaN": (lambda t, o: ["tune", write_spec(t, datasets=[npz(t, "nan.npz", NAN, np.arange(40) % 5)]),
+                                        "--out", str(o), "--quiet"], "non-finite"),
+    "tune --fresh on a foreign directory": (_tune(extra=["--fresh"], out=_foreign_dir), "output:"),
+    "tune into an OUT a live sweep holds": (_tune(out=_locked), "another sweep"),
+    "tune of another spec into the OUT": (_tune({"lr": {"fraction_of_max_stable": [0.3]}}), "different spec"),
 }
 
 GPU_ONLY_PASSES = {"sweep device cuda without a GPU"}  # refused only where torch sees no GPU
@@ -293,9 +317,9 @@ def test_dry_run_of_a_huge_grid_reports_its_size(tmp_path, capsys):
 def test_huge_grid_refused_within_5_s_from_a_cold_start(tmp_path):
     """The refusal reads the YAML only: no torch, no expansion."""
     spec = write_spec(tmp_path, losses=["mse", "ce"], lr={"geomspace": [1e-4, 1, 5000000]})
-    for extra in ([], ["--dry-run"]):
+    for command, extra in (("sweep", []), ("sweep", ["--dry-run"]), ("tune", [])):
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "ttp_ray.cli", "sweep", spec, *extra], capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "ttp_ray.cli", command, spec, *extra], capture_output=True,
                               text=True, cwd=ROOT, timeout=60)
         seconds = time.perf_counter() - t0
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

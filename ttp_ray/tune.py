@@ -44,6 +44,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .analysis import (DEFAULT_RANK_KEY, RANK_KEYS, TARGET_RANK_KEYS, default_selection, fmt, load_sweep, rank,
                        validation_table)
+from .preflight import ResourceLimits
 from .sweep.output import TUNE_DIR, SweepOutput
 from .sweep.spec import SweepSpec
 
@@ -53,6 +54,7 @@ __all__ = [
     "TrialSetup",
     "TunedConfig",
     "TuneOutcome",
+    "SweepIncomplete",
     "INTERVAL_HIGH",
     "STATE_FILE",
     "candidates",
@@ -68,6 +70,7 @@ __all__ = [
     "trial_tables",
     "part_name",
     "done_configs",
+    "check_options",
     "run_tune",
     "tune_text",
 ]
@@ -430,6 +433,18 @@ class TunedConfig:
     train_seconds: Optional[float] = None  # the run's optimiser-step time (this call's runs)
 
 
+class SweepIncomplete(RuntimeError):
+    """The sweep :func:`run_tune` trains from did not finish: its failures, and whether a re-run may fix them
+    (else every one was bad input found inside a worker)."""
+
+    def __init__(self, failures: Tuple[str, ...], retryable: bool):
+        self.failures, self.retryable = tuple(failures), bool(retryable)
+        advice = "re-run the same command to retry it" if retryable else "fix the input it names: a re-run fails " \
+                                                                         "the same way"
+        super().__init__(f"the sweep is incomplete ({len(self.failures)} failure(s), first: {self.failures[0]}); "
+                         f"{advice}")
+
+
 @dataclass
 class TuneOutcome:
     out: Path
@@ -461,9 +476,25 @@ def _trial_dirname(trial) -> str:
     return f"{trial.config['config_id']}_{trial.trial_id}"
 
 
+def check_options(spec: SweepSpec, options: TuneOptions) -> None:
+    """What of ``options`` the spec decides, checked before the sweep runs: ``criterion`` among its criteria,
+    ``eps`` among its eps, ``datasets`` among its dataset labels (one-line ``ValueError`` naming the option)."""
+    if options.criterion is not None and options.criterion not in spec.criteria:
+        raise ValueError(f"criterion: {options.criterion!r} is not one of the spec's criteria; allowed: "
+                         f"{', '.join(spec.criteria)}")
+    if options.eps is not None and not any(math.isclose(options.eps, e, rel_tol=1e-9) for e in spec.eps):
+        raise ValueError(f"eps: {options.eps:g} is not one of the spec's eps; allowed: "
+                         f"{', '.join(f'{e:g}' for e in spec.eps)}")
+    labels = [d.label for d in spec.datasets]
+    for name in options.datasets:
+        if name not in labels:
+            raise ValueError(f"dataset: {name!r} is not a dataset of the spec; allowed: {', '.join(labels)}")
+
+
 def _connect(spec: SweepSpec, address: Optional[str], num_cpus: Optional[int], sweep_kwargs: Dict[str, Any]):
     """Run (or resume) the sweep and leave this process connected to the Ray it ran on; returns (sweep result,
-    whether this call started Ray and must stop it)."""
+    whether this call started Ray and must stop it). A local Ray starts only after the sweep's preflight (the
+    sweep starts it, and keeps it for the trials; or, when the sweep is done already, it starts here)."""
     import logging
 
     import ray
@@ -477,31 +508,30 @@ def _connect(spec: SweepSpec, address: Optional[str], num_cpus: Optional[int], s
         result = run_sweep(spec, address=address, **sweep_kwargs)
         ray.init(address=address, logging_level=logging.WARNING)
         return result, True
-    start_local_ray(num_cpus, spec.resources.object_store_mb)
-    try:
-        return run_sweep(spec, num_cpus=num_cpus, **sweep_kwargs), True
-    except BaseException:
-        ray.shutdown()
-        raise
+    result = run_sweep(spec, num_cpus=num_cpus, keep_ray=True, **sweep_kwargs)  # preflight first, then Ray
+    if not ray.is_initialized():  # nothing was left to predict: the sweep started no Ray
+        start_local_ray(num_cpus, spec.resources.object_store_mb)
+    return result, True
 
 
 def run_tune(spec: SweepSpec, out: Optional[str] = None, *, options: TuneOptions = TuneOptions(),
              address: Optional[str] = None, num_cpus: Optional[int] = None, fresh: bool = False,
              progress: bool = True, echo: Callable[[str], None] = print,
-             _fail_marker: Optional[str] = None) -> TuneOutcome:
+             limits: ResourceLimits = ResourceLimits(), _fail_marker: Optional[str] = None) -> TuneOutcome:
     """``ttp-ray tune``: see the module docstring. ``fresh`` discards OUT's sweep (and its tune runs) first.
+    ``limits``: the sweep's resource bounds (its preflight, before Ray starts: :func:`ttp_ray.sweep.driver.run_sweep`).
     ``_fail_marker`` is a test hook (:attr:`TrialSetup.fail_marker`: one trial fails once after a checkpoint)."""
     import ray
 
     t0 = time.perf_counter()
     out_dir = Path(out or spec.output_dir())
+    check_options(spec, options)
     sweep, started = _connect(spec, address, num_cpus, {"out": str(out_dir), "fresh": fresh, "progress": progress,
-                                                        "echo": echo})
+                                                        "echo": echo, "limits": limits})
     try:
         sweep_seconds = time.perf_counter() - t0
         if sweep.failures:
-            raise RuntimeError(f"the sweep is incomplete ({len(sweep.failures)} failure(s), first: "
-                               f"{sweep.failures[0]}); re-run to retry it")
+            raise SweepIncomplete(tuple(sweep.failures), sweep.retryable)
         tables = load_sweep(out_dir, tables=("predictions", "curves"))
         cands = candidates(tables.predictions, tables.curves, options, tables.manifest)
         crit = str(cands.criterion.iloc[0]) if len(cands) else str(options.criterion or "")

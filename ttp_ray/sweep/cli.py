@@ -9,12 +9,58 @@ expanded. A spec naming Python code (``model: package.module:function``) runs on
 from __future__ import annotations
 
 import sys
+from typing import Callable, Optional
 
 import click
 
 from ..preflight import DEFAULT_MAX_CLASSES, DEFAULT_MAX_CONFIGS, DEFAULT_MAX_MEMORY_GB
 
-__all__ = ["sweep"]
+__all__ = ["sweep", "spec_options", "checked_spec"]
+
+
+def spec_options(command):
+    """The options of a command that runs a spec (``sweep``, ``tune``): consent to code, and the resource limits
+    its preflight holds the spec to (:class:`~ttp_ray.preflight.ResourceLimits`)."""
+    for option in reversed((
+        click.option("--allow-code", is_flag=True, envvar="TTP_RAY_ALLOW_CODE", show_envvar=True,
+                     help="Allow a spec's model: package.module:function (Python code the sweep imports and calls on "
+                          "the driver and in every actor). Without it such a spec is refused."),
+        click.option("--max-configs", type=click.IntRange(min=1), default=DEFAULT_MAX_CONFIGS, show_default=True,
+                     help="Refuse a grid with more configs (counted from the spec's axes before anything is "
+                          "expanded)."),
+        click.option("--max-memory-gb", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_MEMORY_GB,
+                     show_default=True, help="Refuse a plan whose estimated memory per actor (kernel N x k, "
+                                             "simulation of a shard: paths x configs x N x C, per-step records) "
+                                             "exceeds this many GB."),
+        click.option("--max-classes", type=click.IntRange(min=1), default=DEFAULT_MAX_CLASSES, show_default=True,
+                     help="Refuse a dataset with more classes."),
+    )):
+        command = option(command)
+    return command
+
+
+def checked_spec(path: str, limits, allow_code: bool, on_huge_grid: Optional[Callable[[str], None]] = None):
+    """The spec at ``path``, refused before anything is expanded or torch imported when its grid exceeds ``limits``
+    (``on_huge_grid`` is handed the grid's size first: ``--dry-run`` prints it), then parsed and refused when it
+    names code without ``allow_code``; deprecation notes go to stderr. Raises one-line ``ValueError`` subclasses."""
+    from ..preflight import ResourceError
+    from .grid import grid_axes, grid_size_text, read_spec
+    from .preflight import check_grid
+
+    data = read_spec(path)
+    try:
+        check_grid(data, limits)
+    except ResourceError:
+        if on_huge_grid is not None:
+            on_huge_grid(grid_size_text(grid_axes(data), limits.max_configs))
+        raise
+    from .spec import check_code, parse_spec
+
+    spec = parse_spec(data)
+    check_code(spec, allow_code)
+    for line in spec.deprecations():
+        click.echo(f"note: {line}", err=True)
+    return spec
 
 
 @click.command()
@@ -29,16 +75,7 @@ __all__ = ["sweep"]
 @click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs of the local Ray (default: all).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr (units done / total with an ETA, kernel "
                                                  "phases); the summary on stdout is the same.")
-@click.option("--allow-code", is_flag=True, envvar="TTP_RAY_ALLOW_CODE", show_envvar=True,
-              help="Allow a spec's model: package.module:function (Python code the sweep imports and calls on the "
-                   "driver and in every actor). Without it such a spec is refused.")
-@click.option("--max-configs", type=click.IntRange(min=1), default=DEFAULT_MAX_CONFIGS, show_default=True,
-              help="Refuse a grid with more configs (counted from the spec's axes before anything is expanded).")
-@click.option("--max-memory-gb", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_MEMORY_GB,
-              show_default=True, help="Refuse a plan whose estimated memory per actor (kernel N x k, simulation of a "
-                                      "shard: paths x configs x N x C, per-step records) exceeds this many GB.")
-@click.option("--max-classes", type=click.IntRange(min=1), default=DEFAULT_MAX_CLASSES, show_default=True,
-              help="Refuse a dataset with more classes.")
+@spec_options
 def sweep(spec, out, dry_run, address, fresh, num_cpus, quiet, allow_code, max_configs, max_memory_gb,
           max_classes) -> None:
     """Predict T_eps for a grid of hyper-parameters over datasets, distributed with Ray; Parquet out.
@@ -49,23 +86,9 @@ def sweep(spec, out, dry_run, address, fresh, num_cpus, quiet, allow_code, max_c
     """
     from ..preflight import ResourceError, ResourceLimits
     from ..progress import Progress, using
-    from .preflight import check_grid
-    from .grid import grid_axes, grid_size_text, read_spec
 
     limits = ResourceLimits(max_configs=max_configs, max_memory_gb=max_memory_gb, max_classes=max_classes)
-    data = read_spec(spec)
-    try:
-        check_grid(data, limits)  # before anything is expanded
-    except ResourceError:
-        if dry_run:
-            click.echo(grid_size_text(grid_axes(data), limits.max_configs))
-        raise
-    from .spec import check_code, parse_spec
-
-    s = parse_spec(data)
-    check_code(s, allow_code)
-    for line in s.deprecations():
-        click.echo(f"note: {line}", err=True)
+    s = checked_spec(spec, limits, allow_code, on_huge_grid=click.echo if dry_run else None)
     from .driver import dry_run as make_dry_run, run_sweep, summary_text
 
     if dry_run:

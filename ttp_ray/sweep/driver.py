@@ -502,7 +502,7 @@ def _plan_summary(plan: SweepPlan) -> Dict[str, Any]:
 
 def run_sweep(spec: SweepSpec, out: Optional[str] = None, *, address: Optional[str] = None, fresh: bool = False,
               num_cpus: Optional[int] = None, progress: Union[bool, Progress] = False, handle_signals: bool = False,
-              echo: Callable[[str], None] = print, limits: ResourceLimits = ResourceLimits(),
+              echo: Callable[[str], None] = print, limits: ResourceLimits = ResourceLimits(), keep_ray: bool = False,
               _crash_marker: Optional[str] = None, _stop_after_shards: Optional[int] = None) -> SweepResult:
     """Run (or resume) a sweep; see the module docstring.
 
@@ -511,12 +511,14 @@ def run_sweep(spec: SweepSpec, out: Optional[str] = None, *, address: Optional[s
     ``handle_signals``: SIGINT and SIGTERM raise :class:`~ttp_ray.interrupts.Interrupted` (Ray is shut down on
     the way out; ``ttp-ray sweep`` prints one line and exits 130 / 143), set again after ``ray.init``, which
     installs its own SIGTERM handler. ``echo``: where notes go (a resumed lock, parts recomputed). ``limits``: the
-    resource bounds the plan is checked against before anything runs. ``_crash_marker`` and
+    resource bounds the plan is checked against before anything runs. ``keep_ray``: a local Ray this call starts
+    stays up when it returns (its actors ended; the caller shuts it down: ``ttp-ray tune`` runs its trials there);
+    on an exception it is shut down as always. ``_crash_marker`` and
     ``_stop_after_shards`` are test hooks (an actor exits once mid-sweep; the driver stops as on Ctrl-C)."""
     traps = stop_on_signals() if handle_signals else contextlib.nullcontext()
     with traps as trap:
         return _run_sweep(spec, out, address=address, fresh=fresh, num_cpus=num_cpus,
-                          progress=_progress(progress), trap=trap, echo=echo, limits=limits,
+                          progress=_progress(progress), trap=trap, echo=echo, limits=limits, keep_ray=keep_ray,
                           crash_marker=_crash_marker, stop_after=_stop_after_shards)
 
 
@@ -527,7 +529,7 @@ def _progress(progress: Union[bool, Progress]) -> Progress:
 
 
 def _run_sweep(spec: SweepSpec, out: Optional[str], *, address: Optional[str], fresh: bool, num_cpus: Optional[int],
-               progress: Progress, trap, echo: Callable[[str], None], limits: ResourceLimits,
+               progress: Progress, trap, echo: Callable[[str], None], limits: ResourceLimits, keep_ray: bool,
                crash_marker: Optional[str], stop_after: Optional[int]) -> SweepResult:
     import ray
 
@@ -555,13 +557,13 @@ def _run_sweep(spec: SweepSpec, out: Optional[str], *, address: Optional[str], f
     # signal is recorded and raised by check() between them (at least once a second in the loop)
     with trap.deferred() if trap is not None else contextlib.nullcontext():
         return _run_on_ray(spec, output, opened, address=address, fresh=fresh, num_cpus=num_cpus, progress=progress,
-                           trap=trap, echo=echo, limits=limits, notes=notes, crash_marker=crash_marker,
-                           stop_after=stop_after, t0=t0)
+                           trap=trap, echo=echo, limits=limits, notes=notes, keep_ray=keep_ray,
+                           crash_marker=crash_marker, stop_after=stop_after, t0=t0)
 
 
 def _run_on_ray(spec: SweepSpec, output: SweepOutput, opened, *, address: Optional[str], fresh: bool,
                 num_cpus: Optional[int], progress: Progress, trap, echo: Callable[[str], None],
-                limits: ResourceLimits, notes: List[str], crash_marker: Optional[str],
+                limits: ResourceLimits, notes: List[str], keep_ray: bool, crash_marker: Optional[str],
                 stop_after: Optional[int], t0: float) -> SweepResult:
     import ray
 
@@ -570,6 +572,7 @@ def _run_on_ray(spec: SweepSpec, output: SweepOutput, opened, *, address: Option
     if trap is not None:
         trap.install()  # ray.init replaced the SIGTERM handler
     sweep = None
+    finished = False
     try:
         check()
         if opened is None:
@@ -594,9 +597,11 @@ def _run_on_ray(spec: SweepSpec, output: SweepOutput, opened, *, address: Option
             raise
         finally:
             reporter.close()
-            if sweep is not None and not started:  # Ray outlives this call: free its CPUs now
+            if sweep is not None and (keep_ray or not started):  # Ray outlives this call: free its CPUs now
                 sweep.shutdown_actors()  # (else ray.shutdown ends the job's actors, without retry noise)
-        return _finish(spec, output, opened, sweep, t0, notes)
+        result = _finish(spec, output, opened, sweep, t0, notes)
+        finished = True
+        return result
     finally:
         try:
             if output.manifest:
@@ -604,7 +609,7 @@ def _run_on_ray(spec: SweepSpec, output: SweepOutput, opened, *, address: Option
         except OSError:  # pragma: no cover - disk gone; the parts on disk stay the record
             pass
         output.release_lock()
-        if started:
+        if started and not (keep_ray and finished):
             ray.shutdown()
 
 
