@@ -203,6 +203,21 @@ def test_interrupted_sweep_resumes_without_loss_or_duplicates(local_ray, tmp_pat
         first.sort_values(["config_id", "criterion", "eps"]).predicted_steps.fillna(-1))
 
 
+def left_running(processes):
+    """Those of ``processes`` (pid -> (start time, name)) still running: same pid and start time, not a zombie."""
+    import psutil
+
+    left = []
+    for pid, (started, name) in processes.items():
+        try:
+            p = psutil.Process(pid)
+            if p.create_time() == started and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(f"{pid} {name}")
+        except psutil.Error:
+            pass
+    return left
+
+
 @pytest.mark.timeout(180)
 def test_killed_driver_loses_nothing_and_resumes(local_ray, tmp_path):
     """SIGKILL the CLI once its first part is on disk; the parts survive, the re-run completes the rest."""
@@ -212,6 +227,7 @@ def test_killed_driver_loses_nothing_and_resumes(local_ray, tmp_path):
     import time
 
     from ttp_ray.sweep.driver import run_sweep
+    from ttp_ray.sweep.reaper import ray_descendants
 
     d = copy.deepcopy(TINY)
     d["resources"] = {"shard_size": 2}
@@ -221,14 +237,23 @@ def test_killed_driver_loses_nothing_and_resumes(local_ray, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "ttp_ray.cli", "sweep", str(spec_path), "--out", str(out),
                              "--num-cpus", "1", "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"))
+    ray_processes = {}
     try:  # waits for the first part on disk (the event), however long a loaded machine takes to get there
         while not list(out.glob("predictions/*/part-*.parquet")) and proc.poll() is None:
             time.sleep(0.05)
+        ray_processes = ray_descendants(proc.pid)  # its Ray: head processes, agents, workers
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     survived = {p.name: p.read_bytes() for p in out.glob("predictions/*/part-*.parquet")}
     assert 1 <= len(survived) <= 12, proc.returncode  # (a fast machine may finish before the kill lands)
+    # none of its Ray processes outlives it: each ends within a bound (Ray's agents alone linger 60 s on a dead GCS)
+    names = {v[1] for v in ray_processes.values()}
+    assert proc.returncode != -signal.SIGKILL or {"raylet", "ray::DashboardAgent"} <= names, names
+    deadline = time.monotonic() + 20 * float(os.environ.get("TTP_RAY_TIMEOUT_SCALE", "1"))
+    while left_running(ray_processes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left_running(ray_processes), left_running(ray_processes)
 
     spec = parse_spec(d)
     res = run_sweep(spec, str(out), progress=False)  # resumed on this process's Ray

@@ -167,7 +167,8 @@ def dry_run(spec: SweepSpec, *, address: Optional[str] = None, num_cpus: Optiona
 # ---------------------------------------------------------------------------------------------- Ray
 
 def start_local_ray(num_cpus: Optional[int] = None, object_store_mb=None) -> None:
-    """A private Ray on 127.0.0.1: no dashboard, nothing listening beyond loopback."""
+    """A private Ray on 127.0.0.1: no dashboard, nothing listening beyond loopback; none of its processes outlives
+    this one, even when it is SIGKILLed (:func:`ttp_ray.sweep.reaper.watch`: Ray's agents alone take a minute)."""
     import logging
 
     import ray
@@ -180,6 +181,9 @@ def start_local_ray(num_cpus: Optional[int] = None, object_store_mb=None) -> Non
     # (attaching to a cluster is --address / RAY_ADDRESS only)
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
              logging_level=logging.WARNING, **kw)
+    from .reaper import watch
+
+    watch()
 
 
 class AddressError(ValueError):
