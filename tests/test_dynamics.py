@@ -447,3 +447,23 @@ def test_modes_that_do_not_move_keep_their_start_and_batching_stays_invisible():
     assert dyn._moving_modes(ctx0, ctx0.eig64.w, small, True) == st.eigvals.numel()
     with pytest.raises(ValueError, match="mode_tol"):
         SimOptions(mode_tol=-1)
+
+
+def test_minibatch_far_beyond_the_limit_stops_once_every_path_blew_up(monkeypatch):
+    """Minibatch SGD at 100x the limit is stepped (not skipped, as the sde is), but only until every path of the
+    chunk has blown up, not through the whole budget: reported diverging at once. (mse: the loss grows
+    geometrically there; ce's bounded gradient makes its loss grow about linearly, so it can take the budget,
+    at the cost of any config of that budget: the sde's cost grew with lr, the minibatch's does not.)"""
+    import ttp_ray.dynamics as dynamics
+
+    st, _ = make_state(N=30, k=12)
+    ms = st.max_stable_lr()
+    steps_taken = []
+    update = dynamics._sgd_update
+    monkeypatch.setattr(dynamics, "_sgd_update", lambda *a: (steps_taken.append(1), update(*a))[1])
+    cfgs = [SimConfig(100 * ms, m, 5, "mse") for m in (0.0, 0.9)]
+    res = simulate(st, cfgs, 1_000_000, SimOptions(method="minibatch", paths=3, log_every=1))
+    finite(res)
+    for r in res:
+        assert r.diverged and r.blew_up and len(r.steps) < 20 and "blew up at step" in r.note, r.note
+    assert 0 < len(steps_taken) < 40  # (without the stop: 10^6 steps)

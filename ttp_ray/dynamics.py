@@ -74,7 +74,9 @@ Methods (``SimOptions.method``)
                Features ``Z``: ``'eigen'`` (default: ``V diag(sqrt(lambda))``, the same Theta every other
                method uses; carried as ``A = sqrt(lambda) b`` so the step reads
                ``A <- A - lr buf``, ``buf <- m buf + (1/B) diag(lambda) V_B^T G_B``) or ``'sketch'`` (the
-               state's Z). Costs O(B C r) per step (O(NC r) at logged steps).
+               state's Z). Costs O(B C r) per step (O(NC r) at logged steps). A chunk whose every
+               trajectory has blown up stops there (checked every ``_DEAD_CHECK_EVERY`` logged points),
+               not at the budget: mse SGD far beyond the limit is reported diverging at once.
 ``auto``       ``discrete`` for GD, ``sde`` for SGD (``minibatch`` when momentum_mode='heavy_ball').
 
 Momentum (``momentum_mode``): ``elr`` replaces ``(lr, m)`` by ``(lr/(1-m), 0)`` (App. E; the paper's method);
@@ -1331,6 +1333,9 @@ def _run_minibatch(ctx: _Ctx, jobs: List[Tuple[int, List[int]]], plans: List[Sim
     return results
 
 
+_DEAD_CHECK_EVERY = 4  # logged points between two checks whether a chunk's trajectories all blew up (a device sync)
+
+
 def _minibatch_chunk(ctx: _Ctx, basis: _Basis, chunk: List[Tuple[int, List[int]]], ranks: List[int],
                      plans: List[SimulationPlan], schedules: Dict[int, torch.Tensor], results: dict) -> None:
     opt = ctx.opt
@@ -1381,6 +1386,8 @@ def _minibatch_chunk(ctx: _Ctx, basis: _Basis, chunk: List[Tuple[int, List[int]]
                 ev = (F.argmax(-1) != ctx.y.view(N, 1, 1)).to(torch.float64).mean(0) if want_err else None
             lv = rec.check(lv, thr)
             rec.put(pos[t], lv, ev)
+            if pos[t] % _DEAD_CHECK_EVERY == 0 and bool(rec.dead.all()):
+                break  # every trajectory blew up: the rest of the records stay inf (a diverging lr ends at once)
             A.masked_fill_(rec.dead.view(P, 1, G, 1), 0)
             if buf is not None:
                 buf.masked_fill_(rec.dead.view(P, 1, G, 1), 0)
