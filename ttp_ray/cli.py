@@ -269,7 +269,8 @@ def _check_memory(kw, ds, kernel=None, sim=None, finetune=None) -> None:
 
     est = memory_estimate(len(ds), int(ds.num_classes), fields={"k": "k", "steps": "steps", "paths": "paths"},
                           kernel=kernel, sim=sim, budget_steps=kw["steps"], n_configs=1, max_batch=kw["batch_size"],
-                          finetune=finetune)
+                          finetune=finetune, losses=(kw["loss"],),
+                          full_batch=kw["batch_size"] is None or kw["batch_size"] >= len(ds))
     check_memory(est, _limits(kw))
 
 

@@ -1461,29 +1461,56 @@ def _finish(cfg: SimConfig, plan: SimulationPlan, steps: np.ndarray, lp: np.ndar
 
 
 def simulation_memory(n: int, num_classes: int, rank: int, class_trace: bool, budget_steps: int, n_configs: int,
-                      options: Optional[SimOptions] = None, max_batch: Optional[int] = None) -> Dict[str, int]:
+                      options: Optional[SimOptions] = None, max_batch: Optional[int] = None,
+                      losses: Sequence[str] = ("mse", "ce"), full_batch: Optional[bool] = None) -> Dict[str, int]:
     """Bytes :func:`simulate` holds at its peak for ``n_configs`` configs on a state of ``n`` samples, ``num_classes``
-    classes and ``rank`` eigenpairs (an upper estimate read off the arrays the engines allocate, so that a plan can
-    be refused before it runs), by what drives them: ``steps`` (the per-step index arrays of the budget, and the sde's
-    grid records), ``records`` (every config's curves, per path), ``working_set`` (one chunk of trajectories: at
-    least one config's ``paths x N x C`` outputs, else sized to ``memory_mb``), ``batches`` (the minibatch schedule,
-    ``T x paths x B`` indices; ``max_batch`` None: full batch only) and ``basis`` (the eigenbasis copies)."""
+    classes and ``rank`` eigenpairs: an upper estimate read off the arrays the batched engines allocate (float64
+    assumed: a float32 state needs up to half the stepped part), so that a plan can be refused before it runs;
+    docs/METHOD.md §15. ``max_batch``: the largest batch size below ``n`` (None: no SGD config); ``full_batch``:
+    whether GD configs run too (None: when ``max_batch`` is None); ``losses``: the losses of the configs. By what
+    drives them:
+
+    * ``steps`` -- the per-step index arrays of the budget, and the sde's grid records (a chunk's grid, up to
+      ``max_tau_ratio x T`` steps, per trajectory, and its host copy);
+    * ``records`` -- every config's curves per path (loss, error; the chunk's device records, their host copies
+      and the results);
+    * ``working_set`` -- one chunk of stepped trajectories (ce GD, sde, minibatch: S trajectories of ``N x C``
+      outputs, about 6 temporaries of that size each, and ``rank x q`` coordinates; S configs x paths, sized by
+      the engines to ``memory_mb``, at least one config);
+    * ``closed_form`` -- mse GD in closed form: a buffer of residual-factor rows (``configs x logged`` rows of
+      ``rank``, at most ``memory_mb / 3``) and, for the error curve, the lifts of a chunk of rows to ``N x C``
+      outputs (at most ``memory_mb / 4`` each, three alive at once);
+    * ``ode`` -- ce gradient flow (``method: ode``): the implicit solver's Jacobians, ``(rank q)^2``;
+    * ``batches`` -- the minibatch schedule, ``T x paths x B`` int64 (and its stacking copy);
+    * ``basis`` -- the eigenbasis in float64 and in the working dtype, and the ``N x C`` arrays of the context."""
     opt = options or SimOptions()
     item = 8  # float64 closed forms and lifts; the stepped methods' dtype is at most that
+    cap = int(opt.memory_mb * 2 ** 20)
     t, nc = int(budget_steps), int(n) * int(num_classes)
     q = num_classes if class_trace else 1
     rows = n if class_trace else nc
     logged = t // opt.log_every + 2
     stochastic = max_batch is not None and max_batch < n
+    gd = (max_batch is None) if full_batch is None else bool(full_batch)
     paths = opt.paths if stochastic else 1
+    stepped = stochastic or (gd and "ce" in losses and opt.method != "ode")
     unit = paths * (nc * 6 + rank * q * 4) * item  # one config's trajectories (sde, minibatch, ce discrete)
-    working = max(unit, min(int(opt.memory_mb * 2 ** 20), n_configs * unit))
-    per_chunk = max(1, min(n_configs, int(opt.memory_mb * 2 ** 20) // max(unit, 1)))
+    working = max(unit, min(cap, n_configs * unit)) if stepped else 0
+    per_chunk = max(1, min(n_configs, cap // max(unit, 1)))
     grid = 2 * 8 * (int(opt.max_tau_ratio * t) + 1) * per_chunk * paths if stochastic else 0
+    closed = 0
+    if gd and "mse" in losses and opt.method in ("auto", "discrete", "ode"):
+        factor_rows = n_configs * logged
+        closed = 2 * min(factor_rows, max(64, cap // (rank * 8 * 3))) * rank * 8  # the rows and their squares
+        if opt.compute_error:  # F = base - lift(rows): the lift, the difference, the argmax's input alive at once
+            closed += 3 * min(factor_rows, max(1, cap // (nc * 8 * 4))) * nc * 8
+    ode = 5 * (rank * q) ** 2 * 8 if gd and "ce" in losses and opt.method == "ode" else 0
     return {
         "steps": 9 * (t + 1) + grid,
         "records": 3 * 2 * 8 * logged * paths * n_configs,
         "working_set": working,
+        "closed_form": closed,
+        "ode": ode,
         "batches": 2 * 8 * t * paths * int(max_batch) if stochastic else 0,
         "basis": 2 * rows * rank * item + 6 * nc * item,
     }

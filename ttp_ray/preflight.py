@@ -260,6 +260,8 @@ _SIM_PARTS = {  # simulation_memory's parts: (what, which of the fields drives i
     "steps": ("simulation: per-step arrays", "steps"),
     "records": ("simulation: curves of configs x paths", "steps"),
     "working_set": ("simulation: paths x N x C trajectories", "paths"),
+    "closed_form": ("simulation: mse GD rows and lifts", "steps"),
+    "ode": ("simulation: ce flow Jacobians", "k"),
     "batches": ("simulation: minibatch schedule", "steps"),
     "basis": ("simulation: eigenbasis", "k"),
 }
@@ -267,10 +269,12 @@ _SIM_PARTS = {  # simulation_memory's parts: (what, which of the fields drives i
 
 def memory_estimate(n: int, num_classes: int, *, fields: Mapping[str, str], kernel=None, sim=None,
                     budget_steps: int = 0, n_configs: int = 1, max_batch: Optional[int] = None, finetune=None,
+                    losses: Tuple[str, ...] = ("mse", "ce"), full_batch: Optional[bool] = None,
                     where: str = "this process") -> MemoryEstimate:
     """The memory a run needs: the kernel estimate (``kernel``: :class:`~ttp_ray.kernel.KernelOptions`), the
     simulation of ``n_configs`` configs of ``budget_steps`` steps (``sim``: :class:`~ttp_ray.dynamics.SimOptions`),
-    a real fine-tune (``finetune``: :class:`~ttp_ray.finetune.FinetuneConfig`). ``fields`` names, for the keys
+    a real fine-tune (``finetune``: :class:`~ttp_ray.finetune.FinetuneConfig`); ``max_batch``, ``losses`` and
+    ``full_batch`` say which simulation engines run (:func:`~ttp_ray.dynamics.simulation_memory`). ``fields`` names, for the keys
     ``k``, ``steps``, ``paths``, the field (or flag) of each that a refusal names."""
     parts = []
     rank = 0
@@ -285,7 +289,7 @@ def memory_estimate(n: int, num_classes: int, *, fields: Mapping[str, str], kern
 
         class_trace = bool(kernel.class_trace) if kernel is not None else True
         for key, b in simulation_memory(n, num_classes, rank, class_trace, budget_steps, n_configs, sim,
-                                        max_batch).items():
+                                        max_batch, losses, full_batch).items():
             what, drive = _SIM_PARTS[key]
             parts.append((what, int(b), fields[drive]))
     if finetune is not None:

@@ -80,7 +80,8 @@ def unit_memory(spec: SweepSpec, n: int, num_classes: int, shard_configs: int, b
     b = [x for x in spec.batch_size if x is not None and x < n]
     return memory_estimate(n, num_classes, fields=SPEC_FIELDS, kernel=spec.kernel.options(),
                            sim=spec.simulation.sim_options(), budget_steps=budget_steps, n_configs=shard_configs,
-                           max_batch=max(b) if b else None, where="one actor")
+                           max_batch=max(b) if b else None, losses=tuple(spec.losses),
+                           full_batch=len(b) < len(spec.batch_size), where="one actor")
 
 
 def check_plan(spec: SweepSpec, plan, limits: ResourceLimits = ResourceLimits()) -> Optional[MemoryEstimate]:
