@@ -5,6 +5,7 @@ The CLI runs in-process (``ttp_ray.cli.main``, as ``conftest.run_cli``); one cas
 the refusal of a 10^7-config grid from a cold start."""
 import copy
 import hashlib
+import json
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import yaml
 from conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.timeout(120)
+CASE_RECORD = "bad-input case: "  # a printed line: the case as bench/bad_input_cases.py reads it
 
 TINY = {"name": "tiny", "model": "digits-cnn", "datasets": ["digits-5to9:subset=100"], "losses": ["mse"],
         "lr": {"fraction_of_max_stable": [0.2, 0.8]}, "budget": {"steps": 10}, "kernel": {"k": 64},
@@ -300,11 +302,20 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, tmp_path, existi
     for p, h in foreign.items():
         assert tree_hash(p) == h, f"{p} changed"
     assert not (tmp_path / "runs").exists()
-    print(f"{case}: {seconds:.2f} s: {lines[0][:160]}")
+    shown = [a.replace(str(tmp_path), "TMP") for a in argv]  # the record docs/BAD_INPUT_CASES.md is made of
+    print(CASE_RECORD + json.dumps({"case": case, "argv": shown, "exit": code, "seconds": round(seconds, 2),
+                                    "line": lines[0].replace(str(tmp_path), "TMP")}))
 
 
 def test_case_count():
     assert len(CASES) >= 30
+
+
+def test_every_case_is_in_the_generated_table():
+    """docs/BAD_INPUT_CASES.md (written by bench/bad_input_cases.py from a pytest run) lists every case."""
+    text = (ROOT / "docs" / "BAD_INPUT_CASES.md").read_text()
+    missing = [case for case in CASES if f"| `{case}` |" not in text]
+    assert not missing, f"re-run bench/bad_input_cases.py: {missing}"
 
 
 def test_dry_run_of_a_huge_grid_reports_its_size(tmp_path, capsys):
