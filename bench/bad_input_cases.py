@@ -32,8 +32,8 @@ def run_suite(xml_path: Path) -> dict:
     proc = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "--timeout=300", TEST,
                            f"--junitxml={xml_path}", "-o", "junit_logging=system-out"], cwd=ROOT, capture_output=True,
                           text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    return {"code": proc.returncode, "summary": proc.stdout.strip().splitlines()[-1].strip("= "), "seconds": time.perf_counter() - t0,
-            "load_before": load0, "load_after": os.getloadavg()}
+    return {"code": proc.returncode, "summary": proc.stdout.strip().splitlines()[-1].strip("= "),
+            "seconds": time.perf_counter() - t0, "load_before": load0, "load_after": os.getloadavg()}
 
 
 def read_cases(xml_path: Path) -> list:
