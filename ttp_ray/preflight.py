@@ -274,8 +274,8 @@ def memory_estimate(n: int, num_classes: int, *, fields: Mapping[str, str], kern
     """The memory a run needs: the kernel estimate (``kernel``: :class:`~ttp_ray.kernel.KernelOptions`), the
     simulation of ``n_configs`` configs of ``budget_steps`` steps (``sim``: :class:`~ttp_ray.dynamics.SimOptions`),
     a real fine-tune (``finetune``: :class:`~ttp_ray.finetune.FinetuneConfig`); ``max_batch``, ``losses`` and
-    ``full_batch`` say which simulation engines run (:func:`~ttp_ray.dynamics.simulation_memory`). ``fields`` names, for the keys
-    ``k``, ``steps``, ``paths``, the field (or flag) of each that a refusal names."""
+    ``full_batch`` say which simulation engines run (:func:`~ttp_ray.dynamics.simulation_memory`). ``fields``
+    names, for the keys ``k``, ``steps``, ``paths``, the field (or flag) of each that a refusal names."""
     parts = []
     rank = 0
     if kernel is not None:
