@@ -42,3 +42,18 @@ def run_cli(args, capsys):
         code = exc.code if isinstance(exc.code, int) else 1
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def left_running(processes):
+    """Those of ``processes`` (pid -> (start time, name)) still running: same pid and start time, not a zombie."""
+    import psutil
+
+    left = []
+    for pid, (started, name) in processes.items():
+        try:
+            p = psutil.Process(pid)
+            if p.create_time() == started and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(f"{pid} {name}")
+        except psutil.Error:
+            pass
+    return left

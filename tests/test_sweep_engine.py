@@ -8,7 +8,7 @@ import os
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, left_running, run_cli
 from ttp_ray.sweep.output import read_table
 from ttp_ray.sweep.spec import parse_spec
 
@@ -201,21 +201,6 @@ def test_interrupted_sweep_resumes_without_loss_or_duplicates(local_ray, tmp_pat
     kept = pred[pred.config_id.isin(first.config_id)].sort_values(["config_id", "criterion", "eps"])
     assert list(kept.predicted_steps.fillna(-1)) == list(
         first.sort_values(["config_id", "criterion", "eps"]).predicted_steps.fillna(-1))
-
-
-def left_running(processes):
-    """Those of ``processes`` (pid -> (start time, name)) still running: same pid and start time, not a zombie."""
-    import psutil
-
-    left = []
-    for pid, (started, name) in processes.items():
-        try:
-            p = psutil.Process(pid)
-            if p.create_time() == started and p.status() != psutil.STATUS_ZOMBIE:
-                left.append(f"{pid} {name}")
-        except psutil.Error:
-            pass
-    return left
 
 
 @pytest.mark.timeout(180)

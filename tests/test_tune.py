@@ -290,3 +290,41 @@ def test_cli_tune_reuses_out_and_names_a_bad_criterion(swept, tmp_path, capsys):
     assert code == 0, err
     assert "predicted against real cost to the target (error, eps 0.01)" in stdout
     assert len(tables(out).ground_truth.config_id.unique()) == 1
+
+
+@pytest.mark.timeout(300)
+def test_cli_tune_from_scratch_starts_ray_after_the_preflight_and_leaves_no_ray_process(tmp_path):
+    """`ttp-ray tune` in a fresh process (no Ray yet): the sweep's preflight, then the sweep starts Ray and keeps it
+    (``run_sweep(keep_ray=True)``), the trial runs on it, and no Ray process of it remains once it exits."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from conftest import ROOT, left_running
+
+    d = dict(SMALL, lr={"fraction_of_max_stable": [0.3, 0.6]}, momentum=[0.0], batch_size=["full"])
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(d))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "ttp_ray.cli", "tune", str(path), "--out", str(out), "--top", "1",
+                             "--quiet", "--num-cpus", "1"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = {}  # its Ray processes, recorded while it runs (the reaper's view)
+    from ttp_ray.sweep.reaper import ray_descendants
+
+    while proc.poll() is None:
+        seen.update(ray_descendants(proc.pid))
+        time.sleep(0.2)
+    stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "predicted against real" in stdout and "Tune experiment:" in stdout
+    assert len(tables(out).ground_truth.config_id.unique()) == 1
+    assert any(v[1] == "raylet" for v in seen.values()), seen
+
+    deadline = time.monotonic() + 20 * float(os.environ.get("TTP_RAY_TIMEOUT_SCALE", "1"))
+    while left_running(seen) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left_running(seen), left_running(seen)
