@@ -138,6 +138,13 @@ def test_an_edge_probe_decides_beyond_the_limit_and_higher_lrs_follow_a_divergen
     assert "trained" in out[0].result.note and "edge of stability" in out[0].result.note
     assert "diverged" in out[2].result.note
     assert pred.work.get("edge_probes", 0) == spent.get("edge_probes", 0)  # decided without a new run
+    # plain GD beyond the limit: a probe that diverged overrides the catapult rule (digits-resnet, MSE, 1.6x)
+    lim0 = frozen.max_stable_lr(0.0)
+    book[0.0, 1.5 * lim0] = _fake_edge_run(0.0, 1.5 * lim0, diverged=True)
+    plain = pred.predict([SimConfig(lr=f * lim0, momentum=0.0, batch_size=None, loss="mse") for f in (1.6, 1.2)],
+                         budget_steps=30, eps_list=[0.05], settings=settings)
+    assert plain[0].diverged and "diverged" in plain[0].result.note
+    assert not plain[1].diverged and "edge of stability" in plain[1].result.note  # probed for real, or the catapult rule
     # a run that does not fit the bound is not made: the config is flagged, and says why
     tight = get_predictor("probed", probe=ProbeOptions(work_epochs=2, batch_size=32), edge_work_epochs=0.01).rebind(frozen)
     pc = tight.predict([cfgs[0]], budget_steps=30, eps_list=[0.05], settings=settings)[0]

@@ -429,8 +429,9 @@ class ProbedWarp(Predictor):
     stability_cap: bool = True  # s <= max_stable_lr(m) / (lr h): the kernel grows up to the edge of stability (§14)
     edge_factor: float = 2.0  # lr up to this x max_stable_lr(m): the catapult phase, predicted at the edge (§14); above: diverges
     edge_fraction: float = 0.9  # ... simulated at this fraction of max_stable_lr(m)
-    edge_momentum: float = 0.0  # the catapult phase is predicted for momentum up to this without a probe; above, see edge_probe_steps
-    edge_probe_steps: int = 64  # beyond the limit with momentum: a real minibatch run of this many steps at the config's own lr decides (§14); 0: flagged diverged
+    edge_momentum: float = 0.0  # unprobed beyond the limit: momentum up to this is the catapult phase (at the edge), above it diverges
+    edge_probe_steps: int = 64  # beyond the limit (up to edge_factor): a real minibatch run of this many steps at the config's own lr decides (§14); 0: none
+    probe_all_edges: bool = True  # probe plain GD/SGD beyond the limit too (else only momentum above edge_momentum)
     edge_work_epochs: Optional[float] = None  # per-sample gradients of those runs per (loss, budget), in epochs (N each); None: min(5, 10 - probe.work_epochs)
     interval_scale: float = 0.125  # T̂ε interval: T̂ε exp(±k (1 + |log s|)); k: 80 % coverage on digits-5to9 (docs/CHOICES.md)
 
@@ -510,17 +511,18 @@ class ProbedWarp(Predictor):
     def _simulated(self, prepared: PreparedPredictor, config: SimConfig, budget_steps: int
                    ) -> Tuple[SimConfig, float, Optional[str], bool]:
         """(the config the frozen dynamics run, its lr over the limit, a note, whether it is predicted to diverge)
-        (§14, beyond the limit): up to ``edge_factor`` times the limit, a config that trains for real (plain GD/SGD,
-        the catapult phase; with momentum, its own edge probe trained) is simulated at the edge of stability."""
+        (§14, beyond the limit): up to ``edge_factor`` times the limit, a config whose own edge probe trained (or,
+        unprobed, plain GD/SGD: the catapult phase) is simulated at the edge of stability; one whose probe diverged,
+        or unprobed with momentum, diverges."""
         limit = prepared.max_stable_lr(config.momentum)
         f = config.lr / limit
         if not 1.0 < f <= self.edge_factor:
             return config, f, None, False
         edge = replace(config, lr=self.edge_fraction * limit)
         at_edge = (f"predicted at the edge of stability ({self.edge_fraction:g} x the limit; docs/METHOD.md §14)")
-        if config.momentum <= self.edge_momentum:
+        run = self.edge_probe(prepared, config, budget_steps) if self.probe_all_edges or config.momentum > self.edge_momentum else None
+        if run is None and config.momentum <= self.edge_momentum:
             return edge, f, f"lr is {f:.2f} x the linearised stability limit (the catapult phase): {at_edge}", False
-        run = self.edge_probe(prepared, config, budget_steps)
         if run is None:
             why = (f"not probed (edge probes would pass {self.edge_epochs:g} N per-sample gradients)"
                    if self.edge_probe_steps else "not probed (edge_probe_steps is 0)")
@@ -540,8 +542,11 @@ class ProbedWarp(Predictor):
             ahead = min(self.max_horizon, max(1.0, max(float(np.max(s)) for s in drift.scales)))
             step = settings.sim.log_every
             horizon = step * int(math.ceil(math.ceil(budget_steps * ahead) / step))
-            # beyond the limit, lowest lr first: at one momentum an edge probe then decides the higher lrs
-            order = sorted(idx, key=lambda i: (configs[i].momentum, configs[i].lr))
+            # edge probes in order of what one run decides (§14): momentum first (unprobed, it is flagged); there
+            # the highest lr first (if it trains, every lower one does), plain GD/SGD the lowest first (if it
+            # diverges, every higher one does; unprobed, the catapult rule says it trains)
+            order = sorted(idx, key=lambda i: (-configs[i].momentum, configs[i].lr * (
+                -1.0 if configs[i].momentum > self.edge_momentum else 1.0)))
             decided = {i: self._simulated(prepared, configs[i], budget_steps) for i in order}
             runs = [decided[i] for i in idx]
             lins = simulate(prepared.state, [r[0] for r in runs], horizon, settings.sim)
