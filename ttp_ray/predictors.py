@@ -181,6 +181,7 @@ class Predictor(ABC):
     fallback: ClassVar[Optional[str]] = None  # predicts the configs this one does not support
     extra_work: ClassVar[str] = "none beyond the Θ0 sketch"  # what it costs per (dataset, backbone), in words
     needs_full_kernel: ClassVar[bool] = False  # default kernel: the full NC x NC sketch instead of the class trace
+    revision: ClassVar[int] = 1  # raised when the predictor's results change: a sweep's resume identity includes it
 
     def unsupported(self, config: SimConfig, n: int, settings: PredictSettings) -> Optional[str]:
         """None when this predictor simulates ``config`` itself, else a one-line reason naming the field."""
@@ -421,6 +422,7 @@ class ProbedWarp(Predictor):
     drift and an interval for T̂ε."""
 
     name: ClassVar[str] = "probed"
+    revision: ClassVar[int] = 2  # 2: edge probes decide beyond the limit (§14)
     extra_work: ClassVar[str] = ("per (loss, budget): real minibatch probe steps, at most probe.work_epochs x N "
                                  "per-sample gradients")
     probe: ProbeOptions = field(default_factory=ProbeOptions)
