@@ -136,6 +136,8 @@ def test_an_edge_probe_decides_beyond_the_limit_and_higher_lrs_follow_a_divergen
     # 1.1x and 1.2x: a run at 1.2x trained, so they train too, simulated at the edge; 1.7x: a run at 1.6x diverged
     assert [pc.diverged for pc in out] == [False, False, True]
     assert "trained" in out[0].result.note and "edge of stability" in out[0].result.note
+    # its interval spans the step between the edge's (0.9 x the limit) and its own
+    assert out[0].result.extras["interval_log_halfwidth"] >= math.log(1.1 / 0.9) + pred.predictor.interval_scale
     assert "diverged" in out[2].result.note
     assert pred.work.get("edge_probes", 0) == spent.get("edge_probes", 0)  # decided without a new run
     # plain GD beyond the limit: a probe that diverged overrides the catapult rule (digits-resnet, MSE, 1.6x)

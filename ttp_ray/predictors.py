@@ -575,7 +575,9 @@ class ProbedWarp(Predictor):
                                  method=f"probed-{lin.method}", note=note,
                                  extras={**lin.extras, "drift": info,
                                          "row_fields": {**own, "predicted_drift": s_end},
-                                         "interval_log_halfwidth": self.interval_scale * (1.0 + spread)})
+                                         # at the edge the real step lies between the edge's and its own (§14)
+                                         "interval_log_halfwidth": self.interval_scale * (1.0 + spread)
+                                         + abs(math.log(cfg.lr / sim_cfg.lr))})
         return out  # type: ignore[return-value]
 
 
