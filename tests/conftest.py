@@ -12,10 +12,13 @@ os.environ["TORCH_HOME"] = str(ROOT / ".pytest_cache" / "torch-home-empty")
 os.environ.setdefault("TTP_RAY_DATA", str(ROOT / ".pytest_cache" / "data-empty"))
 
 
+TIME_SCALE = float(os.environ.get("TTP_RAY_TIMEOUT_SCALE", "1"))  # make test-stress: every wall-clock bound x this
+
+
 def pytest_collection_modifyitems(config, items):
     """``TTP_RAY_TIMEOUT_SCALE=F`` (``make test-stress``) multiplies every test's own time limit by F: on an
     oversubscribed machine a test still has a limit, one that fits the machine."""
-    scale = float(os.environ.get("TTP_RAY_TIMEOUT_SCALE", "1"))
+    scale = TIME_SCALE
     if scale == 1:
         return
     for item in items:

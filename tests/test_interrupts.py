@@ -13,7 +13,7 @@ import time
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, TIME_SCALE, run_cli
 from ttp_ray.interrupts import INTERRUPTED_MESSAGE
 from ttp_ray.sweep.output import read_table
 
@@ -31,8 +31,8 @@ SPEC = {
     "simulation": {"momentum_mode": "heavy_ball", "paths": 2, "log_every": 5},
     "resources": {"shard_size": 1},  # 24 shards: many parts still to do when the first is written
 }
-STOP_WITHIN_S = 10.0
-ADDRESS_WITHIN_S = 30.0
+STOP_WITHIN_S = 10.0 * TIME_SCALE  # (make test-stress: the machine is oversubscribed, every bound scaled)
+ADDRESS_WITHIN_S = 30.0 * TIME_SCALE
 
 
 def _sweep_cmd(spec_path, out, *extra):
@@ -64,17 +64,17 @@ def _stop_mid_sweep(tmp_path, signum, whole_group, spec=SPEC, when=_first_part):
     proc = subprocess.Popen(_sweep_cmd(spec_path, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
                             env=_env(), start_new_session=True)
     try:
-        deadline = time.monotonic() + 150
+        deadline = time.monotonic() + 150 * TIME_SCALE
         while not when(out):  # the event: parts written (polled), the sweep still running
             assert proc.poll() is None, f"the sweep ended before it could be stopped: {proc.communicate()[1][-800:]}"
-            assert time.monotonic() < deadline, "no such parts written within 150 s"
+            assert time.monotonic() < deadline, f"no such parts written within {150 * TIME_SCALE:g} s"
             time.sleep(0.05)
         sent = time.monotonic()
         (os.killpg if whole_group else os.kill)(proc.pid, signum)
         try:
-            stdout, stderr = proc.communicate(timeout=60)
+            stdout, stderr = proc.communicate(timeout=60 * TIME_SCALE)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"the sweep did not stop within 60 s of {signal.Signals(signum).name}")
+            pytest.fail(f"the sweep did not stop within {60 * TIME_SCALE:g} s of {signal.Signals(signum).name}")
         took = time.monotonic() - sent
     finally:
         if proc.poll() is None:
@@ -99,7 +99,8 @@ def _check_stopped(code, took, stdout, stderr, expected_code, out, table="predic
 
 def _check_resumes(spec_path, out, before, fine_tunes=0):
     kept = {p.name: p.read_bytes() for p in before}
-    done = subprocess.run(_sweep_cmd(spec_path, out), capture_output=True, cwd=ROOT, env=_env(), timeout=240)
+    done = subprocess.run(_sweep_cmd(spec_path, out), capture_output=True, cwd=ROOT, env=_env(),
+                          timeout=240 * TIME_SCALE)
     err = done.stderr.decode()
     assert done.returncode == 0, err[-2000:]
     assert "resuming" in err and "complete:" in done.stdout.decode()

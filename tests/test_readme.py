@@ -32,6 +32,8 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import TIME_SCALE
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 MARKER = re.compile(r"^<!-- readme-test: (run|make-dry-run|skip \((?P<reason>.+)\)) -->$")
@@ -39,7 +41,7 @@ FENCE = re.compile(r"^```(?P<lang>[a-z]*)\s*$")
 REWRITES = [  # (pattern, replacement, why): applied to every command of a `run` block; each must apply somewhere
     (r"--steps \d+", "--steps 20", "real fine-tuning is the slow part of finetune / predict --validate / drift"),
 ]
-COMMAND_TIMEOUT_S = 280
+COMMAND_TIMEOUT_S = 280 * TIME_SCALE  # (make test-stress scales it with the time limits)
 
 
 @dataclass

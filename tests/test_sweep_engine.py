@@ -8,7 +8,7 @@ import os
 import pytest
 import yaml
 
-from conftest import ROOT, left_running, run_cli
+from conftest import ROOT, TIME_SCALE, left_running, run_cli
 from ttp_ray.sweep.output import read_table
 from ttp_ray.sweep.spec import parse_spec
 
@@ -235,7 +235,7 @@ def test_killed_driver_loses_nothing_and_resumes(local_ray, tmp_path):
     # none of its Ray processes outlives it: each ends within a bound (Ray's agents alone linger 60 s on a dead GCS)
     names = {v[1] for v in ray_processes.values()}
     assert proc.returncode != -signal.SIGKILL or {"raylet", "ray::DashboardAgent"} <= names, names
-    deadline = time.monotonic() + 20 * float(os.environ.get("TTP_RAY_TIMEOUT_SCALE", "1"))
+    deadline = time.monotonic() + 20 * TIME_SCALE
     while left_running(ray_processes) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not left_running(ray_processes), left_running(ray_processes)

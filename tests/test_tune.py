@@ -296,14 +296,13 @@ def test_cli_tune_reuses_out_and_names_a_bad_criterion(swept, tmp_path, capsys):
 def test_cli_tune_from_scratch_starts_ray_after_the_preflight_and_leaves_no_ray_process(tmp_path):
     """`ttp-ray tune` in a fresh process (no Ray yet): the sweep's preflight, then the sweep starts Ray and keeps it
     (``run_sweep(keep_ray=True)``), the trial runs on it, and no Ray process of it remains once it exits."""
-    import os
     import subprocess
     import sys
     import time
 
     import yaml
 
-    from conftest import ROOT, left_running
+    from conftest import ROOT, TIME_SCALE, left_running
 
     d = dict(SMALL, lr={"fraction_of_max_stable": [0.3, 0.6]}, momentum=[0.0], batch_size=["full"])
     path = tmp_path / "spec.yaml"
@@ -324,7 +323,7 @@ def test_cli_tune_from_scratch_starts_ray_after_the_preflight_and_leaves_no_ray_
     assert len(tables(out).ground_truth.config_id.unique()) == 1
     assert any(v[1] == "raylet" for v in seen.values()), seen
 
-    deadline = time.monotonic() + 20 * float(os.environ.get("TTP_RAY_TIMEOUT_SCALE", "1"))
+    deadline = time.monotonic() + 20 * TIME_SCALE
     while left_running(seen) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not left_running(seen), left_running(seen)
