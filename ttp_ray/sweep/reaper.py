@@ -7,11 +7,11 @@ when it is gone -- but only after publishing the raylet's death to the (dead) GC
 driver by 61.6 s. :func:`watch` starts a small process beside the driver that ends them at once.
 
 The watcher holds the read end of a pipe whose write end only the driver holds (not inheritable), so the end of
-the driver, however it ends, is an end of file there. Meanwhile it records, once every :data:`POLL_S`, the
-processes of the driver's Ray (:func:`ray_descendants`: the head processes, the agents, the workers), with their
-start times. At the end of file -- or once the ``raylet`` and
-``gcs_server`` it recorded have ended (``ray.shutdown``; the watcher is then no longer needed) -- it sends SIGKILL
-to every recorded process still running with the same start time (never a reused pid), and exits. Processes that
+the driver, however it ends, is an end of file there. Meanwhile it records, once every :data:`POLL_S` for its
+first :data:`RECORD_S`, the processes of the driver's Ray (:func:`ray_descendants`: the head processes, the
+agents, the workers), with their start times. At the end of file -- or once the ``raylet`` and ``gcs_server``
+it recorded have ended (``ray.shutdown``; the watcher is then no longer needed) -- it sends SIGKILL to every
+recorded process still running with the same start time (never a reused pid), and exits. Processes that
 are not Ray's are never touched. Linux and macOS (psutil, which Ray already requires); Ray-free.
 
     python -m ttp_ray.sweep.reaper DRIVER_PID   (stdin: the pipe)
@@ -23,11 +23,15 @@ import re
 import select
 import subprocess
 import sys
+import time
 from typing import Dict, Optional, Tuple
 
-__all__ = ["POLL_S", "watch", "ray_descendants", "reap"]
+__all__ = ["POLL_S", "RECORD_S", "watch", "ray_descendants", "reap"]
 
-POLL_S = 1.0  # how often the watcher records the driver's Ray processes (agents start ~1 s after the raylet)
+POLL_S = 1.0  # how often the watcher looks (agents start ~1 s after the raylet)
+RECORD_S = 30.0  # it records the driver's Ray processes for this long: the head and the agents, which start with it
+# (later ones are workers, which end within seconds of the raylet); after that only the head's liveness is checked,
+# a few microseconds per poll instead of a scan of every process
 _RAY_PROCESS = re.compile(r"^ray::|[/\\]ray[/\\]")  # a process title set by Ray, or a program in Ray's package
 _HEAD = ("raylet", "gcs_server")  # their end (the driver's ray.shutdown, or its death) ends the watch
 _write_ends = []  # the driver's ends of the pipes (kept open for the driver's lifetime; never inherited)
@@ -109,11 +113,13 @@ def reap(recorded: Dict[int, Tuple[float, str]]) -> int:
 
 def _main(pid: int) -> None:
     recorded: Dict[int, Tuple[float, str]] = {}
+    record_until = time.monotonic() + RECORD_S
     while True:
         readable, _, _ = select.select([sys.stdin], [], [], POLL_S)
         if readable and not os.read(sys.stdin.fileno(), 4096):  # end of file: the driver has ended
             break
-        recorded.update(ray_descendants(pid))
+        if time.monotonic() < record_until or not recorded:
+            recorded.update(ray_descendants(pid))
         head = {p: v for p, v in recorded.items() if v[1] in _HEAD}
         if head and not any(_running(p, started) for p, (started, _) in head.items()):
             break  # its Ray was shut down (or died): what is left of it goes now
