@@ -12,7 +12,7 @@ first :data:`RECORD_S`, the processes of the driver's Ray (:func:`ray_descendant
 agents, the workers), with their start times. At the end of file -- or once the ``raylet`` and ``gcs_server``
 it recorded have ended (``ray.shutdown``; the watcher is then no longer needed) -- it sends SIGKILL to every
 recorded process still running with the same start time (never a reused pid), and exits. Processes that
-are not Ray's are never touched. Linux and macOS (psutil, which Ray already requires); Ray-free.
+are not Ray's are never touched. Linux and macOS (psutil, a dependency of the project); Ray-free.
 
     python -m ttp_ray.sweep.reaper DRIVER_PID   (stdin: the pipe)
 """
