@@ -261,17 +261,32 @@ def test_default_sketch_within_bound_on_digits_cnn():
 
 # ----------------------------------------------------------------------------------------- eigen
 
-@pytest.mark.parametrize("solver", ["gram", "svd"])
+@pytest.mark.parametrize("solver,eigh_dtype,tol,spread", [("gram", torch.float64, 1e-9, 3), ("svd", None, 1e-9, 3),
+                                                            ("gram", torch.float32, 1e-5, 2)])
 @pytest.mark.parametrize("shape", [(40, 15), (15, 40)])
-def test_eigenpairs_reproduce_sketch_gram(solver, shape):
+def test_eigenpairs_reproduce_sketch_gram(solver, eigh_dtype, tol, spread, shape):
     g = torch.Generator().manual_seed(0)
-    z = torch.randn(*shape, generator=g) * torch.logspace(0, -3, shape[1])  # float32 input, spread spectrum
-    lam, vec = eigendecompose_sketch(z, solver=solver)
+    z = torch.randn(*shape, generator=g) * torch.logspace(0, -spread, shape[1])  # float32 input, spread spectrum
+    lam, vec = eigendecompose_sketch(z, solver=solver, eigh_dtype=eigh_dtype)
     zz = z.double() @ z.double().T
-    assert lam.dtype == torch.float64 and lam.numel() == min(shape)
+    assert lam.dtype == torch.float64 and lam.numel() == min(shape)  # float32: lambda >= ~1e-4 lambda_max, all kept
     assert torch.all(lam[:-1] >= lam[1:])
-    torch.testing.assert_close((vec * lam) @ vec.T, zz, rtol=1e-9, atol=1e-9 * float(lam[0]))
-    torch.testing.assert_close(vec.T @ vec, torch.eye(lam.numel(), dtype=torch.float64), rtol=0, atol=1e-8)
+    # float32 eigh: the reconstruction error is round-off relative to lambda_max, not to each entry
+    torch.testing.assert_close((vec * lam) @ vec.T, zz, rtol=tol, atol=tol * float(lam[0]))
+    torch.testing.assert_close(vec.T @ vec, torch.eye(lam.numel(), dtype=torch.float64), rtol=0, atol=1e-8 if tol < 1e-6 else 1e-4)
+
+
+def test_float32_eigh_drops_modes_below_its_round_off():
+    # rows >= k: U = Z V / S, so modes at float32 round-off are dropped (rows < k: covered above)
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(30, 12, generator=g, dtype=torch.float64) * torch.logspace(0, -3.5, 12, dtype=torch.float64)
+    lam64, _ = eigendecompose_sketch(z, eigh_dtype=torch.float64)
+    lam32, vec32 = eigendecompose_sketch(z, eigh_dtype=torch.float32)
+    assert lam64.numel() == 12  # lambda spans ~1 .. 1e-7 (relative): float64 keeps all of them
+    expected = int((lam64 > 10 * torch.finfo(torch.float32).eps * lam64[0]).sum())
+    assert lam32.numel() == expected < 12
+    torch.testing.assert_close(lam32, lam64[:expected], rtol=1e-4, atol=1e-5 * float(lam64[0]))
+    torch.testing.assert_close(vec32.T @ vec32, torch.eye(expected, dtype=torch.float64), rtol=0, atol=1e-4)
 
 
 def test_eigendecomposition_drops_numerically_zero_modes():
@@ -325,7 +340,8 @@ def test_kernel_state_requires_eval_mode_and_valid_options():
     with pytest.raises(ValueError, match="eval mode"):
         compute_kernel_state(model, ds, KernelOptions(k=8))
     for bad in ({"method": "approx"}, {"projection": "dense"}, {"k": 0}, {"dtype": "float16"}, {"class_probes": 0},
-                {"memory_cap_mb": 0}, {"engine": "jit"}, {"eigen_solver": "lanczos"}):
+                {"memory_cap_mb": 0}, {"engine": "jit"}, {"eigen_solver": "lanczos"},
+                {"eigh_dtype": "float16"}):
         with pytest.raises(ValueError):
             KernelOptions(**bad)
     with pytest.raises(ValueError, match="class_probes"):
@@ -407,7 +423,7 @@ def test_cache_key_covers_what_changes_the_state():
     assert kernel_cache_key(model, ds, KernelOptions(engine="vmap"))[0] == base
     variants = [KernelOptions(k=1024), KernelOptions(seed=1), KernelOptions(projection="subset"),
                 KernelOptions(class_trace=not KernelOptions().class_trace), KernelOptions(dtype="float32"),
-                KernelOptions(method="exact")]
+                KernelOptions(eigh_dtype="float64"), KernelOptions(method="exact")]
     keys = {kernel_cache_key(model, ds, o)[0] for o in variants}
     assert base not in keys and len(keys) == len(variants)
     assert kernel_cache_key(model, ds, KernelOptions(), trainable="head")[0] != base

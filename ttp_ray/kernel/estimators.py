@@ -17,7 +17,8 @@ built from them (METHOD.md §2 for the exact kernel, §6 for the kernel sketch).
 * :func:`class_trace_kernel` -- the ``N x N`` class trace of a full kernel.
 
 Eigenpairs (:func:`eigendecompose_sketch`) come from the thin SVD of Z (``lambda = sigma^2``), computed by
-default through the smaller of ``Z^T Z`` / ``Z Z^T`` (never the ``NC x NC`` kernel when ``k < NC``);
+default through the smaller of ``Z^T Z`` / ``Z Z^T`` (never the ``NC x NC`` kernel when ``k < NC``), formed in
+float64 and diagonalised in float32 (``KernelOptions.eigh_dtype``);
 eigenvalues ``<= eig_rtol * lambda_max`` are dropped (:func:`eigendecompose_kernel` for the exact path).
 Modes outside the kept eigenvectors do not move under the linearised dynamics: the residual there stays
 constant (``||Y - F0||^2 - sum_k p_k``). Z has rank ``<= min(N, k)``: for ``N > k`` the modes beyond k
@@ -245,36 +246,42 @@ def kernel_memory(n: int, num_classes: int, options: KernelOptions) -> int:
 
 
 def eigendecompose_sketch(z: torch.Tensor, *, dtype: torch.dtype = torch.float64, rtol: float = 1e-9,
-                          solver: str = "gram") -> Tuple[torch.Tensor, torch.Tensor]:
+                          solver: str = "gram", eigh_dtype: Optional[torch.dtype] = None
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Eigenpairs of ``Z Z^T`` from the thin SVD ``Z = U S V^T``: ``lambda = S^2`` descending, vectors ``U``
     (METHOD.md §6); eigenvalues ``<= rtol * lambda_max`` are dropped. Cost O(rows k min(rows, k)).
 
     ``solver="gram"`` (default) computes that thin SVD through the smaller Gram matrix: ``Z^T Z = V S^2 V^T``
     (``k x k`` eigh) and ``U = Z V / S`` when rows >= k, else ``Z Z^T = U S^2 U^T`` (rows < k, the
     smaller side); two to three times faster than LAPACK's SVD here, and in float64 its round-off
-    (~1e-16 lambda_max) is far below the dropping threshold. ``solver="svd"`` uses
-    ``torch.linalg.svd`` (prefer it with ``dtype=float32``).
+    (~1e-16 lambda_max) is far below the dropping threshold. The Gram matrix is formed in ``dtype``, its
+    ``eigh`` runs in ``eigh_dtype`` (default: ``dtype``) and the pairs are returned in ``dtype``. With a
+    lower-precision eigh and rows >= k, the eigenvalues ``<= 10 eps(eigh_dtype) lambda_max`` are dropped as
+    well: ``U = Z V / S`` would amplify their round-off (rows < k: U is eigh's own orthonormal output, and
+    round-off-sized eigenvalues are modes that barely move). ``solver="svd"`` uses ``torch.linalg.svd`` (prefer it with
+    ``dtype=float32``; ``eigh_dtype`` does not apply).
     """
     if solver not in EIGEN_SOLVERS:
         raise ValueError(f"solver: {solver!r} is not one of {', '.join(EIGEN_SOLVERS)}")
     zd = z.to(dtype)
     rows, k = zd.shape
+    floor = rtol
     if solver == "svd":
         u, sv, _ = torch.linalg.svd(zd, full_matrices=False)
         lam = sv * sv
-    elif rows >= k:
-        lam, v = torch.linalg.eigh(zd.T @ zd)
-        lam, v = lam.flip(0), v.flip(1)
-        u = None
     else:
-        lam, u = torch.linalg.eigh(zd @ zd.T)
-        lam, u = lam.flip(0), u.flip(1)
+        low = eigh_dtype if eigh_dtype is not None else dtype
+        if rows >= k and torch.finfo(low).eps > torch.finfo(dtype).eps:  # U = Z V / S is only as good as S
+            floor = max(rtol, 10 * torch.finfo(low).eps)
+        lam, vec = torch.linalg.eigh((zd.T @ zd if rows >= k else zd @ zd.T).to(low))
+        lam, vec = lam.flip(0).to(dtype), vec.flip(1).to(dtype)
+        u = None if rows >= k else vec
     if lam.numel() == 0 or float(lam[0]) <= 0:
         return lam[:0].contiguous(), zd.new_zeros(rows, 0)
-    keep = lam > rtol * lam[0]
+    keep = lam > floor * lam[0]
     lam = lam[keep].contiguous()
     if u is None:  # U = Z V S^-1, the left singular vectors of the kept modes
-        u = (zd @ v[:, keep]) * torch.rsqrt(lam)
+        u = (zd @ vec[:, keep]) * torch.rsqrt(lam)
     else:
         u = u[:, keep]
     return lam, u.contiguous()
@@ -351,7 +358,8 @@ def compute_kernel_state(model: nn.Module, dataset: Any, options: KernelOptions 
                                seed=options.seed, memory_cap_mb=options.memory_cap_mb,
                                batch_size=options.batch_size, on_rows=task.advance)
         t1 = time.perf_counter()
-        eigvals, eigvecs = eigendecompose_sketch(sk.z, dtype=dt, rtol=options.eig_rtol, solver=options.eigen_solver)
+        eigvals, eigvecs = eigendecompose_sketch(sk.z, dtype=dt, rtol=options.eig_rtol, solver=options.eigen_solver,
+                                                 eigh_dtype=getattr(torch, options.eigh_dtype))
         eig_s = time.perf_counter() - t1
         f0, sketch = sk.f0, sk.z
         meta.update(projection=options.projection, k=int(options.k), sketch_width=int(sk.z.shape[1]),
