@@ -49,6 +49,7 @@ from ttp_ray.kernel import (  # noqa: E402
     compute_kernel_state,
     eigendecompose_kernel,
     eigendecompose_sketch,
+    gram_matrix,
     kernel_sketch,
     kernel_sketches,
     kernel_state,
@@ -130,17 +131,20 @@ def accuracy_study(model, ds, ref: Reference, seeds: List[int], quick: bool) -> 
     ex_ct_lam, ex_ct_vec = eigendecompose_kernel(ref.theta_n)
     rows.append({"estimate": "exact class-trace", "k": "-", **ref.metrics(ex_ct_lam, ex_ct_vec, True, ref.theta_n)})
     grads = PerSampleGradients.from_module(model, "all")
+    default = KernelOptions()
     plans = {
-        # mode: (class_trace, list of (projection, k))
-        "full": (False, [(p, k) for p in ("countsketch", "subset") for k in ((512, 2048) if quick else (256, 512, 1024, 2048))]),
+        # mode: (class_trace, list of (projection, k), outer_width)
+        "full": (False, [(p, k) for p in ("countsketch", "subset") for k in ((512, 2048) if quick else (256, 512, 1024, 2048))], 0),
         "class-trace": (True, [(p, k) for p in ("countsketch", "subset") for k in ((512, 2048) if quick else (256, 1024, 2048, 4096, 8192))]
-                        + ([] if quick else [("gaussian", 256)])),
+                        + ([] if quick else [("gaussian", 256)]), 0),
+        f"class-trace, outer_width {default.outer_width} (default)": (True, [(default.projection, default.k)],
+                                                                       default.outer_width),
     }
-    for mode, (ct, projs) in plans.items():
+    for mode, (ct, projs, outer) in plans.items():
         acc: Dict[Tuple[str, int], List[dict]] = {}
         for seed in seeds:
             t0 = time.perf_counter()
-            sks = kernel_sketches(grads, ds, ds.num_classes, projs, class_trace=ct, seed=seed)
+            sks = kernel_sketches(grads, ds, ds.num_classes, projs, class_trace=ct, seed=seed, outer_width=outer)
             log(f"  {mode} seed {seed}: gradient pass with {len(projs)} projections {time.perf_counter() - t0:.1f}s")
             for (kind, k), sk in zip(projs, sks):
                 lam, vec = eigendecompose_sketch(sk.z, eigh_dtype=getattr(torch, KernelOptions().eigh_dtype))
@@ -201,7 +205,8 @@ def cost_study(model, ds, configs: Dict[str, Tuple[KernelOptions, bool]], repeat
                 continue
             grads = PerSampleGradients.from_module(model, "all", o.engine)
             sk = kernel_sketch(grads, ds, ds.num_classes, k=o.k, projection=o.projection, class_trace=o.class_trace,
-                               class_probes=o.class_probes, seed=o.seed, memory_cap_mb=o.memory_cap_mb)
+                               class_probes=o.class_probes, seed=o.seed, memory_cap_mb=o.memory_cap_mb,
+                               outer_width=o.outer_width)
             runs[name].append((sk.seconds, float("nan")))
     ep = {k: float(np.median(v)) for k, v in epochs.items()}
     res = {}
@@ -219,11 +224,18 @@ def breakdown_study(model, ds, options: KernelOptions, repeats: int) -> Dict[str
     gradients from them, their projection, and the eigen step split into its Gram matrix and its eigh.
     Same chunking as :func:`ttp_ray.kernel.kernel_sketch` (samples whose largest gradient block fits 4 MiB)."""
     from ttp_ray.kernel import class_probe_cotangents
-    from ttp_ray.kernel.projections import PROJECTION_CLASSES
+    from ttp_ray.kernel.projections import PROJECTION_CLASSES, input_side_projection
 
     grads = PerSampleGradients.from_module(model, "all", options.engine)
     cot = class_probe_cotangents(ds.num_classes, options.class_probes, options.seed, grads.dtype)
-    lengths = [cot.shape[0] * size for size in grads.sizes]
+    reduce = {}  # KernelOptions.outer_width, as kernel_sketch applies it
+    for name in (grads.outer_products(ds.x[:1]) if options.outer_width else []):
+        t = grads.names.index(name)
+        fan_in = grads.sizes[t] // grads.shapes[t][0]
+        if fan_in > options.outer_width:
+            reduce[name] = input_side_projection(fan_in, options.outer_width, options.seed, t, grads.dtype, "cpu")
+    lengths = [cot.shape[0] * (grads.shapes[t][0] * options.outer_width if name in reduce else size)
+               for t, (name, size) in enumerate(zip(grads.names, grads.sizes))]
     proj = PROJECTION_CLASSES[options.projection](lengths, options.k, options.seed, grads.dtype, grads.device)
     n = len(ds)
     chunk = max(1, 4 * 2**20 // (max(lengths) * 4))
@@ -232,7 +244,7 @@ def breakdown_study(model, ds, options: KernelOptions, repeats: int) -> Dict[str
     for _ in range(repeats):
         parts["epoch"].append(epoch_seconds(model, ds, EPOCH_BATCH))
         t0 = time.perf_counter()
-        out, block = grads.compute(ds.x, cot)
+        out, block = grads.compute(ds.x, cot, reduce)
         parts["forward_backward"].append(time.perf_counter() - t0)
         ws = proj.begin(n)
         assemble = project = 0.0
@@ -249,7 +261,7 @@ def breakdown_study(model, ds, options: KernelOptions, repeats: int) -> Dict[str
         parts["project"].append(project)
         t0 = time.perf_counter()
         zd = z.to(options.torch_dtype)
-        gram = zd @ zd.T if zd.shape[0] < zd.shape[1] else zd.T @ zd
+        gram = gram_matrix(zd if zd.shape[0] < zd.shape[1] else zd.T.contiguous())
         t1 = time.perf_counter()
         torch.linalg.eigh(gram.to(getattr(torch, options.eigh_dtype)))
         parts["gram"].append(t1 - t0)
@@ -345,10 +357,12 @@ def main(argv=None) -> None:
         if not args.skip_cost:
             log("  cost")
             c = ds.num_classes
-            previous = replace(default, eigh_dtype="float64")
+            previous = replace(default, eigh_dtype="float64", outer_width=0)
             configs = {
-                f"default (class-trace, 1 probe, countsketch, k=2048, hooks, eigh {default.eigh_dtype})": (default, True),
-                "previous default (eigh float64)": (previous, True),
+                f"default (class-trace, 1 probe, countsketch, k=2048, hooks, outer_width {default.outer_width}, "
+                f"eigh {default.eigh_dtype})": (default, True),
+                "previous default (outer_width 0, eigh float64)": (previous, True),
+                "default with outer_width 0": (replace(default, outer_width=0), False),
                 "class-trace, 1 probe, countsketch, engine vmap": (replace(default, engine="vmap"), False),
                 "class-trace, 1 probe, subset": (replace(default, projection="subset"), False),
                 f"class-trace, {c} probes (exact trace), countsketch": (replace(default, class_probes=c), False),

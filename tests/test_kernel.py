@@ -226,6 +226,35 @@ def test_single_class_probe_is_unbiased_over_probe_draws():
     assert mean < 0.3 * single
 
 
+@pytest.mark.parametrize("model_fn", [lambda: toy_cnn(width=4), lambda: ToyMLP().double().eval()])
+def test_outer_width_projects_only_single_position_weights_same_numbers_either_engine(model_fn):
+    """KernelOptions.outer_width: only a weight whose per-sample gradient is one outer product (here the
+    Linear heads; not the strided conv with 3x3 outputs nor the Linear over a sequence) is reduced, and the
+    hooks engine (inputs projected first) matches vmap (the whole gradient, then projected)."""
+    model, ds = model_fn(), toy_dataset(10)
+    sketches = {}
+    for engine in ("hooks", "vmap"):
+        grads = PerSampleGradients.from_module(model, "all", engine)
+        sketches[engine] = kernel_sketch(grads, ds, 3, k=48, class_trace=True, seed=2, outer_width=8)
+        assert sketches[engine].reduced == ("head.weight",)
+    torch.testing.assert_close(sketches["hooks"].z, sketches["vmap"].z, rtol=1e-10, atol=1e-10)
+    assert kernel_sketch(grads, ds, 3, k=48, class_trace=True, seed=2).reduced == ()
+
+
+def test_outer_width_projection_is_unbiased():
+    """With the identity projection (subset, k >= D) and the exact class trace (C probes), only the input-side
+    Gaussian is random: one draw is off, the mean over draws converges to the exact class-trace kernel."""
+    model, ds = toy_cnn(width=4), toy_dataset(10)
+    grads = PerSampleGradients.from_module(model, "all")
+    ref = exact_kernel(grads, ds, 3, class_trace=True).theta
+    grams = [kernel_sketch(grads, ds, 3, k=grads.num_params, projection="subset", class_trace=True,
+                           class_probes=3, seed=seed, outer_width=4).z for seed in range(64)]
+    grams = [z @ z.T for z in grams]
+    single = sum(rel_fro(g, ref) for g in grams) / len(grams)
+    assert single > 1e-2
+    assert rel_fro(torch.stack(grams).mean(0), ref) < 0.3 * single
+
+
 def test_count_sketch_and_subset_are_exact_in_expectation_structure():
     """Unit scale of the count sketch (E[Z Z^T] = J J^T) and subset with k >= D = the Jacobian itself."""
     model, ds = toy_cnn(), toy_dataset(8)
@@ -341,7 +370,7 @@ def test_kernel_state_requires_eval_mode_and_valid_options():
         compute_kernel_state(model, ds, KernelOptions(k=8))
     for bad in ({"method": "approx"}, {"projection": "dense"}, {"k": 0}, {"dtype": "float16"}, {"class_probes": 0},
                 {"memory_cap_mb": 0}, {"engine": "jit"}, {"eigen_solver": "lanczos"},
-                {"eigh_dtype": "float16"}):
+                {"eigh_dtype": "float16"}, {"outer_width": -1}):
         with pytest.raises(ValueError):
             KernelOptions(**bad)
     with pytest.raises(ValueError, match="class_probes"):
@@ -423,7 +452,7 @@ def test_cache_key_covers_what_changes_the_state():
     assert kernel_cache_key(model, ds, KernelOptions(engine="vmap"))[0] == base
     variants = [KernelOptions(k=1024), KernelOptions(seed=1), KernelOptions(projection="subset"),
                 KernelOptions(class_trace=not KernelOptions().class_trace), KernelOptions(dtype="float32"),
-                KernelOptions(eigh_dtype="float64"), KernelOptions(method="exact")]
+                KernelOptions(eigh_dtype="float64"), KernelOptions(outer_width=0), KernelOptions(method="exact")]
     keys = {kernel_cache_key(model, ds, o)[0] for o in variants}
     assert base not in keys and len(keys) == len(variants)
     assert kernel_cache_key(model, ds, KernelOptions(), trainable="head")[0] != base

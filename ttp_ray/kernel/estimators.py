@@ -43,7 +43,7 @@ from ..progress import Progress, resolve
 from ..state import KernelState
 from .gradients import ImageSource, PerSampleGradients, auto_batch_size, class_probe_cotangents
 from .options import EIGEN_SOLVERS, PROJECTIONS, KernelOptions
-from .projections import PROJECTION_CLASSES
+from .projections import PROJECTION_CLASSES, input_side_projection
 
 __all__ = [
     "ExactKernel",
@@ -56,6 +56,7 @@ __all__ = [
     "class_trace_kernel",
     "eigendecompose_sketch",
     "eigendecompose_kernel",
+    "gram_matrix",
     "compute_kernel_state",
     "kernel_memory",
 ]
@@ -86,6 +87,7 @@ class KernelSketch:
     seconds: float
     batch_size: int
     cotangents: torch.Tensor
+    reduced: Tuple[str, ...] = ()  # weights sketched from delta (R a)^T (outer_width), in parameter order
 
 
 def exact_kernel(grads: PerSampleGradients, images: Any, num_classes: int, *, class_trace: bool = False,
@@ -159,24 +161,25 @@ def exact_kernel_passes(n: int, panel: int) -> int:
 def kernel_sketch(grads: PerSampleGradients, images: Any, num_classes: int, *, k: int,
                   projection: str = "countsketch", class_trace: bool = False, class_probes: int = 1,
                   seed: int = 0, memory_cap_mb: float = 512.0, batch_size: Optional[int] = None,
-                  on_rows: Optional[Callable[[int], None]] = None) -> KernelSketch:
+                  outer_width: int = 0, on_rows: Optional[Callable[[int], None]] = None) -> KernelSketch:
     """Projected per-sample gradients ``Z`` with ``E[Z Z^T] = Theta`` (METHOD.md §6).
 
     Full (``class_trace=False``): row ``i*C + c`` of Z is ``P(J_{ic})`` (C cotangents per sample, batched).
     Class trace: row i is ``P([u_1 . J_i, ..., u_m . J_i])`` with the :func:`class_probe_cotangents`
     ``U`` (m = ``class_probes`` per sample), so ``E[Z Z^T] = Theta_N``. ``P`` is ``projection`` applied per
-    parameter tensor as soon as its gradients exist; no ``D x k`` matrix is formed. Batches are sized to
-    ``memory_cap_mb`` unless ``batch_size`` is given. Runs on ``grads.device``. ``on_rows(b)`` is called
-    after each batch of b samples, for progress.
+    parameter tensor as soon as its gradients exist; no ``D x k`` matrix is formed. ``outer_width > 0``:
+    single-position weights with more inputs are projected on their input side first
+    (``KernelOptions.outer_width``). Batches are sized to ``memory_cap_mb`` unless ``batch_size`` is given.
+    Runs on ``grads.device``. ``on_rows(b)`` is called after each batch of b samples, for progress.
     """
     return kernel_sketches(grads, images, num_classes, [(projection, k)], class_trace=class_trace,
                            class_probes=class_probes, seed=seed, memory_cap_mb=memory_cap_mb,
-                           batch_size=batch_size, on_rows=on_rows)[0]
+                           batch_size=batch_size, outer_width=outer_width, on_rows=on_rows)[0]
 
 
 def kernel_sketches(grads: PerSampleGradients, images: Any, num_classes: int, projections: Sequence[Tuple[str, int]],
                     *, class_trace: bool = False, class_probes: int = 1, seed: int = 0,
-                    memory_cap_mb: float = 512.0, batch_size: Optional[int] = None,
+                    memory_cap_mb: float = 512.0, batch_size: Optional[int] = None, outer_width: int = 0,
                     on_rows: Optional[Callable[[int], None]] = None) -> List[KernelSketch]:
     """:func:`kernel_sketch` for several ``(projection, k)`` at once, from one gradient pass (studies of
     accuracy against k). Each sketch's ``seconds`` is the wall time of the whole shared pass."""
@@ -185,13 +188,17 @@ def kernel_sketches(grads: PerSampleGradients, images: Any, num_classes: int, pr
             raise ValueError(f"projection: {kind!r} is not one of {', '.join(PROJECTIONS)}")
     src = ImageSource(images)
     n, c = src.n, int(num_classes)
+    t0 = time.perf_counter()
+    reduce = _input_side_reductions(grads, src, int(outer_width), seed)
+    sizes = [grads.shapes[t][0] * int(reduce[name].shape[0]) if name in reduce else grads.sizes[t]
+             for t, name in enumerate(grads.names)]
     if class_trace:
         cot = class_probe_cotangents(c, int(class_probes), seed, grads.dtype).to(grads.device)
-        lengths = [cot.shape[0] * size for size in grads.sizes]  # a sample's m probe gradients, per tensor
+        lengths = [cot.shape[0] * size for size in sizes]  # a sample's m probe gradients, per tensor
         per = 1
     else:
         cot = torch.eye(c, dtype=grads.dtype, device=grads.device)
-        lengths = list(grads.sizes)
+        lengths = sizes
         per = c
     projs = [PROJECTION_CLASSES[kind](lengths, int(k), seed, grads.dtype, grads.device) for kind, k in projections]
     item = torch.empty((), dtype=grads.dtype).element_size()
@@ -199,11 +206,10 @@ def kernel_sketches(grads: PerSampleGradients, images: Any, num_classes: int, pr
         extra = per * sum(p.workspace_columns() + p.width for p in projs) * item
         batch_size = auto_batch_size(grads, src, cot.shape[0], memory_cap_mb, extra)
     chunk = max(1, _CHUNK_BYTES // (per * max(lengths) * item))  # samples whose largest gradient block fits in cache
-    t0 = time.perf_counter()
     zs = [torch.empty(n * per, p.width, dtype=grads.dtype, device=grads.device) for p in projs]
     f0 = torch.empty(n, c, dtype=grads.dtype, device=grads.device)
     for s, e, x in src.batches(batch_size, grads.device, grads.dtype):
-        out, block = grads.compute(x, cot)
+        out, block = grads.compute(x, cot, reduce)
         f0[s:e] = out
         wss = [p.begin((e - s) * per) for p in projs]
         for lo in range(0, e - s, chunk):
@@ -218,8 +224,24 @@ def kernel_sketches(grads: PerSampleGradients, images: Any, num_classes: int, pr
         if on_rows is not None:
             on_rows(e - s)
     seconds = time.perf_counter() - t0
-    return [KernelSketch(z, f0, bool(class_trace), kind, seconds, int(batch_size), cot.cpu())
+    reduced = tuple(name for name in grads.names if name in reduce)
+    return [KernelSketch(z, f0, bool(class_trace), kind, seconds, int(batch_size), cot.cpu(), reduced)
             for z, (kind, _) in zip(zs, projections)]
+
+
+def _input_side_reductions(grads: PerSampleGradients, src: ImageSource, width: int, seed: int
+                           ) -> Dict[str, torch.Tensor]:
+    """``{weight: R}`` for the single-position weights with more than ``width`` inputs (KernelOptions.outer_width)."""
+    if width <= 0:
+        return {}
+    x1 = src.batch(0, 1).to(device=grads.device, dtype=grads.dtype)
+    out = {}
+    for name in grads.outer_products(x1):
+        t = grads.names.index(name)
+        fan_in = grads.sizes[t] // grads.shapes[t][0]
+        if fan_in > width:
+            out[name] = input_side_projection(fan_in, width, seed, t, grads.dtype, grads.device)
+    return out
 
 
 def class_trace_kernel(theta: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -253,7 +275,8 @@ def eigendecompose_sketch(z: torch.Tensor, *, dtype: torch.dtype = torch.float64
 
     ``solver="gram"`` (default) computes that thin SVD through the smaller Gram matrix: ``Z^T Z = V S^2 V^T``
     (``k x k`` eigh) and ``U = Z V / S`` when rows >= k, else ``Z Z^T = U S^2 U^T`` (rows < k, the
-    smaller side); two to three times faster than LAPACK's SVD here, and in float64 its round-off
+    smaller side; its lower triangle only, by row blocks); two to three times faster than LAPACK's SVD
+    here, and in float64 its round-off
     (~1e-16 lambda_max) is far below the dropping threshold. The Gram matrix is formed in ``dtype``, its
     ``eigh`` runs in ``eigh_dtype`` (default: ``dtype``) and the pairs are returned in ``dtype``. With a
     lower-precision eigh and rows >= k, the eigenvalues ``<= 10 eps(eigh_dtype) lambda_max`` are dropped as
@@ -273,7 +296,7 @@ def eigendecompose_sketch(z: torch.Tensor, *, dtype: torch.dtype = torch.float64
         low = eigh_dtype if eigh_dtype is not None else dtype
         if rows >= k and torch.finfo(low).eps > torch.finfo(dtype).eps:  # U = Z V / S is only as good as S
             floor = max(rtol, 10 * torch.finfo(low).eps)
-        lam, vec = torch.linalg.eigh((zd.T @ zd if rows >= k else zd @ zd.T).to(low))
+        lam, vec = torch.linalg.eigh(gram_matrix(zd.T.contiguous() if rows >= k else zd).to(low))
         lam, vec = lam.flip(0).to(dtype), vec.flip(1).to(dtype)
         u = None if rows >= k else vec
     if lam.numel() == 0 or float(lam[0]) <= 0:
@@ -285,6 +308,18 @@ def eigendecompose_sketch(z: torch.Tensor, *, dtype: torch.dtype = torch.float64
     else:
         u = u[:, keep]
     return lam, u.contiguous()
+
+
+def gram_matrix(a: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """``a a^T``, the lower triangle by row blocks and mirrored: about half the work of one ``a @ a.T`` (and
+    measured 2x faster on the CPU, docs/BENCHMARKS.md, section "Kernel"), exactly symmetric."""
+    n = a.shape[0]
+    g = torch.empty(n, n, dtype=a.dtype, device=a.device)
+    for i in range(0, n, block):
+        rows = a[i:i + block] @ a[:i + block].T  # block i against blocks 0..i
+        g[i:i + block, :i + block] = rows
+        g[:i, i:i + block] = rows[:, :i].T
+    return g
 
 
 def eigendecompose_kernel(theta: torch.Tensor, *, dtype: torch.dtype = torch.float64, rtol: float = 1e-9
@@ -356,13 +391,15 @@ def compute_kernel_state(model: nn.Module, dataset: Any, options: KernelOptions 
             sk = kernel_sketch(grads, dataset, c, k=options.k, projection=options.projection,
                                class_trace=options.class_trace, class_probes=options.class_probes,
                                seed=options.seed, memory_cap_mb=options.memory_cap_mb,
-                               batch_size=options.batch_size, on_rows=task.advance)
+                               batch_size=options.batch_size, outer_width=options.outer_width,
+                               on_rows=task.advance)
         t1 = time.perf_counter()
         eigvals, eigvecs = eigendecompose_sketch(sk.z, dtype=dt, rtol=options.eig_rtol, solver=options.eigen_solver,
                                                  eigh_dtype=getattr(torch, options.eigh_dtype))
         eig_s = time.perf_counter() - t1
         f0, sketch = sk.f0, sk.z
         meta.update(projection=options.projection, k=int(options.k), sketch_width=int(sk.z.shape[1]),
+                    input_side_reduced=list(sk.reduced),
                     seed=int(options.seed), kernel_seconds=sk.seconds, batch_size=sk.batch_size,
                     class_probes=int(options.class_probes) if options.class_trace else None)
     meta.update(eigen_seconds=eig_s, rank=int(eigvals.numel()), total_seconds=time.perf_counter() - t_start)

@@ -54,6 +54,13 @@ class KernelOptions:
       is formed in ``dtype``). ``float32`` (default) halves the time of that eigh, the eigen step's larger
       part; T̂ε matched float64's within 1 % on the accuracy grid (docs/BENCHMARKS.md, section "Kernel").
       ``float64`` for the exact solve. The exact path is unaffected (its eigh runs in ``dtype``);
+    * ``outer_width``: sketch only. A ``Linear`` / ``Conv2d`` weight with one output position (its per-sample
+      gradient is one outer product ``delta a^T``, e.g. a ResNet's last stage on small images) and more than
+      ``outer_width`` inputs is sketched from ``delta (R a)^T`` with a Gaussian ``R`` (``outer_width x fan_in``,
+      ``E[R^T R] = I``; exact on the output side): ``out x outer_width`` entries per sample instead of
+      ``out x fan_in``, never materialised. Still unbiased, with more variance on those layers; measured no
+      worse against the exact kernel (docs/BENCHMARKS.md, section "Kernel"). ``0``: off (the count sketch
+      sees every per-sample gradient);
     * ``engine``: per-sample gradient engine (:class:`PerSampleGradients`): ``"auto"`` (hooks when the
       model's trainable layers allow it, else vmap; recorded in meta), ``"hooks"`` or ``"vmap"``. Same
       numbers either way, so not part of the cache key.
@@ -71,6 +78,7 @@ class KernelOptions:
     eig_rtol: float = 1e-9
     eigen_solver: str = "gram"
     eigh_dtype: str = "float32"
+    outer_width: int = 64
     engine: str = "auto"
 
     def __post_init__(self) -> None:
@@ -94,6 +102,8 @@ class KernelOptions:
             raise ValueError(f"eigen_solver: {self.eigen_solver!r} is not one of {', '.join(EIGEN_SOLVERS)}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine: {self.engine!r} is not one of {', '.join(ENGINES)}")
+        if int(self.outer_width) < 0:
+            raise ValueError(f"outer_width: must be >= 0 (0: off), got {self.outer_width}")
         if not 0 <= self.eig_rtol < 1:
             raise ValueError(f"eig_rtol: must be in [0, 1), got {self.eig_rtol}")
 
@@ -110,6 +120,8 @@ class KernelOptions:
                        eigen_solver=self.eigen_solver)
             if self.eigen_solver == "gram":
                 out["eigh_dtype"] = self.eigh_dtype
+            if self.outer_width:
+                out["outer_width"] = int(self.outer_width)
             if self.class_trace:
                 out["class_probes"] = int(self.class_probes)
         return out
