@@ -318,6 +318,23 @@ def test_float32_eigh_drops_modes_below_its_round_off():
     torch.testing.assert_close(vec32.T @ vec32, torch.eye(expected, dtype=torch.float64), rtol=0, atol=1e-4)
 
 
+def test_float32_eigh_that_fails_to_converge_is_redone_in_float64(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(30, 12, generator=g, dtype=torch.float64)
+    expected = eigendecompose_sketch(z, eigh_dtype=torch.float64)
+    eigh = torch.linalg.eigh
+
+    def fails_in_float32(a, *args, **kw):  # LAPACK's float32 eigh on a clustered spectrum, simulated
+        if a.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return eigh(a, *args, **kw)
+
+    monkeypatch.setattr(torch.linalg, "eigh", fails_in_float32)
+    lam, vec = eigendecompose_sketch(z, eigh_dtype=torch.float32)
+    torch.testing.assert_close(lam, expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(vec, expected[1], rtol=0, atol=0)
+
+
 def test_eigendecomposition_drops_numerically_zero_modes():
     g = torch.Generator().manual_seed(1)
     z = torch.randn(30, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 20, generator=g, dtype=torch.float64)

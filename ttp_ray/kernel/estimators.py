@@ -278,7 +278,8 @@ def eigendecompose_sketch(z: torch.Tensor, *, dtype: torch.dtype = torch.float64
     smaller side; its lower triangle only, by row blocks); two to three times faster than LAPACK's SVD
     here, and in float64 its round-off
     (~1e-16 lambda_max) is far below the dropping threshold. The Gram matrix is formed in ``dtype``, its
-    ``eigh`` runs in ``eigh_dtype`` (default: ``dtype``) and the pairs are returned in ``dtype``. With a
+    ``eigh`` runs in ``eigh_dtype`` (default: ``dtype``; again in ``dtype`` if it fails to converge there)
+    and the pairs are returned in ``dtype``. With a
     lower-precision eigh and rows >= k, the eigenvalues ``<= 10 eps(eigh_dtype) lambda_max`` are dropped as
     well: ``U = Z V / S`` would amplify their round-off (rows < k: U is eigh's own orthonormal output, and
     round-off-sized eigenvalues are modes that barely move). ``solver="svd"`` uses ``torch.linalg.svd`` (prefer it with
@@ -296,7 +297,12 @@ def eigendecompose_sketch(z: torch.Tensor, *, dtype: torch.dtype = torch.float64
         low = eigh_dtype if eigh_dtype is not None else dtype
         if rows >= k and torch.finfo(low).eps > torch.finfo(dtype).eps:  # U = Z V / S is only as good as S
             floor = max(rtol, 10 * torch.finfo(low).eps)
-        lam, vec = torch.linalg.eigh(gram_matrix(zd.T.contiguous() if rows >= k else zd).to(low))
+        gram = gram_matrix(zd.T.contiguous() if rows >= k else zd)
+        try:
+            lam, vec = torch.linalg.eigh(gram.to(low))
+        except torch.linalg.LinAlgError:  # LAPACK's float32 eigh can fail to converge on clustered spectra
+            low, floor = dtype, rtol
+            lam, vec = torch.linalg.eigh(gram)
         lam, vec = lam.flip(0).to(dtype), vec.flip(1).to(dtype)
         u = None if rows >= k else vec
     if lam.numel() == 0 or float(lam[0]) <= 0:
