@@ -188,8 +188,7 @@ def kernel_sketches(grads: PerSampleGradients, images: Any, num_classes: int, pr
             raise ValueError(f"projection: {kind!r} is not one of {', '.join(PROJECTIONS)}")
     src = ImageSource(images)
     n, c = src.n, int(num_classes)
-    t0 = time.perf_counter()
-    reduce = _input_side_reductions(grads, src, int(outer_width), seed)
+    reduce = _input_side_reductions(grads, src, int(outer_width), seed)  # set-up on one sample, like the batch size
     sizes = [grads.shapes[t][0] * int(reduce[name].shape[0]) if name in reduce else grads.sizes[t]
              for t, name in enumerate(grads.names)]
     if class_trace:
@@ -206,6 +205,7 @@ def kernel_sketches(grads: PerSampleGradients, images: Any, num_classes: int, pr
         extra = per * sum(p.workspace_columns() + p.width for p in projs) * item
         batch_size = auto_batch_size(grads, src, cot.shape[0], memory_cap_mb, extra)
     chunk = max(1, _CHUNK_BYTES // (per * max(lengths) * item))  # samples whose largest gradient block fits in cache
+    t0 = time.perf_counter()
     zs = [torch.empty(n * per, p.width, dtype=grads.dtype, device=grads.device) for p in projs]
     f0 = torch.empty(n, c, dtype=grads.dtype, device=grads.device)
     for s, e, x in src.batches(batch_size, grads.device, grads.dtype):
