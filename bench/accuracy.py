@@ -330,9 +330,13 @@ def main() -> None:
             predict_seconds += seconds
             for loss in ("mse", "ce"):
                 drift = prep.shared[("probed", loss, budget)]
+                edge = list(prep.shared.get(("edge", loss, budget), {}).values())  # the edge probes beyond the limit
+                grads = drift.per_sample_gradients + sum(r.per_sample_gradients for r in edge)
                 default_meta[f"{ds_name}/{backbone}/{loss}"] = {
-                    "per_sample_gradients": drift.per_sample_gradients, "n": n,
-                    "epochs": drift.per_sample_gradients / n, "probe_seconds": sum(r.seconds for r in drift.runs)}
+                    "per_sample_gradients": grads, "n": n, "epochs": grads / n,
+                    "drift_probe_gradients": drift.per_sample_gradients, "edge_probes": len(edge),
+                    "edge_probe_gradients": sum(r.per_sample_gradients for r in edge),
+                    "probe_seconds": sum(r.seconds for r in drift.runs) + sum(r.seconds for r in edge)}
             default_meta[f"{ds_name}/{backbone}"] = {"seconds": seconds}
     # 3) GD with the kernel drift calibrated by one real run per (dataset, backbone, loss): the grid's own
     #    plain-GD config at REFERENCE_FRACTION x max_stable_lr(0) (its rows are flagged, and left out of the summary)

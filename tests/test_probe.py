@@ -92,8 +92,13 @@ def test_probed_predicts_every_config_type_with_drift_interval_and_counted_work(
     for cfg, pc in zip(cfgs, out):
         f = cfg.lr / frozen.max_stable_lr(cfg.momentum)
         assert pc.result.config == cfg and pc.result.method.startswith("probed-")
-        # beyond the limit: the catapult phase (m = 0, up to 2x) is predicted at the edge; the rest diverges
-        assert pc.diverged == (f > 2.0 or (f > 1.0 and cfg.momentum > 0)), (cfg, f)
+        # beyond the limit: the catapult phase (m = 0, up to 2x) is predicted at the edge; with momentum up to 2x
+        # the config's own real edge probe decides; above 2x it diverges
+        if 1.0 < f <= 2.0 and cfg.momentum > 0:
+            run = pred.shared[("edge", cfg.loss, 40)][cfg.momentum, cfg.lr]
+            assert pc.diverged == run.diverged and "a real run" in pc.result.note, (cfg, pc.result.note)
+        else:
+            assert pc.diverged == (f > 2.0), (cfg, f)
         for r in pc.rows:
             assert r["limit_from"] == "class-trace kernel"
             assert r["extra_gradients"] > 0 and r["elr_over_gd_limit"] == pytest.approx(
@@ -102,7 +107,49 @@ def test_probed_predicts_every_config_type_with_drift_interval_and_counted_work(
                 assert r["predicted_drift"] > 0
             if r["predicted_steps"] is not None and not pc.diverged:
                 assert r["predicted_steps_low"] <= r["predicted_steps"] <= r["predicted_steps_high"] <= 40
-    per_loss = out[0].rows[0]["extra_gradients"]
-    assert per_loss <= 2 * frozen.n and pred.work["per_sample_gradients"] == 2 * per_loss  # two losses, counted
+    per_loss = {pc.result.config.loss: pc.rows[0]["extra_gradients"] for pc in out}
+    edge = {loss: pred.predictor.edge_work(pred, loss, 40) for loss in per_loss}
+    assert all(0 < edge[loss] <= pred.predictor.edge_epochs * frozen.n for loss in per_loss)  # the edge probes' own bound
+    assert all(per_loss[loss] - edge[loss] <= 2 * frozen.n for loss in per_loss)  # the drift probes' bound
+    assert all(v <= 10 * frozen.n for v in per_loss.values())  # the issue's bound, all probes together
+    assert pred.work["per_sample_gradients"] == sum(per_loss.values())  # counted, per loss
     again = pred.predict(cfgs[:2], budget_steps=40, eps_list=[0.05], settings=settings)  # the probes are shared
-    assert pred.work["per_sample_gradients"] == 2 * per_loss and again[0].rows[0]["extra_gradients"] == per_loss
+    assert pred.work["per_sample_gradients"] == sum(per_loss.values())
+    assert again[0].rows[0]["extra_gradients"] == per_loss[cfgs[0].loss]
+
+
+def _fake_edge_run(momentum, lr, diverged):
+    return ProbeRun(momentum=momentum, lr=lr, batch_size=8, level=np.ones(3), scale=np.ones(3), quotient0=1.0,
+                    diverged=diverged, per_sample_gradients=24, seconds=0.0)
+
+
+def test_an_edge_probe_decides_beyond_the_limit_and_higher_lrs_follow_a_divergence(frozen):
+    pred = get_predictor("probed", probe=ProbeOptions(work_epochs=2, batch_size=32)).rebind(frozen)
+    lim = frozen.max_stable_lr(0.9)
+    book = pred.shared.setdefault(("edge", "mse", 30), {})
+    book[0.9, 1.2 * lim] = _fake_edge_run(0.9, 1.2 * lim, diverged=False)
+    book[0.9, 1.6 * lim] = _fake_edge_run(0.9, 1.6 * lim, diverged=True)
+    cfgs = [SimConfig(lr=f * lim, momentum=0.9, batch_size=None, loss="mse") for f in (1.1, 1.2, 1.7)]
+    settings = PredictSettings(sim=SimOptions(log_every=5), eps_mode="relative")
+    spent = dict(pred.work)
+    out = pred.predict(cfgs, budget_steps=30, eps_list=[0.05], settings=settings)
+    # 1.1x and 1.2x: a run at 1.2x trained, so they train too, simulated at the edge; 1.7x: a run at 1.6x diverged
+    assert [pc.diverged for pc in out] == [False, False, True]
+    assert "trained" in out[0].result.note and "edge of stability" in out[0].result.note
+    # its interval spans the step between the edge's (0.9 x the limit) and its own
+    assert out[0].result.extras["interval_log_halfwidth"] >= math.log(1.1 / 0.9) + pred.predictor.interval_scale
+    assert "diverged" in out[2].result.note
+    assert pred.work.get("edge_probes", 0) == spent.get("edge_probes", 0)  # decided without a new run
+    # plain GD beyond the limit: a probe that diverged overrides the catapult rule (digits-resnet, MSE, 1.6x)
+    lim0 = frozen.max_stable_lr(0.0)
+    book[0.0, 1.5 * lim0] = _fake_edge_run(0.0, 1.5 * lim0, diverged=True)
+    plain = pred.predict([SimConfig(lr=f * lim0, momentum=0.0, batch_size=None, loss="mse") for f in (1.6, 1.2)],
+                         budget_steps=30, eps_list=[0.05], settings=settings)
+    assert plain[0].diverged and "diverged" in plain[0].result.note
+    assert not plain[1].diverged and "edge of stability" in plain[1].result.note  # probed for real, or the catapult rule
+    # a run that does not fit the bound is not made: the config is flagged, and says why
+    tight = get_predictor("probed", probe=ProbeOptions(work_epochs=2, batch_size=32), edge_work_epochs=0.01).rebind(frozen)
+    pc = tight.predict([cfgs[0]], budget_steps=30, eps_list=[0.05], settings=settings)[0]
+    assert pc.diverged and "not probed" in pc.result.note and not tight.shared[("edge", "mse", 30)]
+    with pytest.raises(ValueError, match=r"^edge_work_epochs: must be in \[0, 8\]"):
+        get_predictor("probed", probe={"work_epochs": 2}, edge_work_epochs=9)

@@ -36,7 +36,7 @@ from .drift import DRIFT_METHOD, DriftOptions, KernelDrift, calibrate_drift, ref
 from .dynamics import SimConfig, SimResult, simulate
 from .inputs import AdaptOptions
 from .kernel import KernelOptions
-from .probe import ProbeOptions, ProbedDrift, drift_summary, probe_drift, warp_result
+from .probe import ProbeOptions, ProbeRun, ProbedDrift, drift_summary, probe_drift, run_probe, warp_result
 from .predict import (PredictedConfig, PredictSettings, check_request, load_state, load_subset_state,
                       predicted_configs, simulate_subset, subset_row_fields)
 from .progress import Progress, resolve
@@ -181,6 +181,7 @@ class Predictor(ABC):
     fallback: ClassVar[Optional[str]] = None  # predicts the configs this one does not support
     extra_work: ClassVar[str] = "none beyond the Θ0 sketch"  # what it costs per (dataset, backbone), in words
     needs_full_kernel: ClassVar[bool] = False  # default kernel: the full NC x NC sketch instead of the class trace
+    revision: ClassVar[int] = 1  # raised when the predictor's results change: a sweep's resume identity includes it
 
     def unsupported(self, config: SimConfig, n: int, settings: PredictSettings) -> Optional[str]:
         """None when this predictor simulates ``config`` itself, else a one-line reason naming the field."""
@@ -408,6 +409,11 @@ class FlowRelinearised(Predictor):
         return out  # type: ignore[return-value]
 
 
+MAX_EXTRA_EPOCHS = 10.0  # the probed predictor's real work per (loss, budget), all probes together, in epochs (N)
+DEFAULT_EDGE_EPOCHS = 5.0  # the edge probes' default share of it
+EDGE_SEED_OFFSET = 101  # edge probes draw their batches from probe.seed + this (not the drift probes' order)
+
+
 @dataclass(frozen=True)
 class ProbedWarp(Predictor):
     """Every config type (GD and SGD, any momentum, MSE and CE): the frozen dynamics of ``settings.sim`` read at a
@@ -416,6 +422,7 @@ class ProbedWarp(Predictor):
     drift and an interval for T̂ε."""
 
     name: ClassVar[str] = "probed"
+    revision: ClassVar[int] = 2  # 2: edge probes decide beyond the limit (§14)
     extra_work: ClassVar[str] = ("per (loss, budget): real minibatch probe steps, at most probe.work_epochs x N "
                                  "per-sample gradients")
     probe: ProbeOptions = field(default_factory=ProbeOptions)
@@ -424,7 +431,10 @@ class ProbedWarp(Predictor):
     stability_cap: bool = True  # s <= max_stable_lr(m) / (lr h): the kernel grows up to the edge of stability (§14)
     edge_factor: float = 2.0  # lr up to this x max_stable_lr(m): the catapult phase, predicted at the edge (§14); above: diverges
     edge_fraction: float = 0.9  # ... simulated at this fraction of max_stable_lr(m)
-    edge_momentum: float = 0.0  # the catapult phase is predicted for momentum up to this; above, beyond the limit diverges
+    edge_momentum: float = 0.0  # unprobed beyond the limit: momentum up to this is the catapult phase (at the edge), above it diverges
+    edge_probe_steps: int = 64  # beyond the limit (up to edge_factor): a real minibatch run of this many steps at the config's own lr decides (§14); 0: none
+    probe_all_edges: bool = True  # probe plain GD/SGD beyond the limit too (else only momentum above edge_momentum)
+    edge_work_epochs: Optional[float] = None  # per-sample gradients of those runs per (loss, budget), in epochs (N each); None: min(5, 10 - probe.work_epochs)
     interval_scale: float = 0.125  # T̂ε interval: T̂ε exp(±k (1 + |log s|)); k: 80 % coverage on digits-5to9 (docs/CHOICES.md)
 
     def __post_init__(self):
@@ -440,6 +450,19 @@ class ProbedWarp(Predictor):
             raise ValueError(f"edge_fraction: must be in (0, 1), got {self.edge_fraction}")
         if not self.interval_scale >= 0:
             raise ValueError(f"interval_scale: must be >= 0, got {self.interval_scale}")
+        if self.edge_probe_steps < 0:
+            raise ValueError(f"edge_probe_steps: must be >= 0 (0: no probe), got {self.edge_probe_steps}")
+        if self.edge_work_epochs is not None and not 0 <= self.edge_work_epochs <= MAX_EXTRA_EPOCHS - self.probe.work_epochs:
+            raise ValueError(f"edge_work_epochs: must be in [0, {MAX_EXTRA_EPOCHS - self.probe.work_epochs:g}] (with "
+                             f"probe.work_epochs = {self.probe.work_epochs:g}, the extra work is at most "
+                             f"{MAX_EXTRA_EPOCHS:g} N), got {self.edge_work_epochs}")
+
+    @property
+    def edge_epochs(self) -> float:
+        """The edge probes' bound in epochs: ``edge_work_epochs``, or min(5, 10 - probe.work_epochs)."""
+        if self.edge_work_epochs is not None:
+            return float(self.edge_work_epochs)
+        return min(DEFAULT_EDGE_EPOCHS, MAX_EXTRA_EPOCHS - self.probe.work_epochs)
 
     def drift(self, prepared: PreparedPredictor, loss: str, budget_steps: int) -> ProbedDrift:
         """The probed drift of (loss, budget), measured once per prepared predictor and counted in ``work``."""
@@ -452,13 +475,66 @@ class ProbedWarp(Predictor):
             prepared.count("probe_steps", sum(len(r.level) for r in drift.runs))
         return prepared.shared[key]
 
-    def _simulated(self, prepared: PreparedPredictor, config: SimConfig) -> Tuple[SimConfig, float]:
-        """The config the frozen dynamics run and its lr over the limit: beyond the limit, up to ``edge_factor``
-        times it, the real network catapults to the edge of stability and trains there (§14)."""
-        f = config.lr / prepared.max_stable_lr(config.momentum)
-        if 1.0 < f <= self.edge_factor and config.momentum <= self.edge_momentum:
-            return replace(config, lr=self.edge_fraction * prepared.max_stable_lr(config.momentum)), f
-        return config, f
+    def edge_probe(self, prepared: PreparedPredictor, config: SimConfig, budget_steps: int) -> Optional[ProbeRun]:
+        """A real minibatch run at ``config``'s own (lr, momentum), ``edge_probe_steps`` steps (§14, beyond the
+        limit): did it diverge? Shared per (loss, budget): at one momentum a lower lr that diverged, or a higher one
+        that trained, decides without a new run. None when the runs of (loss, budget) would pass
+        ``edge_work_epochs`` x N per-sample gradients (or ``edge_probe_steps`` is 0)."""
+        book = prepared.shared.setdefault(("edge", config.loss, int(budget_steps)), {})
+        m, lr = float(config.momentum), float(config.lr)
+        for (m2, lr2), run in sorted(book.items()):
+            if m2 == m and ((run.diverged and lr2 <= lr) or (not run.diverged and lr2 >= lr)):
+                return run
+        n = prepared.n
+        steps = min(self.edge_probe_steps, int(budget_steps))
+        bound = int(self.edge_epochs * n)
+        if steps < 1:
+            return None
+        b = max(1, min(self.probe.batch_size, n, bound // steps))  # on a small set the batch shrinks to fit
+        used = sum(r.per_sample_gradients for r in book.values())
+        if used + steps * b > bound:
+            return None
+        with resolve(None).task(f"probing lr {lr:.4g} (momentum {m:g}, {config.loss}) beyond the stability limit: "
+                                f"a real run of {steps} steps, B {b}", total=steps, unit="steps") as task:
+            run = run_probe(prepared.model, prepared.dataset, prepared.state, config.loss, m, lr, steps, b,
+                            trainable=prepared.base.trainable, device=prepared.base.device, norm_batches=0,
+                            level_window=self.probe.level_window, seed=self.probe.seed + EDGE_SEED_OFFSET,
+                            on_step=task.advance)
+        book[m, lr] = run
+        prepared.count("per_sample_gradients", run.per_sample_gradients)
+        prepared.count("probe_steps", len(run.level))
+        prepared.count("edge_probes", 1)
+        return run
+
+    def edge_work(self, prepared: PreparedPredictor, loss: str, budget_steps: int) -> int:
+        """Per-sample gradients spent so far by the edge probes of (loss, budget)."""
+        return int(sum(r.per_sample_gradients for r in prepared.shared.get(("edge", loss, int(budget_steps)), {}).values()))
+
+    def _simulated(self, prepared: PreparedPredictor, config: SimConfig, budget_steps: int
+                   ) -> Tuple[SimConfig, float, Optional[str], bool]:
+        """(the config the frozen dynamics run, its lr over the limit, a note, whether it is predicted to diverge)
+        (§14, beyond the limit): up to ``edge_factor`` times the limit, a config whose own edge probe trained (or,
+        unprobed, plain GD/SGD: the catapult phase) is simulated at the edge of stability; one whose probe diverged,
+        or unprobed with momentum, diverges."""
+        limit = prepared.max_stable_lr(config.momentum)
+        f = config.lr / limit
+        if not 1.0 < f <= self.edge_factor:
+            return config, f, None, False
+        edge = replace(config, lr=self.edge_fraction * limit)
+        at_edge = (f"predicted at the edge of stability ({self.edge_fraction:g} x the limit; docs/METHOD.md §14)")
+        run = self.edge_probe(prepared, config, budget_steps) if self.probe_all_edges or config.momentum > self.edge_momentum else None
+        if run is None and config.momentum <= self.edge_momentum:
+            return edge, f, f"lr is {f:.2f} x the linearised stability limit (the catapult phase): {at_edge}", False
+        if run is None:
+            why = (f"not probed (edge probes would pass {self.edge_epochs:g} N per-sample gradients)"
+                   if self.edge_probe_steps else "not probed (edge_probe_steps is 0)")
+            return config, f, f"lr is {f:.2f} x the linearised stability limit with momentum {config.momentum:g}; {why}", True
+        steps = len(run.level) + int(run.diverged)
+        if run.diverged:
+            return config, f, (f"lr is {f:.2f} x the linearised stability limit: a real run at this lr and momentum "
+                               f"(momentum {run.momentum:g}, lr {run.lr:.4g}) diverged at step {steps}"), True
+        return edge, f, (f"lr is {f:.2f} x the linearised stability limit: a real run of {steps} steps at lr "
+                         f"{run.lr:.4g}, momentum {run.momentum:g} trained; {at_edge}"), False
 
     def simulate(self, prepared, configs, budget_steps, settings):
         out: List[Optional[SimResult]] = [None] * len(configs)
@@ -468,17 +544,23 @@ class ProbedWarp(Predictor):
             ahead = min(self.max_horizon, max(1.0, max(float(np.max(s)) for s in drift.scales)))
             step = settings.sim.log_every
             horizon = step * int(math.ceil(math.ceil(budget_steps * ahead) / step))
-            runs = [self._simulated(prepared, configs[i]) for i in idx]
+            # edge probes in order of what one run decides (§14): momentum first (unprobed, it is flagged); there
+            # the highest lr first (if it trains, every lower one does), plain GD/SGD the lowest first (if it
+            # diverges, every higher one does; unprobed, the catapult rule says it trains)
+            order = sorted(idx, key=lambda i: (-configs[i].momentum, configs[i].lr * (
+                -1.0 if configs[i].momentum > self.edge_momentum else 1.0)))
+            decided = {i: self._simulated(prepared, configs[i], budget_steps) for i in order}
+            runs = [decided[i] for i in idx]
             lins = simulate(prepared.state, [r[0] for r in runs], horizon, settings.sim)
-            for i, (sim_cfg, f), lin in zip(idx, runs, lins):
+            own = {"extra_gradients": drift.per_sample_gradients + self.edge_work(prepared, loss, budget_steps)}
+            for i, (sim_cfg, f, note, diverges), lin in zip(idx, runs, lins):
                 cfg = configs[i]
-                own = {"extra_gradients": drift.per_sample_gradients}
-                if lin.diverged:
+                if lin.diverged or diverges:
                     keep = lin.steps <= budget_steps
                     out[i] = replace(lin, config=cfg, steps=lin.steps[keep], loss=lin.loss[keep],
                                      error=None if lin.error is None else lin.error[keep], loss_spread=None,
-                                     error_spread=None, method=f"probed-{lin.method}",
-                                     extras={**lin.extras, "row_fields": own})
+                                     error_spread=None, method=f"probed-{lin.method}", diverged=True,
+                                     note=note or lin.note, extras={**lin.extras, "row_fields": own})
                     continue
                 # §14: the kernel grows at most to the edge of stability, lr h s lambda_max / N <= 2 (1 + m)
                 cap = (prepared.max_stable_lr(cfg.momentum) / (sim_cfg.lr * hessian_bound(loss))
@@ -487,16 +569,15 @@ class ProbedWarp(Predictor):
                 info = drift_summary(drift, c["loss"], sim_cfg.effective_lr)
                 s_end = float(min(info["drift_final"], cap))
                 spread = max(abs(math.log(min(info["drift_max"], cap))), abs(math.log(max(info["drift_min"], 1e-12))))
-                note = lin.note
-                if sim_cfg is not cfg:
-                    note = (f"lr is {f:.2f} x the linearised stability limit: predicted at the edge of stability "
-                            f"({self.edge_fraction:g} x the limit; the catapult phase, docs/METHOD.md §14)")
+                note = note or lin.note
                 out[i] = replace(lin, config=cfg, steps=c["steps"], loss=c["loss"], error=c["error"],
                                  loss_spread=c["loss_spread"], error_spread=c["error_spread"],
                                  method=f"probed-{lin.method}", note=note,
                                  extras={**lin.extras, "drift": info,
                                          "row_fields": {**own, "predicted_drift": s_end},
-                                         "interval_log_halfwidth": self.interval_scale * (1.0 + spread)})
+                                         # at the edge the real step lies between the edge's and its own (§14)
+                                         "interval_log_halfwidth": self.interval_scale * (1.0 + spread)
+                                         + abs(math.log(cfg.lr / sim_cfg.lr))})
         return out  # type: ignore[return-value]
 
 

@@ -755,7 +755,7 @@ def _extra_work_lines(pred) -> List[str]:
         return []
     work = pred.dropna(subset=["extra_gradients"]).groupby(["dataset", "model", "loss"]).agg(
         g=("extra_gradients", "max"), n=("n", "first"), method=("method", "first"))
-    return ["extra work beyond the kernel (per-sample gradients of the drift probes, per actor; docs/METHOD.md §14): "
+    return ["extra work beyond the kernel (per-sample gradients of the drift and edge probes, per actor; docs/METHOD.md §14): "
             + ", ".join(f"{d}/{m}/{l} {int(r.g)} ({r.g / r.n:.1f} N)" for (d, m, l), r in work.iterrows())]
 
 

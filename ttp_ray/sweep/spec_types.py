@@ -466,6 +466,8 @@ class SweepSpec:
             d.pop("predictor")  # the frozen kernel (the default before the probed one): older specs keep their identity
         else:
             d["predictor"]["name"] = chosen.name  # the default resolved: a new default is a new identity
+            if type(chosen).revision > 1:  # results changed since the predictor was introduced: not mixed on resume
+                d["predictor"]["revision"] = type(chosen).revision
         d["resources"] = {"shard_size": d["resources"]["shard_size"]}
         for key in ("cpus", "gpus", "max_retries"):
             d["ground_truth"].pop(key)
