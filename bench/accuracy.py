@@ -368,7 +368,8 @@ def main() -> None:
             "train_seconds": train_seconds, "train_wall_seconds": train_wall, "workers": args.workers,
             "predict_seconds": predict_seconds, "drift": drift_meta, "default_predictor": default_meta,
             "selection_dataset": SELECTION_DATASET, "default_options": json.loads(args.default_options),
-            "total_seconds": time.perf_counter() - t_all, "command": "python " + " ".join(["bench/accuracy.py"] + sys.argv[1:])}
+            "total_seconds": time.perf_counter() - t_all, "command": "python " + " ".join(["bench/accuracy.py"] + [  # the cache folder is this machine's: DIR
+                "DIR" if i > 1 and sys.argv[i - 1] == "--gt-cache" else a for i, a in enumerate(sys.argv) if i > 0])}
     (out_dir / "accuracy.json").write_text(json.dumps(meta))
     report(df, meta)
 

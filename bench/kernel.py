@@ -49,6 +49,7 @@ from ttp_ray.kernel import (  # noqa: E402
     compute_kernel_state,
     eigendecompose_kernel,
     eigendecompose_sketch,
+    gram_matrix,
     kernel_sketch,
     kernel_sketches,
     kernel_state,
@@ -61,6 +62,7 @@ MODELS = ("digits-cnn", "digits-resnet")
 STEPS = 500
 EPS = (0.01, 0.05)
 EPOCH_BATCH = 128
+BREAKDOWN_PARTS = ("forward_backward", "assemble", "project", "gram", "eigh")
 
 
 # ------------------------------------------------------------------------------------- reference
@@ -129,20 +131,23 @@ def accuracy_study(model, ds, ref: Reference, seeds: List[int], quick: bool) -> 
     ex_ct_lam, ex_ct_vec = eigendecompose_kernel(ref.theta_n)
     rows.append({"estimate": "exact class-trace", "k": "-", **ref.metrics(ex_ct_lam, ex_ct_vec, True, ref.theta_n)})
     grads = PerSampleGradients.from_module(model, "all")
+    default = KernelOptions()
     plans = {
-        # mode: (class_trace, list of (projection, k))
-        "full": (False, [(p, k) for p in ("countsketch", "subset") for k in ((512, 2048) if quick else (256, 512, 1024, 2048))]),
+        # mode: (class_trace, list of (projection, k), outer_width)
+        "full": (False, [(p, k) for p in ("countsketch", "subset") for k in ((512, 2048) if quick else (256, 512, 1024, 2048))], 0),
         "class-trace": (True, [(p, k) for p in ("countsketch", "subset") for k in ((512, 2048) if quick else (256, 1024, 2048, 4096, 8192))]
-                        + ([] if quick else [("gaussian", 256)])),
+                        + ([] if quick else [("gaussian", 256)]), 0),
+        f"class-trace, outer_width {default.outer_width} (default)": (True, [(default.projection, default.k)],
+                                                                       default.outer_width),
     }
-    for mode, (ct, projs) in plans.items():
+    for mode, (ct, projs, outer) in plans.items():
         acc: Dict[Tuple[str, int], List[dict]] = {}
         for seed in seeds:
             t0 = time.perf_counter()
-            sks = kernel_sketches(grads, ds, ds.num_classes, projs, class_trace=ct, seed=seed)
+            sks = kernel_sketches(grads, ds, ds.num_classes, projs, class_trace=ct, seed=seed, outer_width=outer)
             log(f"  {mode} seed {seed}: gradient pass with {len(projs)} projections {time.perf_counter() - t0:.1f}s")
             for (kind, k), sk in zip(projs, sks):
-                lam, vec = eigendecompose_sketch(sk.z)
+                lam, vec = eigendecompose_sketch(sk.z, eigh_dtype=getattr(torch, KernelOptions().eigh_dtype))
                 z = sk.z.double()
                 acc.setdefault((kind, k), []).append(ref.metrics(lam, vec, ct, z @ z.T))
         for (kind, k), ms in acc.items():
@@ -183,31 +188,85 @@ def epoch_seconds(model, ds, batch_size: int) -> float:
     return time.perf_counter() - t0
 
 
-def cost_study(model, ds, configs: Dict[str, KernelOptions], repeats: int) -> Tuple[Dict[str, float], Dict[str, dict]]:
+def cost_study(model, ds, configs: Dict[str, Tuple[KernelOptions, bool]], repeats: int
+               ) -> Tuple[Dict[str, float], Dict[str, dict]]:
     """Median kernel-estimate seconds per config (gradient pass + projection, as compute_kernel_state runs
-    it) and, for the first config (the default), the eigen step too; interleaved with the epochs."""
+    it) and, for the configs flagged True (the default and the previous default), the eigen step too;
+    interleaved with the epochs, so that every ratio is taken within one run."""
     epochs: Dict[str, List[float]] = {"128": [], "full": []}
     runs: Dict[str, List[Tuple[float, float]]] = {name: [] for name in configs}
-    first = next(iter(configs))
     for _ in range(repeats):
         epochs["128"].append(epoch_seconds(model, ds, EPOCH_BATCH))
         epochs["full"].append(epoch_seconds(model, ds, len(ds)))
-        for name, o in configs.items():
-            if name == first:
+        for name, (o, with_eigen) in configs.items():
+            if with_eigen:
                 st = compute_kernel_state(model, ds, o)
                 runs[name].append((st.meta["kernel_seconds"], st.meta["eigen_seconds"]))
                 continue
             grads = PerSampleGradients.from_module(model, "all", o.engine)
             sk = kernel_sketch(grads, ds, ds.num_classes, k=o.k, projection=o.projection, class_trace=o.class_trace,
-                               class_probes=o.class_probes, seed=o.seed, memory_cap_mb=o.memory_cap_mb)
+                               class_probes=o.class_probes, seed=o.seed, memory_cap_mb=o.memory_cap_mb,
+                               outer_width=o.outer_width)
             runs[name].append((sk.seconds, float("nan")))
     ep = {k: float(np.median(v)) for k, v in epochs.items()}
     res = {}
     for name, r in runs.items():
         ks, es = float(np.median([a for a, _ in r])), float(np.median([b for _, b in r]))
+        tot = float(np.median([a + b for a, b in r]))
         res[name] = {"kernel_s": ks, "eigen_s": es, "ratio_128": ks / ep["128"], "ratio_full": ks / ep["full"],
-                     "ratio_with_eigen_128": (ks + es) / ep["128"]}
+                     "ratio_with_eigen_128": tot / ep["128"]}
     return ep, res
+
+
+def breakdown_study(model, ds, options: KernelOptions, repeats: int) -> Dict[str, float]:
+    """Where the default estimate's time goes, medians over ``repeats`` interleaved with the epochs (B=128): the
+    hooked forward and backward (outputs and each layer's output gradients), the assembly of per-sample
+    gradients from them, their projection, and the eigen step split into its Gram matrix and its eigh.
+    Same chunking as :func:`ttp_ray.kernel.kernel_sketch` (samples whose largest gradient block fits 4 MiB)."""
+    from ttp_ray.kernel import class_probe_cotangents
+    from ttp_ray.kernel.projections import PROJECTION_CLASSES, input_side_projection
+
+    grads = PerSampleGradients.from_module(model, "all", options.engine)
+    cot = class_probe_cotangents(ds.num_classes, options.class_probes, options.seed, grads.dtype)
+    reduce = {}  # KernelOptions.outer_width, as kernel_sketch applies it
+    for name in (grads.outer_products(ds.x[:1]) if options.outer_width else []):
+        t = grads.names.index(name)
+        fan_in = grads.sizes[t] // grads.shapes[t][0]
+        if fan_in > options.outer_width:
+            reduce[name] = input_side_projection(fan_in, options.outer_width, options.seed, t, grads.dtype, "cpu")
+    lengths = [cot.shape[0] * (grads.shapes[t][0] * options.outer_width if name in reduce else size)
+               for t, (name, size) in enumerate(zip(grads.names, grads.sizes))]
+    proj = PROJECTION_CLASSES[options.projection](lengths, options.k, options.seed, grads.dtype, grads.device)
+    n = len(ds)
+    chunk = max(1, 4 * 2**20 // (max(lengths) * 4))
+    parts: Dict[str, List[float]] = {key: [] for key in ("epoch", "forward_backward", "assemble", "project",
+                                                          "gram", "eigh")}
+    for _ in range(repeats):
+        parts["epoch"].append(epoch_seconds(model, ds, EPOCH_BATCH))
+        t0 = time.perf_counter()
+        out, block = grads.compute(ds.x, cot, reduce)
+        parts["forward_backward"].append(time.perf_counter() - t0)
+        ws = proj.begin(n)
+        assemble = project = 0.0
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            for t, name in enumerate(grads.names):
+                a0 = time.perf_counter()
+                g = block(name, lo, hi).reshape(hi - lo, lengths[t])
+                a1 = time.perf_counter()
+                proj.accumulate(t, g, ws[lo:hi])
+                assemble, project = assemble + a1 - a0, project + time.perf_counter() - a1
+        z = proj.finish(ws)
+        parts["assemble"].append(assemble)
+        parts["project"].append(project)
+        t0 = time.perf_counter()
+        zd = z.to(options.torch_dtype)
+        gram = gram_matrix(zd if zd.shape[0] < zd.shape[1] else zd.T.contiguous())
+        t1 = time.perf_counter()
+        torch.linalg.eigh(gram.to(getattr(torch, options.eigh_dtype)))
+        parts["gram"].append(t1 - t0)
+        parts["eigh"].append(time.perf_counter() - t1)
+    return {key: float(np.median(v)) for key, v in parts.items()}
 
 
 # ---------------------------------------------------------------------------------------- scaling
@@ -267,7 +326,7 @@ def main(argv=None) -> None:
     parts = [
         f"Default `KernelOptions()`: method={default.method}, projection={default.projection}, k={default.k}, "
         f"class_trace={default.class_trace}, class_probes={default.class_probes}, engine={default.engine}, "
-        f"eigen_solver={default.eigen_solver}, dtype={default.dtype}. Dataset `{DATASET}` "
+        f"eigen_solver={default.eigen_solver}, dtype={default.dtype}, eigh_dtype={default.eigh_dtype}. Dataset `{DATASET}` "
         f"(N={len(ds)}, C={ds.num_classes}), trainable all, one thread. Why this default: "
         "the note after this section.\n\n"
         "Reading the accuracy tables: every estimate is judged against the exact *full* kernel. Class-trace "
@@ -298,13 +357,17 @@ def main(argv=None) -> None:
         if not args.skip_cost:
             log("  cost")
             c = ds.num_classes
+            previous = replace(default, eigh_dtype="float64", outer_width=0)
             configs = {
-                "default (class-trace, 1 probe, countsketch, k=2048, hooks)": default,
-                "class-trace, 1 probe, countsketch, engine vmap": replace(default, engine="vmap"),
-                "class-trace, 1 probe, subset": replace(default, projection="subset"),
-                f"class-trace, {c} probes (exact trace), countsketch": replace(default, class_probes=c),
-                "full, countsketch, k=2048": replace(default, class_trace=False),
-                "full, countsketch, k=2048, engine vmap": replace(default, class_trace=False, engine="vmap"),
+                f"default (class-trace, 1 probe, countsketch, k=2048, hooks, outer_width {default.outer_width}, "
+                f"eigh {default.eigh_dtype})": (default, True),
+                "previous default (outer_width 0, eigh float64)": (previous, True),
+                "default with outer_width 0": (replace(default, outer_width=0), False),
+                "class-trace, 1 probe, countsketch, engine vmap": (replace(default, engine="vmap"), False),
+                "class-trace, 1 probe, subset": (replace(default, projection="subset"), False),
+                f"class-trace, {c} probes (exact trace), countsketch": (replace(default, class_probes=c), False),
+                "full, countsketch, k=2048": (replace(default, class_trace=False), False),
+                "full, countsketch, k=2048, engine vmap": (replace(default, class_trace=False, engine="vmap"), False),
             }
             ep, res = cost_study(model, ds, configs, args.repeats)
             body = [[cfg, f"{r['kernel_s']:.3f}", f"{r['ratio_128']:.2f}", f"{r['ratio_full']:.2f}",
@@ -318,6 +381,20 @@ def main(argv=None) -> None:
                 + (f"\n\nExact full kernel (reference above): {ref_seconds:.1f}s when computed, "
                    f"{ref_seconds / ep['128']:.0f} epochs (B={EPOCH_BATCH})." if ref_seconds else ""))
             summary.setdefault(name, {})["cost"] = {"epoch": ep, "runs": res}
+            bd = breakdown_study(model, ds, default, args.repeats)
+            body = [[part, f"{bd[part]:.3f}", f"{bd[part] / bd['epoch']:.2f}"]
+                    for part in BREAKDOWN_PARTS]
+            body.append(["total", f"{sum(bd[p] for p in BREAKDOWN_PARTS):.3f}",
+                         f"{sum(bd[p] for p in BREAKDOWN_PARTS) / bd['epoch']:.2f}"])
+            parts.append(
+                f"### {name}: where the default estimate's time goes (median of {args.repeats})\n\n"
+                f"Separately timed parts of the default estimate, interleaved with the epochs (B={EPOCH_BATCH}: "
+                f"{bd['epoch']:.3f}s in this study): the hooked forward and backward to each layer's output, the "
+                "assembly of per-sample gradients from layer inputs and output gradients, their count-sketch "
+                "projection, and the eigen step (Gram matrix in float64, its eigh in "
+                f"{default.eigh_dtype}). Timing each part separately adds a little overhead.\n\n"
+                + md_table(["part", "seconds", "epochs (B=128)"], body))
+            summary[name]["breakdown"] = bd
     if not args.skip_scaling:
         log("scaling")
         ns = [int(v) for v in args.scaling_ns.split(",")]
@@ -328,14 +405,17 @@ def main(argv=None) -> None:
         parts.append(
             "### Scaling in N (digits-cnn, synthetic 8x8, C=10, default options, one subprocess per N)\n\n"
             f"memory_cap_mb = {KernelOptions().memory_cap_mb:.0f} bounds the streamed working set; Z (N x k float32) "
-            "and the float64 eigen step grow with N. Peak RSS above the RSS at the call, sampled every 5 ms.\n\n"
+            "and the eigen step (Gram matrix in float64, its eigh in float32) grow with N. Peak RSS above the RSS at the call, sampled every 5 ms.\n\n"
             + md_table(["N", "wall s", "kernel s", "eigen s", "kernel ms / sample", "batch", "Z MB",
                         "peak MB, gradient pass", "peak MB, with eigen step"], body))
         summary["scaling"] = sc
     log(f"total {time.perf_counter() - t_all:.0f}s")
-    if not args.no_write:
+    text = "## Kernel (issue 3)\n\n" + "\n\n".join(parts)
+    if args.no_write:
+        print(text)
+    else:
         write_json("kernel.json", summary)  # runs/bench/kernel.json: the figures bench/report.py gathers
-        write_section("kernel", "## Kernel (issue 3)\n\n" + "\n\n".join(parts), ".venv/bin/python bench/kernel.py")
+        write_section("kernel", text, ".venv/bin/python bench/kernel.py")
 
 
 if __name__ == "__main__":

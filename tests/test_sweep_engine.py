@@ -122,9 +122,13 @@ def test_quickstart_reduced_end_to_end(local_ray, tmp_path, capsys):
     assert set(pred.dataset.astype(str)) == {"digits-5to9:subset=100", "digits:subset=100"}
     reached = pred[pred.predicted_steps.notna()]
     assert len(reached) and (reached.predicted_cost_s - reached.predicted_steps * reached.step_time_s).abs().max() < 1e-9
-    beyond = pred[pred.lr_fraction > 1]  # above the stability limit: momentum diverges, plain GD/SGD catapults (§14)
-    assert beyond[beyond.momentum > 0].diverged.all() and not beyond[beyond.momentum == 0].diverged.any()
-    assert beyond[beyond.momentum == 0].predicted_steps_high.notna().any()
+    # above the stability limit one real edge probe per (dataset, loss, momentum, lr) decides, for GD and SGD alike;
+    # unprobed (the work bound), momentum diverges and plain GD/SGD is the catapult phase (§14)
+    beyond = pred[pred.lr_fraction > 1]
+    assert len(beyond) and (beyond.groupby(["dataset", "loss", "momentum", "lr"]).diverged.nunique() == 1).all()
+    trains = beyond[~beyond.diverged]
+    assert trains.empty or trains.predicted_steps_high.notna().any()
+    assert (beyond.extra_gradients >= pred[pred.lr_fraction < 1].groupby("dataset").extra_gradients.min().min()).all()
     assert (pred.method.str.startswith("probed-")).all() and (pred.extra_gradients > 0).all()
     assert pred[pred.diverged].predicted_steps.isna().all()
     assert ((pred.lr - pred.lr_fraction * pred.max_stable_lr).abs() < 1e-9 * pred.lr).all()

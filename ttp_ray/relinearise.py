@@ -207,7 +207,7 @@ def relinearised_curves(model: torch.nn.Module, dataset, config: SimConfig, budg
         grads = PerSampleGradients.from_module(net, trainable, ko.engine)
         sk = kernel_sketch(grads, dataset, c, k=ko.k, projection=ko.projection, class_trace=ko.class_trace,
                            class_probes=ko.class_probes, seed=ko.seed, memory_cap_mb=ko.memory_cap_mb,
-                           batch_size=ko.batch_size)
+                           batch_size=ko.batch_size, outer_width=ko.outer_width)
         Z = sk.z.to(device=device, dtype=torch.float64)  # Θ_k ~ Z Z^T; no eigendecomposition needed here
         Fk = sk.f0.to(device=device, dtype=torch.float64)
         if on_kernel is not None:

@@ -41,6 +41,7 @@ from .estimators import (
     eigendecompose_kernel,
     eigendecompose_sketch,
     exact_kernel,
+    gram_matrix,
     kernel_sketch,
     kernel_sketches,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "class_trace_kernel",
     "eigendecompose_kernel",
     "eigendecompose_sketch",
+    "gram_matrix",
     "compute_kernel_state",
     "kernel_memory",
     "kernel_state",

@@ -17,7 +17,8 @@ built from them (METHOD.md §2 for the exact kernel, §6 for the kernel sketch).
 * :func:`class_trace_kernel` -- the ``N x N`` class trace of a full kernel.
 
 Eigenpairs (:func:`eigendecompose_sketch`) come from the thin SVD of Z (``lambda = sigma^2``), computed by
-default through the smaller of ``Z^T Z`` / ``Z Z^T`` (never the ``NC x NC`` kernel when ``k < NC``);
+default through the smaller of ``Z^T Z`` / ``Z Z^T`` (never the ``NC x NC`` kernel when ``k < NC``), formed in
+float64 and diagonalised in float32 (``KernelOptions.eigh_dtype``);
 eigenvalues ``<= eig_rtol * lambda_max`` are dropped (:func:`eigendecompose_kernel` for the exact path).
 Modes outside the kept eigenvectors do not move under the linearised dynamics: the residual there stays
 constant (``||Y - F0||^2 - sum_k p_k``). Z has rank ``<= min(N, k)``: for ``N > k`` the modes beyond k
@@ -42,7 +43,7 @@ from ..progress import Progress, resolve
 from ..state import KernelState
 from .gradients import ImageSource, PerSampleGradients, auto_batch_size, class_probe_cotangents
 from .options import EIGEN_SOLVERS, PROJECTIONS, KernelOptions
-from .projections import PROJECTION_CLASSES
+from .projections import PROJECTION_CLASSES, input_side_projection
 
 __all__ = [
     "ExactKernel",
@@ -55,6 +56,7 @@ __all__ = [
     "class_trace_kernel",
     "eigendecompose_sketch",
     "eigendecompose_kernel",
+    "gram_matrix",
     "compute_kernel_state",
     "kernel_memory",
 ]
@@ -85,6 +87,7 @@ class KernelSketch:
     seconds: float
     batch_size: int
     cotangents: torch.Tensor
+    reduced: Tuple[str, ...] = ()  # weights sketched from delta (R a)^T (outer_width), in parameter order
 
 
 def exact_kernel(grads: PerSampleGradients, images: Any, num_classes: int, *, class_trace: bool = False,
@@ -158,24 +161,25 @@ def exact_kernel_passes(n: int, panel: int) -> int:
 def kernel_sketch(grads: PerSampleGradients, images: Any, num_classes: int, *, k: int,
                   projection: str = "countsketch", class_trace: bool = False, class_probes: int = 1,
                   seed: int = 0, memory_cap_mb: float = 512.0, batch_size: Optional[int] = None,
-                  on_rows: Optional[Callable[[int], None]] = None) -> KernelSketch:
+                  outer_width: int = 0, on_rows: Optional[Callable[[int], None]] = None) -> KernelSketch:
     """Projected per-sample gradients ``Z`` with ``E[Z Z^T] = Theta`` (METHOD.md §6).
 
     Full (``class_trace=False``): row ``i*C + c`` of Z is ``P(J_{ic})`` (C cotangents per sample, batched).
     Class trace: row i is ``P([u_1 . J_i, ..., u_m . J_i])`` with the :func:`class_probe_cotangents`
     ``U`` (m = ``class_probes`` per sample), so ``E[Z Z^T] = Theta_N``. ``P`` is ``projection`` applied per
-    parameter tensor as soon as its gradients exist; no ``D x k`` matrix is formed. Batches are sized to
-    ``memory_cap_mb`` unless ``batch_size`` is given. Runs on ``grads.device``. ``on_rows(b)`` is called
-    after each batch of b samples, for progress.
+    parameter tensor as soon as its gradients exist; no ``D x k`` matrix is formed. ``outer_width > 0``:
+    single-position weights with more inputs are projected on their input side first
+    (``KernelOptions.outer_width``). Batches are sized to ``memory_cap_mb`` unless ``batch_size`` is given.
+    Runs on ``grads.device``. ``on_rows(b)`` is called after each batch of b samples, for progress.
     """
     return kernel_sketches(grads, images, num_classes, [(projection, k)], class_trace=class_trace,
                            class_probes=class_probes, seed=seed, memory_cap_mb=memory_cap_mb,
-                           batch_size=batch_size, on_rows=on_rows)[0]
+                           batch_size=batch_size, outer_width=outer_width, on_rows=on_rows)[0]
 
 
 def kernel_sketches(grads: PerSampleGradients, images: Any, num_classes: int, projections: Sequence[Tuple[str, int]],
                     *, class_trace: bool = False, class_probes: int = 1, seed: int = 0,
-                    memory_cap_mb: float = 512.0, batch_size: Optional[int] = None,
+                    memory_cap_mb: float = 512.0, batch_size: Optional[int] = None, outer_width: int = 0,
                     on_rows: Optional[Callable[[int], None]] = None) -> List[KernelSketch]:
     """:func:`kernel_sketch` for several ``(projection, k)`` at once, from one gradient pass (studies of
     accuracy against k). Each sketch's ``seconds`` is the wall time of the whole shared pass."""
@@ -184,13 +188,16 @@ def kernel_sketches(grads: PerSampleGradients, images: Any, num_classes: int, pr
             raise ValueError(f"projection: {kind!r} is not one of {', '.join(PROJECTIONS)}")
     src = ImageSource(images)
     n, c = src.n, int(num_classes)
+    reduce = _input_side_reductions(grads, src, int(outer_width), seed)  # set-up on one sample, like the batch size
+    sizes = [grads.shapes[t][0] * int(reduce[name].shape[0]) if name in reduce else grads.sizes[t]
+             for t, name in enumerate(grads.names)]
     if class_trace:
         cot = class_probe_cotangents(c, int(class_probes), seed, grads.dtype).to(grads.device)
-        lengths = [cot.shape[0] * size for size in grads.sizes]  # a sample's m probe gradients, per tensor
+        lengths = [cot.shape[0] * size for size in sizes]  # a sample's m probe gradients, per tensor
         per = 1
     else:
         cot = torch.eye(c, dtype=grads.dtype, device=grads.device)
-        lengths = list(grads.sizes)
+        lengths = sizes
         per = c
     projs = [PROJECTION_CLASSES[kind](lengths, int(k), seed, grads.dtype, grads.device) for kind, k in projections]
     item = torch.empty((), dtype=grads.dtype).element_size()
@@ -202,7 +209,7 @@ def kernel_sketches(grads: PerSampleGradients, images: Any, num_classes: int, pr
     zs = [torch.empty(n * per, p.width, dtype=grads.dtype, device=grads.device) for p in projs]
     f0 = torch.empty(n, c, dtype=grads.dtype, device=grads.device)
     for s, e, x in src.batches(batch_size, grads.device, grads.dtype):
-        out, block = grads.compute(x, cot)
+        out, block = grads.compute(x, cot, reduce)
         f0[s:e] = out
         wss = [p.begin((e - s) * per) for p in projs]
         for lo in range(0, e - s, chunk):
@@ -217,8 +224,24 @@ def kernel_sketches(grads: PerSampleGradients, images: Any, num_classes: int, pr
         if on_rows is not None:
             on_rows(e - s)
     seconds = time.perf_counter() - t0
-    return [KernelSketch(z, f0, bool(class_trace), kind, seconds, int(batch_size), cot.cpu())
+    reduced = tuple(name for name in grads.names if name in reduce)
+    return [KernelSketch(z, f0, bool(class_trace), kind, seconds, int(batch_size), cot.cpu(), reduced)
             for z, (kind, _) in zip(zs, projections)]
+
+
+def _input_side_reductions(grads: PerSampleGradients, src: ImageSource, width: int, seed: int
+                           ) -> Dict[str, torch.Tensor]:
+    """``{weight: R}`` for the single-position weights with more than ``width`` inputs (KernelOptions.outer_width)."""
+    if width <= 0:
+        return {}
+    x1 = src.batch(0, 1).to(device=grads.device, dtype=grads.dtype)
+    out = {}
+    for name in grads.outer_products(x1):
+        t = grads.names.index(name)
+        fan_in = grads.sizes[t] // grads.shapes[t][0]
+        if fan_in > width:
+            out[name] = input_side_projection(fan_in, width, seed, t, grads.dtype, grads.device)
+    return out
 
 
 def class_trace_kernel(theta: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -245,39 +268,64 @@ def kernel_memory(n: int, num_classes: int, options: KernelOptions) -> int:
 
 
 def eigendecompose_sketch(z: torch.Tensor, *, dtype: torch.dtype = torch.float64, rtol: float = 1e-9,
-                          solver: str = "gram") -> Tuple[torch.Tensor, torch.Tensor]:
+                          solver: str = "gram", eigh_dtype: Optional[torch.dtype] = None
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Eigenpairs of ``Z Z^T`` from the thin SVD ``Z = U S V^T``: ``lambda = S^2`` descending, vectors ``U``
     (METHOD.md §6); eigenvalues ``<= rtol * lambda_max`` are dropped. Cost O(rows k min(rows, k)).
 
     ``solver="gram"`` (default) computes that thin SVD through the smaller Gram matrix: ``Z^T Z = V S^2 V^T``
     (``k x k`` eigh) and ``U = Z V / S`` when rows >= k, else ``Z Z^T = U S^2 U^T`` (rows < k, the
-    smaller side); two to three times faster than LAPACK's SVD here, and in float64 its round-off
-    (~1e-16 lambda_max) is far below the dropping threshold. ``solver="svd"`` uses
-    ``torch.linalg.svd`` (prefer it with ``dtype=float32``).
+    smaller side; its lower triangle only, by row blocks); two to three times faster than LAPACK's SVD
+    here, and in float64 its round-off
+    (~1e-16 lambda_max) is far below the dropping threshold. The Gram matrix is formed in ``dtype``, its
+    ``eigh`` runs in ``eigh_dtype`` (default: ``dtype``; again in ``dtype`` if it fails to converge there)
+    and the pairs are returned in ``dtype``. With a
+    lower-precision eigh and rows >= k, the eigenvalues ``<= 10 eps(eigh_dtype) lambda_max`` are dropped as
+    well: ``U = Z V / S`` would amplify their round-off (rows < k: U is eigh's own orthonormal output, and
+    round-off-sized eigenvalues are modes that barely move). ``solver="svd"`` uses ``torch.linalg.svd`` (prefer it with
+    ``dtype=float32``; ``eigh_dtype`` does not apply).
     """
     if solver not in EIGEN_SOLVERS:
         raise ValueError(f"solver: {solver!r} is not one of {', '.join(EIGEN_SOLVERS)}")
     zd = z.to(dtype)
     rows, k = zd.shape
+    floor = rtol
     if solver == "svd":
         u, sv, _ = torch.linalg.svd(zd, full_matrices=False)
         lam = sv * sv
-    elif rows >= k:
-        lam, v = torch.linalg.eigh(zd.T @ zd)
-        lam, v = lam.flip(0), v.flip(1)
-        u = None
     else:
-        lam, u = torch.linalg.eigh(zd @ zd.T)
-        lam, u = lam.flip(0), u.flip(1)
+        low = eigh_dtype if eigh_dtype is not None else dtype
+        if rows >= k and torch.finfo(low).eps > torch.finfo(dtype).eps:  # U = Z V / S is only as good as S
+            floor = max(rtol, 10 * torch.finfo(low).eps)
+        gram = gram_matrix(zd.T.contiguous() if rows >= k else zd)
+        try:
+            lam, vec = torch.linalg.eigh(gram.to(low))
+        except torch.linalg.LinAlgError:  # LAPACK's float32 eigh can fail to converge on clustered spectra
+            low, floor = dtype, rtol
+            lam, vec = torch.linalg.eigh(gram)
+        lam, vec = lam.flip(0).to(dtype), vec.flip(1).to(dtype)
+        u = None if rows >= k else vec
     if lam.numel() == 0 or float(lam[0]) <= 0:
         return lam[:0].contiguous(), zd.new_zeros(rows, 0)
-    keep = lam > rtol * lam[0]
+    keep = lam > floor * lam[0]
     lam = lam[keep].contiguous()
     if u is None:  # U = Z V S^-1, the left singular vectors of the kept modes
-        u = (zd @ v[:, keep]) * torch.rsqrt(lam)
+        u = (zd @ vec[:, keep]) * torch.rsqrt(lam)
     else:
         u = u[:, keep]
     return lam, u.contiguous()
+
+
+def gram_matrix(a: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """``a a^T``, the lower triangle by row blocks and mirrored: about half the work of one ``a @ a.T`` (and
+    measured 2x faster on the CPU, docs/BENCHMARKS.md, section "Kernel"), exactly symmetric."""
+    n = a.shape[0]
+    g = torch.empty(n, n, dtype=a.dtype, device=a.device)
+    for i in range(0, n, block):
+        rows = a[i:i + block] @ a[:i + block].T  # block i against blocks 0..i
+        g[i:i + block, :i + block] = rows
+        g[:i, i:i + block] = rows[:, :i].T
+    return g
 
 
 def eigendecompose_kernel(theta: torch.Tensor, *, dtype: torch.dtype = torch.float64, rtol: float = 1e-9
@@ -349,12 +397,15 @@ def compute_kernel_state(model: nn.Module, dataset: Any, options: KernelOptions 
             sk = kernel_sketch(grads, dataset, c, k=options.k, projection=options.projection,
                                class_trace=options.class_trace, class_probes=options.class_probes,
                                seed=options.seed, memory_cap_mb=options.memory_cap_mb,
-                               batch_size=options.batch_size, on_rows=task.advance)
+                               batch_size=options.batch_size, outer_width=options.outer_width,
+                               on_rows=task.advance)
         t1 = time.perf_counter()
-        eigvals, eigvecs = eigendecompose_sketch(sk.z, dtype=dt, rtol=options.eig_rtol, solver=options.eigen_solver)
+        eigvals, eigvecs = eigendecompose_sketch(sk.z, dtype=dt, rtol=options.eig_rtol, solver=options.eigen_solver,
+                                                 eigh_dtype=getattr(torch, options.eigh_dtype))
         eig_s = time.perf_counter() - t1
         f0, sketch = sk.f0, sk.z
         meta.update(projection=options.projection, k=int(options.k), sketch_width=int(sk.z.shape[1]),
+                    input_side_reduced=list(sk.reduced),
                     seed=int(options.seed), kernel_seconds=sk.seconds, batch_size=sk.batch_size,
                     class_probes=int(options.class_probes) if options.class_trace else None)
     meta.update(eigen_seconds=eig_s, rank=int(eigvals.numel()), total_seconds=time.perf_counter() - t_start)

@@ -14,8 +14,9 @@ class-trace sketch).
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as nnf
@@ -72,7 +73,8 @@ class PerSampleGradients:
       belong to such a layer, each called once per forward.
     """
 
-    def __init__(self, engine: str, params: Params, fn: Callable, act_fn: Callable) -> None:
+    def __init__(self, engine: str, params: Params, fn: Callable, act_fn: Callable,
+                 positions_fn: Optional[Callable[[torch.Tensor], Dict[str, int]]] = None) -> None:
         if not params:
             raise ValueError("params: no trainable parameters")
         self.engine = engine
@@ -83,20 +85,34 @@ class PerSampleGradients:
         if not first.is_floating_point():
             raise ValueError(f"params: {self.names[0]} is not floating point")
         self.dtype, self.device = first.dtype, first.device
-        self._fn, self._act_fn = fn, act_fn
+        self._fn, self._act_fn, self._positions_fn = fn, act_fn, positions_fn
 
     @property
     def num_params(self) -> int:
         return sum(self.sizes)
 
-    def compute(self, x: torch.Tensor, cotangents: torch.Tensor) -> Tuple[torch.Tensor, GradientBlocks]:
+    def compute(self, x: torch.Tensor, cotangents: torch.Tensor, reduce: Optional[Params] = None
+                ) -> Tuple[torch.Tensor, GradientBlocks]:
         """Outputs ``(b, C)`` and ``block(name, lo, hi) -> (hi - lo, m, *shape)``: the per-sample gradients
-        of parameter ``name`` for samples ``lo:hi`` of the batch (computed lazily by the hooks engine)."""
-        return self._fn(x, cotangents)
+        of parameter ``name`` for samples ``lo:hi`` of the batch (computed lazily by the hooks engine).
+
+        ``reduce``: ``{name: R}`` with ``R`` (``w x fan_in``) for weights of at least two dimensions; their
+        blocks are ``G R^T`` instead, ``(hi - lo, m, shape[0], w)`` (G: the gradient with its input dimensions
+        flattened). The hooks engine projects the layer inputs first and never forms G (METHOD.md §6)."""
+        return self._fn(x, cotangents, reduce or {})
+
+    def outer_products(self, x1: torch.Tensor) -> List[str]:
+        """Names of the weights whose per-sample gradient is a single outer product ``delta a^T`` for inputs
+        shaped like ``x1`` (one sample): ``Linear`` and ``Conv2d`` weights with one output position. Empty
+        when built :meth:`from_functional` (no layers to inspect)."""
+        if self._positions_fn is None:
+            return []
+        positions = self._positions_fn(x1)
+        return [n for n in self.names if positions.get(n) == 1]
 
     def __call__(self, x: torch.Tensor, cotangents: torch.Tensor) -> Tuple[torch.Tensor, Params]:
         """Outputs ``(b, C)`` and every per-sample gradient ``{name: (b, m, *shape)}``."""
-        out, block = self._fn(x, cotangents)
+        out, block = self._fn(x, cotangents, {})
         return out, {n: block(n, 0, x.shape[0]) for n in self.names}
 
     def saved_activation_bytes(self, x1: torch.Tensor) -> int:
@@ -108,9 +124,17 @@ class PerSampleGradients:
         """The ``vmap`` engine on a pure ``apply(params, x) -> (B, C)`` (models.functional_model)."""
         params = {n: t.detach() for n, t in params.items()}
 
-        def fn(x: torch.Tensor, cotangents: torch.Tensor):
+        def fn(x: torch.Tensor, cotangents: torch.Tensor, reduce: Params):
             out, g = _vmap_output_vjps(apply, params, x, cotangents)
-            return out, lambda name, lo, hi: g[name][lo:hi]
+
+            def block(name: str, lo: int, hi: int) -> torch.Tensor:
+                r = reduce.get(name)
+                if r is None:
+                    return g[name][lo:hi]
+                gb = g[name][lo:hi]
+                return gb.reshape(*gb.shape[:3], -1) @ r.T  # G R^T on the flattened input dimensions
+
+            return out, block
 
         def act(x1: torch.Tensor) -> int:
             with torch.enable_grad():
@@ -128,23 +152,53 @@ class PerSampleGradients:
         if engine not in ENGINES:
             raise ValueError(f"engine: {engine!r} is not one of {', '.join(ENGINES)}")
         names = trainable_names(model, trainable)
+        positions = functools.partial(_weight_positions, model, names)
         layers, why = _hookable_layers(model, names)
         if engine == "hooks" and layers is None:
             raise ValueError(f"engine hooks: {why}; use engine='vmap'")
         if engine == "vmap" or layers is None:
             params, apply = functional_model(model, trainable)
-            return cls.from_functional(apply, params)
+            grads = cls.from_functional(apply, params)
+            grads._positions_fn = positions
+            return grads
         params = {n: p.detach() for n, p in model.named_parameters() if n in set(names)}
 
-        def fn(x: torch.Tensor, cotangents: torch.Tensor):
-            return _hook_output_vjps(model, layers, x, cotangents)
+        def fn(x: torch.Tensor, cotangents: torch.Tensor, reduce: Params):
+            return _hook_output_vjps(model, layers, x, cotangents, reduce)
 
         def act(x1: torch.Tensor) -> int:
             with torch.enable_grad():
                 xx = x1.detach().clone().requires_grad_(True)
                 return _saved_bytes(lambda: model(xx), list(model.parameters()))
 
-        return cls("hooks", params, fn, act)
+        return cls("hooks", params, fn, act, positions)
+
+
+def _weight_positions(model: nn.Module, names: Sequence[str], x1: torch.Tensor) -> Dict[str, int]:
+    """``{weight name: output positions per sample}`` of the trainable ``Linear`` / ``Conv2d`` weights, from one
+    forward pass on ``x1``; a weight whose layer runs more than once gets no entry."""
+    modules = dict(model.named_modules())
+    owned = {}
+    for pname in names:
+        mname, _, attr = pname.rpartition(".")
+        if attr == "weight" and isinstance(modules.get(mname), (nn.Linear, nn.Conv2d)):
+            owned[mname] = pname
+    seen: Dict[str, List[int]] = {}
+
+    def hook(mname):
+        def record(mod, inp, out):
+            per = out[0].numel() // (mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels)
+            seen.setdefault(mname, []).append(int(per))
+        return record
+
+    handles = [modules[m].register_forward_hook(hook(m)) for m in owned]
+    try:
+        with torch.no_grad():
+            model(x1)
+    finally:
+        for h in handles:
+            h.remove()
+    return {owned[m]: p[0] for m, p in seen.items() if len(p) == 1}
 
 
 def _saved_bytes(forward: Callable[[], Any], exclude: Sequence[torch.Tensor]) -> int:
@@ -199,11 +253,12 @@ def _hookable_layers(model: nn.Module, names: Sequence[str]):
     return layers, ""
 
 
-def _hook_output_vjps(model: nn.Module, layers, x: torch.Tensor, cotangents: torch.Tensor
+def _hook_output_vjps(model: nn.Module, layers, x: torch.Tensor, cotangents: torch.Tensor, reduce: Params
                       ) -> Tuple[torch.Tensor, GradientBlocks]:
     """The hooks engine: batched forward capturing each layer's input and output, m batched backward
     passes to those outputs; per-sample parameter gradients are assembled on demand, per layer type, for
-    a range of samples (so that a caller can project them chunk by chunk while they sit in cache)."""
+    a range of samples (so that a caller can project them chunk by chunk while they sit in cache).
+    ``reduce``: weights whose blocks are ``G R^T`` (:meth:`PerSampleGradients.compute`)."""
     inputs: Dict[str, torch.Tensor] = {}
     versions: Dict[str, int] = {}
     outputs: Dict[str, torch.Tensor] = {}
@@ -250,7 +305,8 @@ def _hook_output_vjps(model: nn.Module, layers, x: torch.Tensor, cotangents: tor
 
     def block(pname: str, lo: int, hi: int) -> torch.Tensor:
         name, attr = owner[pname]
-        return _layer_param_grad(layers[name][0], attr, inputs[name][lo:hi], delta_of[name][:, lo:hi])
+        return _layer_param_grad(layers[name][0], attr, inputs[name][lo:hi], delta_of[name][:, lo:hi],
+                                 reduce.get(pname))
 
     return out.detach(), block
 
@@ -266,9 +322,12 @@ def _unfold(a: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return view.reshape(b, c * kh * kw, ho * wo)
 
 
-def _layer_param_grad(mod: nn.Module, attr: str, a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+def _layer_param_grad(mod: nn.Module, attr: str, a: torch.Tensor, delta: torch.Tensor,
+                      reduce: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-sample gradient ``(b, m, *param_shape)`` of one parameter from the layer input ``a`` (b, ...)
-    and the output gradients ``delta`` (m, b, ...): ``sum_p delta_p a_p^T`` over positions p."""
+    and the output gradients ``delta`` (m, b, ...): ``sum_p delta_p a_p^T`` over positions p. With
+    ``reduce`` (R, ``w x fan_in``; weights only): ``sum_p delta_p (R a_p)^T``, ``(b, m, out, w)``, the inputs
+    projected before the outer products (G itself never formed)."""
     m, b = delta.shape[0], delta.shape[1]
     if isinstance(mod, (nn.Linear, nn.Conv2d)):
         if isinstance(mod, nn.Linear):  # positions = any extra dims between batch and features
@@ -282,10 +341,14 @@ def _layer_param_grad(mod: nn.Module, attr: str, a: torch.Tensor, delta: torch.T
         else:
             cols = _unfold(a, mod)  # (b, Cin*kh*kw, P)
         dm = d.reshape(b, m * d.shape[2], d.shape[3])
+        if reduce is not None:  # (b, w, P): R a_p, as one matrix product over samples and positions
+            cols = (cols.transpose(1, 2) @ reduce.T).transpose(1, 2)
         if d.shape[3] == 1:  # one position: a broadcast outer product beats a batched matmul
             g = dm * cols.transpose(1, 2)
         else:
             g = torch.bmm(dm, cols.transpose(1, 2))  # (b, m*out, in)
+        if reduce is not None:
+            return g.reshape(b, m, d.shape[2], reduce.shape[0])
         return g.reshape(b, m, *mod.weight.shape)
     # BatchNorm in eval mode: y = xhat * gamma + beta, xhat from the running statistics
     d = delta.reshape(m, b, delta.shape[2], -1).transpose(0, 1)  # (b, m, C, P)

@@ -11,6 +11,9 @@ matrix is ever formed. :data:`PROJECTION_CLASSES` maps each name of
 * ``gaussian`` (:class:`GaussianBlocks`): dense N(0, 1/k) projection regenerated from the seed in
   ``k x chunk`` blocks on every batch (O(rows * D * k) work: the textbook reference, slow).
 
+Before any of them, :func:`input_side_projection` may reduce a single-position weight's per-sample gradient
+``delta a^T`` to ``delta (R a)^T`` (``KernelOptions.outer_width``; METHOD.md §6).
+
 The random draws come from :mod:`ttp_ray.kernel.seeds`; the streaming over samples that feeds them is
 :func:`ttp_ray.kernel.estimators.kernel_sketches`.
 """
@@ -29,6 +32,7 @@ __all__ = [
     "CoordinateSubset",
     "GaussianBlocks",
     "PROJECTION_CLASSES",
+    "input_side_projection",
 ]
 
 
@@ -156,3 +160,12 @@ def _proportional_allocation(lengths: Sequence[int], k: int) -> List[int]:
 
 
 PROJECTION_CLASSES = {cls.kind: cls for cls in (CountSketch, CoordinateSubset, GaussianBlocks)}
+
+
+def input_side_projection(fan_in: int, width: int, seed: int, tensor: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """``R`` (``width x fan_in``), N(0, 1/width) entries, ``E[R^T R] = I``: the input side of a weight's per-sample
+    gradient ``delta a^T`` becomes ``delta (R a)^T`` (exact on the output side), so that
+    ``E[<G_i R^T, G_j R^T>] = <G_i, G_j>`` and the sketch stays unbiased (METHOD.md §6). Seeded per tensor."""
+    g = cpu_generator(seed, "input-side", tensor, fan_in, width)
+    return (torch.randn(width, fan_in, generator=g, dtype=torch.float64) / math.sqrt(width)).to(dtype=dtype,
+                                                                                                device=device)

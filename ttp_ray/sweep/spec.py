@@ -41,8 +41,8 @@ Every field, its default and its allowed values (``*`` marks the required ones):
     resources:    {actors: auto, cpus_per_actor: 1, gpus_per_actor: auto, device: auto, shard_size: auto,
                    max_restarts: 3, max_task_retries: 3, object_store_mb: auto}
     output:       {dir: null}          # null: runs/<name>; the CLI's --out overrides it
-    predictor:    null                 # null: the default (frozen); or a name (ttp_ray.predictors: frozen,
-                                       # subset, drift, relinearised, flow), or {name: drift, reference_fraction:
+    predictor:    null                 # null: the default (probed); or a name (ttp_ray.predictors: probed,
+                                       # frozen, subset, drift, relinearised, flow), or {name: drift, reference_fraction:
                                        # 0.6} with the predictor's options; kernel.subset and
                                        # simulation.drift_reference are its old spellings (deprecated)
 
