@@ -52,6 +52,15 @@ SGD_BATCH = 64
 SGD_LOG_EVERY = 5  # SGD curves are logged (full-set loss and error) every 5 steps
 SELECTION_DATASET = "digits-5to9"  # the default predictor's variant was chosen on this set; the others are held out
 REFERENCE_FRACTION = 0.6  # ode-drift: the real plain-GD run at this fraction of max_stable_lr(0) calibrates s(L)
+GRID_LRS = json.loads((ROOT / "bench" / "grid_lrs.json").read_text())["lr"]  # the pinned grid (see its note)
+
+
+def grid_lr(ds_name: str, backbone: str, momentum: float, fraction: float, state) -> float:
+    """The grid's lr for (dataset, backbone, m, fraction): the pinned value of bench/grid_lrs.json, so that a
+    change to the kernel estimator does not move the experiment (and invalidate its ground truth); a pair not
+    pinned there (another dataset or backbone) takes fraction x ``state.max_stable_lr(m)`` of today's kernel."""
+    pinned = GRID_LRS.get(f"{ds_name}/{backbone}/m={momentum:g}/{fraction:g}x")
+    return pinned if pinned is not None else fraction * state.max_stable_lr(momentum)
 
 
 def gd_methods():
@@ -276,10 +285,10 @@ def main() -> None:
             default = states[ds_name, backbone][""]
             for loss in ("mse", "ce"):
                 for momentum in (0.0, 0.9):
-                    limit = default.max_stable_lr(momentum)
                     for batch in (None, SGD_BATCH):
                         for frac in LR_FRACTIONS:
-                            cfg = SimConfig(lr=frac * limit, momentum=momentum, batch_size=batch, loss=loss)
+                            cfg = SimConfig(lr=grid_lr(ds_name, backbone, momentum, frac, default), momentum=momentum,
+                                            batch_size=batch, loss=loss)
                             jobs.append((ds_name, backbone, frac, cfg, budget))
     # longest first (full batch on the bigger set), so the pool's tail is short
     jobs.sort(key=lambda j: (j[3].batch_size is not None, -size[j[0]], j[1] != "digits-resnet"))

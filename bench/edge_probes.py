@@ -59,7 +59,8 @@ def main() -> None:
             for m in (0.0, 0.9):
                 for batch in (None, A.SGD_BATCH):
                     for f in FRACTIONS:
-                        cfg = SimConfig(lr=f * states[backbone].max_stable_lr(m), momentum=m, batch_size=batch, loss=loss)
+                        cfg = SimConfig(lr=A.grid_lr(ds_name, backbone, m, f, states[backbone]), momentum=m,
+                                        batch_size=batch, loss=loss)
                         jobs.append((ds_name, backbone, f, cfg, budget))
     t0 = time.perf_counter()
     with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
