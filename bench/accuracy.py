@@ -199,12 +199,15 @@ def default_method_rows(df: pd.DataFrame) -> pd.DataFrame:
 def ranking_table(df: pd.DataFrame, budget: int, method: str = None) -> tuple:
     """The default methods' rows as ``ttp_ray.analysis.ranking_metrics`` reads them (one config = (regime,
     momentum, lr fraction) of a (dataset, backbone, loss); every lr, 1.3 x included) and the unit of cost:
-    steps x the real run's step time when the rows have it (``real_step_time_s``), else steps x B (examples
+    steps x the real step time of the config's (dataset, backbone, B) (median of ``real_step_time_s``), else steps x B (examples
     processed: rows written before the step time was recorded). The same step time prices both sides, so the
     ranking measures T̂ε's order alone. ``method``: that method's rows instead of the frozen defaults."""
     d = default_method_rows(df) if method is None else df[df.method == method]
     timed = "real_step_time_s" in d.columns and d.real_step_time_s.notna().all()
-    step = d.real_step_time_s.astype(float) if timed else d.batch_size.astype(float)
+    # a step's time depends on (dataset, backbone, B) only: the median over those runs (analysis.pooled_step_time),
+    # so that a run timed on a loaded machine does not reorder its slice
+    step = (d.groupby(["dataset", "backbone", "batch_size"]).real_step_time_s.transform("median").astype(float)
+            if timed else d.batch_size.astype(float))
     val = pd.DataFrame({
         "dataset": d.dataset, "model": d.backbone, "loss": d.loss, "criterion": d.criterion, "eps": d.eps,
         "config_id": [f"{r} m={m:g} {f:g}x" for r, m, f in zip(d.regime, d.momentum, d.lr_fraction)],

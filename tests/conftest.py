@@ -7,6 +7,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TTP_RAY_CACHE", os.environ.get("TTP_RAY_TEST_CACHE", str(ROOT / ".pytest_cache" / "ttp-ray-cache")))
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# Ray's workers at the tests' priority, as a local sweep's are (start_local_ray), also those of ray.cluster_utils'
+# clusters: at Ray's default nice 15 a loaded machine (make test-stress) starves them
+os.environ.setdefault("RAY_worker_niceness", "0")
 # torch hub and dataset roots point at empty places: a test that tried to download would fail loudly
 os.environ["TORCH_HOME"] = str(ROOT / ".pytest_cache" / "torch-home-empty")
 os.environ.setdefault("TTP_RAY_DATA", str(ROOT / ".pytest_cache" / "data-empty"))

@@ -50,6 +50,7 @@ def reduced_quickstart():
     d["simulation"]["paths"] = 2
     d["ground_truth"]["where"] = {"batch_size": [20], "momentum": [0.9], "lr_fraction": [0.4]}
     d["ground_truth"]["max_configs"] = 1
+    d["ground_truth"]["top"] = 0  # the predicted best: test_ground_truth_top_fine_tunes_the_predicted_best
     return d
 
 
@@ -322,6 +323,43 @@ def test_ground_truth_enabled_on_an_existing_out_resumes(local_ray, tmp_path, ca
     code, stdout, err = run_cli(["validate", str(out)], capsys)
     assert code == 0, err
     assert_every_config_once(out, spec)
+
+
+@pytest.mark.timeout(300)
+def test_ground_truth_top_fine_tunes_the_predicted_best(local_ray, tmp_path):
+    """``ground_truth.top``: once the predictions are written, the configs the default ranking puts first per
+    (dataset, loss) are fine-tuned too; the choice reads the written predictions only, so a resume makes the same
+    one, skips what is on disk, recomputes a lost run, and the manifest is complete only with all of them."""
+    from ttp_ray import analysis
+    from ttp_ray.sweep.driver import run_sweep
+
+    d = copy.deepcopy(TINY)
+    d["batch_size"] = [20]
+    d["ground_truth"] = {"where": {"lr_fraction": [0.1], "momentum": [0.0]}, "top": 1}
+    spec = parse_spec(d)
+    out = tmp_path / "out"
+    first = run_sweep(spec, str(out), progress=False)
+    assert first.complete, first.failures
+    pred = read_table(out, "predictions").to_pandas()
+    ranked = analysis.rank(pred, curves=read_table(out, "curves").to_pandas(), criterion=spec.criteria[0],
+                           eps=spec.eps[0])
+    best = {loss: g.sort_values("rank").config_id.iloc[0] for loss, g in ranked[ranked["rank"].notna()].groupby("loss")}
+    assert set(best) == {"mse", "ce"}
+    gt = read_table(out, "ground_truth").to_pandas()
+    planned = {g.config.config_id for g in first.plan.ground_truth_runs()}
+    assert set(gt.config_id) == planned | set(best.values())  # the planned selection and the predicted best
+    assert first.written["ground_truth"] == len(set(gt.config_id))
+    assert gt.groupby(["config_id", "seed"]).size().eq(len(spec.criteria) * len(spec.eps)).all()  # each once
+
+    again = run_sweep(spec, str(out), progress=False)  # the same choice, all on disk
+    assert again.complete and again.written == {"predictions": 0, "ground_truth": 0}
+
+    lost = next(out.glob(f"ground_truth/*/part-gt-{best['ce']}-s0.parquet"))
+    lost.unlink()
+    third = run_sweep(spec, str(out), progress=False)
+    assert third.complete and third.written == {"predictions": 0, "ground_truth": 1}
+    assert lost.exists()
+    assert json.loads((out / "manifest.json").read_text())["complete"]
 
 
 @pytest.mark.timeout(240)

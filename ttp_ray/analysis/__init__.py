@@ -23,7 +23,8 @@ from .metrics import (DEFAULT_RANK_KEY, GROUP_KEYS, PLATEAUS, RANK_KEYS, RANKING
                       STEP_RANK_KEYS, TARGET_RANK_KEYS, VALIDATION_FILE, SweepTables, dataset_as_str,
                       default_selection, elr_over_gd_limit, fit_spectrum, flag, fmt, load_sweep, pareto_front, rank,
                       rank_display, ranking_metrics, ranking_summary, regime_label, select, to_jsonable,
-                      validated_configs, validation_metrics, validation_table, write_validation)
+                      validated_configs, validation_metrics, validation_table, write_validation,
+                      pooled_step_time)
 from .targets import TARGET_MARGIN, derive_targets, steps_to_target, with_cost_to_target
 from .retime import has_timing, retime_ground_truth, retime_predictions, timing_settings, with_timing
 from .plots import (PLOT_KINDS, cost_heatmap_figure, curve_figure, curves_overview_figure, safe_name,
@@ -50,6 +51,7 @@ __all__ = [
     "flag",
     "elr_over_gd_limit",
     "rank",
+    "pooled_step_time",
     "pareto_front",
     "regime_label",
     "rank_display",

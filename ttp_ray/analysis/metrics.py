@@ -62,6 +62,8 @@ __all__ = [
     "regime_label",
     "rank_display",
     "validation_table",
+    "pooled_step_time",
+    "STEP_TIME_GROUP",
     "validation_metrics",
     "ranking_metrics",
     "ranking_summary",
@@ -337,6 +339,23 @@ def rank_display(ranked: pd.DataFrame) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------------------ validation
 
+STEP_TIME_GROUP = ("dataset", "model", "full_batch", "batch_size")  # what a step's time depends on (not lr, not m)
+
+
+def pooled_step_time(gt: pd.DataFrame) -> pd.DataFrame:
+    """Ground-truth rows with ``step_time_s`` the median over the runs of the same (dataset, model, batch size)
+    (:data:`STEP_TIME_GROUP`), the run's own kept as ``run_step_time_s``, and ``actual_cost_s`` recomputed from
+    it. A step's time does not depend on the lr or the momentum, so the real cost of a config is its steps x the
+    step time of its batch size; one run slowed by a loaded machine (a shared box measured 40x) must not decide
+    a ranking. Groups of one run keep their own."""
+    gt = gt.copy()
+    keys = [k for k in STEP_TIME_GROUP if k in gt.columns]
+    gt["run_step_time_s"] = gt.step_time_s.astype(float)
+    pooled = gt.groupby(keys, dropna=False, sort=False)["run_step_time_s"].transform("median")
+    gt["step_time_s"] = pooled.where(pooled.notna(), gt.run_step_time_s)
+    gt["actual_cost_s"] = gt.actual_steps.astype(float) * gt.step_time_s
+    return gt
+
 def validation_table(pred: pd.DataFrame, gt: pd.DataFrame, curves: Optional[pd.DataFrame] = None, *,
                      target_error: Optional[float] = None, target_loss: Optional[float] = None) -> pd.DataFrame:
     """Ground-truth rows joined with their predictions on (dataset, config_id, criterion, ε): one row per
@@ -345,7 +364,9 @@ def validation_table(pred: pd.DataFrame, gt: pd.DataFrame, curves: Optional[pd.D
     ``status``: ``compared`` (relative error defined), ``both diverged`` (the prediction was right to refuse
     a number), ``predicted diverged`` / ``actual diverged`` (one side only), ``stopped early`` (a run of
     ``ttp-ray tune`` stopped before its budget: no Tε), ``not reached``, ``T = 0`` (real Tε is 0: no relative
-    error), ``no prediction``. ``regime`` is ``GD`` (full batch) or ``SGD``.
+    error), ``no prediction``. ``regime`` is ``GD`` (full batch) or ``SGD``. The real side's step time
+    ``actual_step_time_s`` (and so ``actual_cost_s`` and ``actual_cost_to_target_s``) is the median over the runs
+    of one (dataset, model, batch size) (:func:`pooled_step_time`; each run's own: ``run_step_time_s``).
 
     With ``curves`` (the sweep's curves table, predicted and real): the cost to a common target too
     (:mod:`ttp_ray.analysis.targets`; the target is derived from the whole grid's predictions, or given):
@@ -356,6 +377,7 @@ def validation_table(pred: pd.DataFrame, gt: pd.DataFrame, curves: Optional[pd.D
     if gt.empty:
         raise AnalysisError("ground_truth: this sweep has no ground-truth rows; enable `ground_truth:` in the "
                             "sweep spec and re-run `ttp-ray sweep` (resuming adds the fine-tunes)")
+    gt = pooled_step_time(gt)
     pcols = _JOIN + ["predicted_steps", "predicted_fraction", "diverged", "predicted_final_loss",
                      "predicted_final_error", "step_time_s", "predicted_cost_s", "method"]
     target_cols: List[str] = []
@@ -392,7 +414,7 @@ def validation_table(pred: pd.DataFrame, gt: pd.DataFrame, curves: Optional[pd.D
             "predicted_steps", "actual_steps", "relative_error", "status", "predicted_fraction", "actual_fraction",
             "predicted_diverged", "actual_diverged", "predicted_final_loss", "actual_final_loss",
             "predicted_final_error", "actual_final_error", "predicted_step_time_s", "actual_step_time_s",
-            "predicted_cost_s", "actual_cost_s", "method"] + target_cols
+            "run_step_time_s", "predicted_cost_s", "actual_cost_s", "method"] + target_cols
     out = m[cols].sort_values(["dataset", "config_id", "criterion", "eps", "seed"], kind="stable")
     out["predicted_steps"] = out.predicted_steps.astype("Int64")
     out["actual_steps"] = out.actual_steps.astype("Int64")

@@ -174,6 +174,10 @@ def start_local_ray(num_cpus: Optional[int] = None, object_store_mb=None) -> Non
     import ray
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Ray starts its workers at nice 15 (for a cluster's head node); here they are the sweep's whole work, and on a
+    # shared machine any other process at the user's priority would starve them (a 2-core box with 4 busy processes
+    # gave the actors ~1 % of a CPU): they run at the driver's priority instead (RAY_worker_niceness to change it)
+    os.environ.setdefault("RAY_worker_niceness", "0")
     kw: Dict[str, Any] = {}
     if object_store_mb not in (None, "auto"):
         kw["object_store_memory"] = int(object_store_mb) * 1024 * 1024
@@ -270,6 +274,17 @@ class _Reporter:
                 self.units[kind] = progress.task(f"sweep {name}: {what}", total=total, unit=unit,
                                                  completed=skipped[kind])
 
+    def add_top(self, name: str, runs: int) -> None:
+        """``runs`` more fine-tunes of predicted-best configs (``ground_truth.top``), chosen after the predictions."""
+        if runs <= 0:
+            return
+        task = self.units.get("top")
+        if task is None or task.total is None or task.completed >= task.total:
+            self.units["top"] = self.progress.task(f"sweep {name}: fine-tunes of the predicted best", total=runs,
+                                                   unit="runs")
+        else:
+            task.update(total=task.total + runs)
+
     def kernel_started(self, unit: str) -> None:
         self.kernels[unit] = self.progress.task(f"{unit}: actor start and kernel state")
 
@@ -310,6 +325,7 @@ class _DatasetRun:
     info: Optional[Dict[str, Any]] = None
     failed: bool = False
     needs_spectrum: bool = False  # OUT/spectra lacks this unit's part
+    top_chosen: bool = False  # its predicted-best configs (ground_truth.top) chosen and submitted
 
 
 class _Sweep:
@@ -332,10 +348,12 @@ class _Sweep:
         self.datasets: Dict[str, _DatasetRun] = {}
         self.actor_nodes: Dict[str, str] = {}
         self.shard_seconds = 0.0
+        self.top_outstanding: set = set()  # keys of predicted-best fine-tunes submitted and not yet written
 
     # ---------------------------------------------------------------- submission
     def start(self, pending_shards: Dict[str, List[Shard]], pending_gt: Dict[str, List[GroundTruthRun]],
-              pending_spectra: Sequence[str] = ()) -> None:
+              pending_spectra: Sequence[str] = (), pending_top: Optional[Dict[str, List[Any]]] = None) -> None:
+        pending_top = pending_top or {}
         for d in self.plan.datasets:
             run = _DatasetRun(d.key, d, collections.deque(pending_shards.get(d.key, [])),
                               list(pending_gt.get(d.key, [])), needs_spectrum=d.key in pending_spectra)
@@ -344,6 +362,9 @@ class _Sweep:
                 actor = self._new_actor(run)
                 self.refs[actor.prepare.remote(run.needs_spectrum)] = ("prepare", d.key, None, 0)
                 self.reporter.kernel_started(d.key)
+            if not run.pending:  # predictions all on disk: the predicted best were chosen when the output was opened
+                run.top_chosen = True
+                self._submit_top(run, pending_top.get(d.key, []))
 
     def _new_actor(self, run: _DatasetRun):
         from .actors import DatasetActor, actor_options
@@ -378,6 +399,35 @@ class _Sweep:
             job = GroundTruthJob(self.spec, g, lr, limit)
             self.refs[ground_truth_task.options(**opts).remote(job)] = ("gt", run.label, g, -1)
         run.gt_pending = []
+
+    def _submit_top(self, run: _DatasetRun, runs: Sequence[Any]) -> None:
+        """Fine-tune the predicted-best configs ``runs`` (:class:`~ttp_ray.sweep.top.TopRun`, lr resolved)."""
+        if not runs:
+            return
+        from .actors import ground_truth_task, task_options
+        from .work import GroundTruthJob
+
+        gt = self.spec.ground_truth
+        opts = task_options(gt.cpus, self.view["_gt_gpus"], gt.max_retries)
+        for t in runs:
+            self.refs[ground_truth_task.options(**opts).remote(GroundTruthJob(self.spec, t.run, t.lr, t.max_stable_lr))] \
+                = ("gt", run.label, t.run, -1)
+            self.top_outstanding.add(t.run.key)
+        self.reporter.add_top(self.spec.name, len(runs))
+        self.reporter.note(f"{run.label}: fine-tuning the predicted best (ground_truth.top = {gt.top} per loss): "
+                           + ", ".join(f"{t.run.config.loss} #{t.rank} {t.run.config.config_id}" for t in runs))
+
+    def _choose_top(self, run: _DatasetRun) -> None:
+        """Once every shard of ``run`` is written: choose its predicted-best configs and fine-tune them (with
+        ``ground_truth.top``). A unit whose shards did not all come back chooses none (its failure is reported)."""
+        if run.top_chosen or run.pending or any(run.inflight.values()):
+            return
+        run.top_chosen = True
+        if not (self.spec.ground_truth.enabled and self.spec.ground_truth.top > 0):
+            return
+        if not {s.key for s in run.unit.shards} <= self.output.completed_keys("predictions"):
+            return
+        self._submit_top(run, _pending_top(self.spec, self.output, [run.unit]).get(run.label, []))
 
     def _release_if_done(self, run: _DatasetRun) -> None:
         if not run.pending and not any(run.inflight.values()):
@@ -428,6 +478,7 @@ class _Sweep:
         self.reporter.advance("predictions")
         self._feed(run)
         self._release_if_done(run)
+        self._choose_top(run)
         if self.stop_after is not None and self.written["predictions"] >= self.stop_after:
             raise KeyboardInterrupt(f"stopped after {self.stop_after} shard(s) (test hook)")
 
@@ -435,7 +486,11 @@ class _Sweep:
         self.output.write_parts(out.dataset, out.run_id, {"curves": out.curves, "ground_truth": out.rows})
         self.output.sync()
         self.written["ground_truth"] += 1
-        self.reporter.advance("ground_truth")
+        if g.key in self.top_outstanding:
+            self.top_outstanding.discard(g.key)
+            self.reporter.advance("top")
+        else:
+            self.reporter.advance("ground_truth")
 
     def _failed(self, kind: str, run: _DatasetRun, payload, idx: int, exc: Exception) -> None:
         text, bad_input = failure_text(kind, run.label, getattr(payload, "key", ""), exc,
@@ -458,6 +513,7 @@ class _Sweep:
             run.inflight[idx] -= 1
             self._feed(run)
             self._release_if_done(run)
+            self._choose_top(run)
 
     def cancel_pending(self) -> None:
         """Cancel what is in flight (stopping early): fine-tune tasks are killed, shard calls dropped; so that Ray's
@@ -643,7 +699,21 @@ def _open(spec: SweepSpec, output: SweepOutput, plan: SweepPlan, fresh: bool, si
     done_gt = output.completed_keys("ground_truth")
     pending_shards = {d.key: [s for s in d.shards if s.key not in done_shards] for d in plan.datasets}
     pending_gt = {d.key: [g for g in d.ground_truth if g.key not in done_gt] for d in plan.datasets}
-    return plan, previous, (pending_shards, pending_gt, _pending_spectra(output, plan))
+    pending_top = _pending_top(spec, output, [d for d in plan.datasets if not pending_shards[d.key]])
+    return plan, previous, (pending_shards, pending_gt, _pending_spectra(output, plan), pending_top)
+
+
+def _pending_top(spec: SweepSpec, output: SweepOutput, units: Sequence[Any]) -> Dict[str, List[Any]]:
+    """Per unit key, the fine-tunes of its predicted-best configs (``ground_truth.top``,
+    :func:`ttp_ray.sweep.top.top_ground_truth`) not on disk yet; ``units``: those whose predictions are all written."""
+    if not (spec.ground_truth.enabled and spec.ground_truth.top > 0 and units):
+        return {}
+    from .top import top_ground_truth
+
+    pred = read_table(output.root, "predictions").to_pandas()
+    curves = read_table(output.root, "curves").to_pandas()
+    done = output.completed_keys("ground_truth")
+    return {d.key: [t for t in top_ground_truth(spec, d, pred, curves) if t.run.key not in done] for d in units}
 
 
 def _pending_spectra(output: SweepOutput, plan: SweepPlan) -> List[str]:
@@ -653,7 +723,7 @@ def _pending_spectra(output: SweepOutput, plan: SweepPlan) -> List[str]:
 
 
 def _has_work(pending) -> bool:
-    return any(pending[0].values()) or any(pending[1].values()) or bool(pending[2])
+    return any(pending[0].values()) or any(pending[1].values()) or bool(pending[2]) or any(pending[3].values())
 
 
 def _skipped(plan: SweepPlan, pending) -> Dict[str, int]:
@@ -668,7 +738,7 @@ def _finish(spec: SweepSpec, output: SweepOutput, opened, sweep: Optional["_Swee
     complete = ({s.key for d in plan.datasets for s in d.shards} <= output.completed_keys("predictions")
                 and {g.key for d in plan.datasets for g in d.ground_truth} <= output.completed_keys("ground_truth")
                 and not _pending_spectra(output, plan)
-                and not (sweep is not None and sweep.failures))
+                and not (sweep is not None and (sweep.failures or sweep.top_outstanding)))
     output.sync(complete=complete)
     written = sweep.written if sweep is not None else {"predictions": 0, "ground_truth": 0}
     infos = {k: r.info for k, r in sweep.datasets.items() if r.info} if sweep is not None else {}

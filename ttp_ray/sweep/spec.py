@@ -37,7 +37,9 @@ Every field, its default and its allowed values (``*`` marks the required ones):
                                        # (dataset, loss, budget) (ttp_ray.drift); null: the frozen kernel
     cost:         {step_time_steps: 5, step_time_max_batch: 1024}
     ground_truth: off | on | {enabled: false, seeds: [0], every: null, max_configs: null, where: {},
-                   log_every: null, cpus: 1, gpus: auto, max_retries: 1}
+                   top: 0, log_every: null, cpus: 1, gpus: auto, max_retries: 1}
+                                       # top K: also the K configs per (dataset, loss) the default ranking
+                                       # puts first, chosen once the dataset's predictions are written
     resources:    {actors: auto, cpus_per_actor: 1, gpus_per_actor: auto, device: auto, shard_size: auto,
                    max_restarts: 3, max_task_retries: 3, object_store_mb: auto}
     output:       {dir: null}          # null: runs/<name>; the CLI's --out overrides it

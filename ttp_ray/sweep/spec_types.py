@@ -245,13 +245,17 @@ class GroundTruthSpec:
     """Real fine-tunes (Ray tasks) of a selection of configs, per dataset: the ``where`` filter
     (field -> allowed values), then every ``every``-th config, then at most ``max_configs`` evenly
     spaced ones; each selected config runs once per seed (full-batch configs once, with the first seed:
-    the seed only orders minibatches)."""
+    the seed only orders minibatches). ``top`` = K > 0: besides, once a dataset's predictions are all
+    written, the K configs per (dataset, loss) that the default ranking puts first (cost to the common target
+    of the first criterion, :func:`ttp_ray.analysis.rank`): the configs a user would launch, so that the
+    ranking's top-1 regret is measured on the predicted best (:mod:`ttp_ray.sweep.top`)."""
 
     enabled: bool = False
     seeds: Tuple[int, ...] = (0,)
     every: Optional[int] = None
     max_configs: Optional[int] = None
     where: Tuple[Tuple[str, Tuple[Any, ...]], ...] = ()
+    top: int = 0  # the predicted-best configs per (dataset, loss) also fine-tuned, chosen after the predictions
     log_every: Optional[int] = None  # None: simulation.log_every
     cpus: float = 1.0
     gpus: Union[str, float] = AUTO  # 'auto': 1 when the cluster has GPUs, else 0
@@ -264,6 +268,7 @@ class GroundTruthSpec:
             _check_min("seeds", seed, 0)
         for name in ("every", "max_configs", "log_every"):
             _check_min(name, getattr(self, name), 1, also=(None,))
+        _check_min("top", self.top, 0)
         _check_min("cpus", self.cpus, 0)
         _check_min("gpus", self.gpus, 0, also=(AUTO,))
         _check_min("max_retries", self.max_retries, 0)
@@ -471,6 +476,8 @@ class SweepSpec:
         d["resources"] = {"shard_size": d["resources"]["shard_size"]}
         for key in ("cpus", "gpus", "max_retries"):
             d["ground_truth"].pop(key)
+        if not d["ground_truth"]["top"]:
+            d["ground_truth"].pop("top")  # added later: specs without it keep their identity
         d["kernel"].pop("memory_cap_mb")
         d["kernel"].pop("batch_size")
         return d
