@@ -651,6 +651,26 @@ def test_ranking_metrics_on_a_hand_made_table():
     assert s["top3_hit_rate"] == pytest.approx(0.5) and s["flagged_predicted"] == 1 + 3 and s["flagged_actual"] == 1
 
 
+def test_pooled_step_time_prices_a_batch_size_at_its_median_run():
+    """A step's time depends on (dataset, model, B), not on lr or momentum: the real cost uses the median over
+    those runs, so one run timed on a loaded machine (40x slower here) does not reorder its group."""
+    from ttp_ray import analysis as A
+
+    rows = []
+    for i, (steps, st) in enumerate([(50, 0.2), (120, 0.005), (130, 0.006), (140, 0.0056)]):  # run 0: timed under load
+        rows.append({"dataset": "d", "model": "m", "full_batch": False, "batch_size": 64, "config_id": f"c{i}",
+                     "step_time_s": st, "actual_steps": steps, "actual_cost_s": steps * st})
+    rows.append({"dataset": "d", "model": "m", "full_batch": True, "batch_size": 900, "config_id": "g",
+                 "step_time_s": 0.3, "actual_steps": 10, "actual_cost_s": 3.0})  # a group of one keeps its own
+    gt = A.pooled_step_time(pd.DataFrame(rows))
+    med = float(np.median([0.2, 0.005, 0.006, 0.0056]))
+    assert np.allclose(gt.step_time_s[:4], med) and gt.step_time_s[4] == pytest.approx(0.3)
+    assert np.allclose(gt.run_step_time_s, [0.2, 0.005, 0.006, 0.0056, 0.3])
+    assert np.allclose(gt.actual_cost_s, gt.actual_steps * gt.step_time_s)
+    # the fastest run in steps is now the cheapest, as it is on an unloaded machine
+    assert gt.iloc[:4].sort_values("actual_cost_s").config_id.iloc[0] == "c0"
+
+
 def test_ranking_metrics_cost_to_target_does_not_depend_on_eps():
     from ttp_ray import analysis as A
 
