@@ -118,6 +118,24 @@ def test_probed_predicts_every_config_type_with_drift_interval_and_counted_work(
     assert again[0].rows[0]["extra_gradients"] == per_loss[cfgs[0].loss]
 
 
+def test_a_config_whose_kernel_ends_at_the_edge_gets_a_wider_interval_and_a_note(frozen):
+    """§14: where the predicted drift reaches the stability cap by the end of the run, the real run may catapult
+    and settle late; its interval is widened by ``edge_interval`` (the point prediction is unchanged)."""
+    pred = get_predictor("probed").rebind(frozen)
+    cfg = SimConfig(lr=0.5 * frozen.max_stable_lr(0.0), loss="mse")  # cap = max_stable_lr / (lr h) = 2
+    settings = PredictSettings(sim=SimOptions(method="discrete", log_every=1), eps_mode="relative")
+    out = {}
+    for s in (1.5, 3.0):  # below the cap, and capped at 2 over the whole run
+        pred.shared[("probed", "mse", 60)] = _flat(s)
+        (out[s],) = pred.predict([cfg], budget_steps=60, eps_list=[0.05], settings=settings)
+    below, edge = out[1.5].result, out[3.0].result
+    k = pred.predictor.interval_scale
+    assert below.extras["interval_log_halfwidth"] == pytest.approx(k * (1 + math.log(1.5)))
+    assert edge.extras["interval_log_halfwidth"] == pytest.approx(k * (1 + math.log(2.0)) + pred.predictor.edge_interval)
+    assert "edge of stability" in edge.note and "edge of stability" not in below.note
+    assert out[3.0].rows[0]["predicted_drift"] == pytest.approx(2.0)
+
+
 def _fake_edge_run(momentum, lr, diverged):
     return ProbeRun(momentum=momentum, lr=lr, batch_size=8, level=np.ones(3), scale=np.ones(3), quotient0=1.0,
                     diverged=diverged, per_sample_gradients=24, seconds=0.0)
