@@ -356,6 +356,7 @@ def pooled_step_time(gt: pd.DataFrame) -> pd.DataFrame:
     gt["actual_cost_s"] = gt.actual_steps.astype(float) * gt.step_time_s
     return gt
 
+
 def validation_table(pred: pd.DataFrame, gt: pd.DataFrame, curves: Optional[pd.DataFrame] = None, *,
                      target_error: Optional[float] = None, target_loss: Optional[float] = None) -> pd.DataFrame:
     """Ground-truth rows joined with their predictions on (dataset, config_id, criterion, ε): one row per

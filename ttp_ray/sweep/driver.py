@@ -37,7 +37,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from ..interrupts import stop_on_signals
 from ..progress import NULL_PROGRESS, Progress, Task, current
@@ -348,7 +348,7 @@ class _Sweep:
         self.datasets: Dict[str, _DatasetRun] = {}
         self.actor_nodes: Dict[str, str] = {}
         self.shard_seconds = 0.0
-        self.top_outstanding: set = set()  # keys of predicted-best fine-tunes submitted and not yet written
+        self.top_outstanding: Set[str] = set()  # keys of predicted-best fine-tunes submitted and not yet written
 
     # ---------------------------------------------------------------- submission
     def start(self, pending_shards: Dict[str, List[Shard]], pending_gt: Dict[str, List[GroundTruthRun]],
@@ -387,34 +387,33 @@ class _Sweep:
 
     def _submit_ground_truth(self, run: _DatasetRun) -> None:
         from ..stability import max_stable_lr
+
+        lam, n = run.info["limit"]
+        for g in run.gt_pending:
+            limit = max_stable_lr(lam, n, g.config.momentum)
+            self._submit_fine_tune(run, g, resolve_lr(g.config, lambda m: max_stable_lr(lam, n, m)), limit)
+        run.gt_pending = []
+
+    def _submit_fine_tune(self, run: _DatasetRun, g: GroundTruthRun, lr: float, limit: float) -> None:
+        """One ground-truth fine-tune of ``g`` at the resolved ``lr`` as a Ray task."""
         from .actors import ground_truth_task, task_options
         from .work import GroundTruthJob
 
         gt = self.spec.ground_truth
         opts = task_options(gt.cpus, self.view["_gt_gpus"], gt.max_retries)
-        lam, n = run.info["limit"]
-        for g in run.gt_pending:
-            limit = max_stable_lr(lam, n, g.config.momentum)
-            lr = resolve_lr(g.config, lambda m: max_stable_lr(lam, n, m))
-            job = GroundTruthJob(self.spec, g, lr, limit)
-            self.refs[ground_truth_task.options(**opts).remote(job)] = ("gt", run.label, g, -1)
-        run.gt_pending = []
+        self.refs[ground_truth_task.options(**opts).remote(GroundTruthJob(self.spec, g, lr, limit))] = \
+            ("gt", run.label, g, -1)
 
     def _submit_top(self, run: _DatasetRun, runs: Sequence[Any]) -> None:
         """Fine-tune the predicted-best configs ``runs`` (:class:`~ttp_ray.sweep.top.TopRun`, lr resolved)."""
         if not runs:
             return
-        from .actors import ground_truth_task, task_options
-        from .work import GroundTruthJob
-
-        gt = self.spec.ground_truth
-        opts = task_options(gt.cpus, self.view["_gt_gpus"], gt.max_retries)
         for t in runs:
-            self.refs[ground_truth_task.options(**opts).remote(GroundTruthJob(self.spec, t.run, t.lr, t.max_stable_lr))] \
-                = ("gt", run.label, t.run, -1)
+            self._submit_fine_tune(run, t.run, t.lr, t.max_stable_lr)
             self.top_outstanding.add(t.run.key)
         self.reporter.add_top(self.spec.name, len(runs))
-        self.reporter.note(f"{run.label}: fine-tuning the predicted best (ground_truth.top = {gt.top} per loss): "
+        self.reporter.note(f"{run.label}: fine-tuning the predicted best (ground_truth.top = "
+                           f"{self.spec.ground_truth.top} per loss): "
                            + ", ".join(f"{t.run.config.loss} #{t.rank} {t.run.config.config_id}" for t in runs))
 
     def _choose_top(self, run: _DatasetRun) -> None:
@@ -423,7 +422,7 @@ class _Sweep:
         if run.top_chosen or run.pending or any(run.inflight.values()):
             return
         run.top_chosen = True
-        if not (self.spec.ground_truth.enabled and self.spec.ground_truth.top > 0):
+        if not self.spec.ground_truth.picks_top:
             return
         if not {s.key for s in run.unit.shards} <= self.output.completed_keys("predictions"):
             return
@@ -706,7 +705,7 @@ def _open(spec: SweepSpec, output: SweepOutput, plan: SweepPlan, fresh: bool, si
 def _pending_top(spec: SweepSpec, output: SweepOutput, units: Sequence[Any]) -> Dict[str, List[Any]]:
     """Per unit key, the fine-tunes of its predicted-best configs (``ground_truth.top``,
     :func:`ttp_ray.sweep.top.top_ground_truth`) not on disk yet; ``units``: those whose predictions are all written."""
-    if not (spec.ground_truth.enabled and spec.ground_truth.top > 0 and units):
+    if not (spec.ground_truth.picks_top and units):
         return {}
     from .top import top_ground_truth
 

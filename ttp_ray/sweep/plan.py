@@ -356,7 +356,7 @@ def dry_run_text(plan: SweepPlan, resources: Mapping[str, object]) -> str:
         f"sweep {spec.name!r}: {models}, {len(spec.datasets)} dataset(s), {plan.n_configs} configs, "
         f"{plan.n_shards} shards of <= {plan.shard_size}, {plan.n_ground_truth} ground-truth run(s)"
         + (f" + the predicted best {spec.ground_truth.top} per (dataset, loss), chosen after the predictions"
-           if spec.ground_truth.enabled and spec.ground_truth.top else ""),
+           if spec.ground_truth.picks_top else ""),
         f"  grid per {'(dataset, model)' if several else 'dataset'} ({spec.grid_size}): loss {list(spec.losses)} x "
         f"lr {lr_desc} x momentum {_fmt_values(spec.momentum)} x batch_size {_fmt_values(spec.batch_size, '{}')}",
         "  budget: " + (f"{spec.budget.steps} steps" if spec.budget.steps else f"{spec.budget.epochs} epochs")

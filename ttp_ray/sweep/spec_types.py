@@ -281,6 +281,11 @@ class GroundTruthSpec:
             if key == "batch_size" and any(b is not None and b < 1 for b in values):
                 raise ValueError(f"where.batch_size: must be >= 1 or full, got {list(values)}")
 
+    @property
+    def picks_top(self) -> bool:
+        """Whether the predicted-best configs are fine-tuned too (``enabled`` and ``top`` > 0)."""
+        return self.enabled and self.top > 0
+
 
 @dataclass(frozen=True)
 class ResourcesSpec:

@@ -4,8 +4,9 @@ A ground-truth selection fixed in advance (``every``, ``max_configs``, ``where``
 ranking puts first, and then the ranking's top-1 regret is measured among configs nobody would launch. With
 ``ground_truth.top`` = K the driver also fine-tunes, once a dataset's predictions are all written, the K configs
 per (dataset, loss) that :func:`ttp_ray.analysis.rank` orders first by its default objective (predicted cost to
-the common target of the first criterion; the first ε only breaks ties there). The choice is a function of the
-written predictions alone, so a resumed sweep chooses the same configs and skips the runs already on disk.
+the common target of the first criterion, which does not depend on ε; the first ε only picks the rows). The
+choice is a function of the written predictions alone, so a resumed sweep chooses the same configs and skips the
+runs already on disk.
 
 pandas only; the driver (:mod:`ttp_ray.sweep.driver`) submits the runs.
 """
@@ -40,7 +41,7 @@ def top_ground_truth(spec: SweepSpec, unit: DatasetPlan, pred: pd.DataFrame, cur
     from .. import analysis
 
     k = spec.ground_truth.top
-    if not spec.ground_truth.enabled or k <= 0 or not len(pred):
+    if not spec.ground_truth.picks_top or not len(pred):
         return []
     by_id = {c.config_id: c for c in unit.configs}
     pred = pred[(pred.dataset.astype(str) == unit.label) & pred.config_id.isin(list(by_id))]
