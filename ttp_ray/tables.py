@@ -177,9 +177,10 @@ def curve_table(curves: Sequence[Dict[str, Any]]) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=CURVE_SCHEMA)
 
 
-def read_table(root: Union[str, Path], table: str, columns: Optional[List[str]] = None) -> pa.Table:
+def read_table(root: Union[str, Path], table: str, columns: Optional[List[str]] = None,
+               datasets: Optional[Sequence[str]] = None) -> pa.Table:
     """All parts of ``table`` under ``root`` with the ``dataset`` column from the partition path (columns a
-    part lacks, e.g. one written before the column existed, are null)."""
+    part lacks, e.g. one written before the column existed, are null); ``datasets``: only those partitions."""
     base = Path(root) / table
     schema = SCHEMAS[table].append(pa.field("dataset", pa.string()))
     if not base.is_dir():
@@ -189,7 +190,8 @@ def read_table(root: Union[str, Path], table: str, columns: Optional[List[str]] 
     ds = pads.dataset(str(base), format="parquet", schema=schema,
                       partitioning=pads.partitioning(pa.schema([("dataset", pa.string())]), flavor="hive"),
                       exclude_invalid_files=False, ignore_prefixes=[".", "_"])
-    return ds.to_table(columns=columns)
+    where = None if datasets is None else pads.field("dataset").isin(list(datasets))
+    return ds.to_table(columns=columns, filter=where)
 
 
 def read_manifest(root: Union[str, Path]) -> Optional[Dict[str, Any]]:

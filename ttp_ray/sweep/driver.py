@@ -709,8 +709,9 @@ def _pending_top(spec: SweepSpec, output: SweepOutput, units: Sequence[Any]) -> 
         return {}
     from .top import top_ground_truth
 
-    pred = read_table(output.root, "predictions").to_pandas()
-    curves = read_table(output.root, "curves").to_pandas()
+    labels = sorted({d.label for d in units})  # only these units' partitions: a unit done mid-sweep reads its own
+    pred = read_table(output.root, "predictions", datasets=labels).to_pandas()
+    curves = read_table(output.root, "curves", datasets=labels).to_pandas()
     done = output.completed_keys("ground_truth")
     return {d.key: [t for t in top_ground_truth(spec, d, pred, curves) if t.run.key not in done] for d in units}
 
