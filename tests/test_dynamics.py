@@ -324,6 +324,22 @@ def test_elr_fallback_to_heavy_ball():
     finite([r3, r5])
 
 
+def test_auto_simulates_sgd_exactly_unless_the_elr_is_asked_for():
+    """METHOD.md §4: ``method='auto'`` steps SGD configs as exact minibatch heavy ball on the linear model (the
+    same run as ``method='minibatch'``); with ``momentum_mode='elr'`` it is the paper's sde."""
+    st, _ = make_state(N=30, k=12)
+    sgd = SimConfig(0.3 * st.max_stable_lr(0.5), 0.5, batch_size=8, loss="ce")
+    auto = simulate(st, [sgd], 40, SimOptions(paths=2, seed=1))[0]
+    mb = simulate(st, [sgd], 40, SimOptions(method="minibatch", momentum_mode="heavy_ball", paths=2, seed=1))[0]
+    assert (auto.method, auto.momentum_mode) == ("minibatch", "heavy_ball")
+    assert np.array_equal(auto.loss, mb.loss) and np.array_equal(auto.error, mb.error)
+    elr = simulate(st, [sgd], 40, SimOptions(momentum_mode="elr", paths=2, seed=1))[0]
+    assert (elr.method, elr.momentum_mode) == ("sde", "elr")
+    gd = simulate(st, [SimConfig(sgd.lr, 0.5, loss="ce")], 40, SimOptions())[0]
+    assert gd.method == "discrete"
+    finite([auto, elr, gd])
+
+
 def test_collapse_equal_effective_lr():
     st, _ = make_state()
     a = 0.1 * st.max_stable_lr()

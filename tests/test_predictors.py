@@ -63,7 +63,7 @@ def test_drift_predicts_full_batch_and_falls_back_for_minibatch(frozen):
     cfgs = [SimConfig(lr=0.3 * limit, loss="ce"), SimConfig(lr=0.3 * limit, batch_size=32, loss="ce"),
             SimConfig(lr=0.2 * limit, momentum=0.5, loss="ce")]
     out = drift.predict(cfgs, budget_steps=20, eps_list=[0.05], settings=PredictSettings(eps_mode="relative"))
-    assert [p.result.method for p in out] == ["ode-drift", "sde", "ode-drift"]
+    assert [p.result.method for p in out] == ["ode-drift", "minibatch", "ode-drift"]  # SGD: the default simulator
     assert "drift" in out[0].result.extras and "drift" not in out[1].result.extras
     # one reference run per (loss, budget), shared by both full-batch configs, counted
     assert drift.work == {"finetune_steps": 20.0, "per_sample_gradients": 20.0 * frozen.n}

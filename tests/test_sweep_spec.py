@@ -190,6 +190,19 @@ def test_spec_identity_is_stable():
     assert parse_spec({**spec, "predictor": "probed"}).identity_hash() == "16ab0da93b1f0c4c"
 
 
+def test_auto_sgd_marks_the_identity_only_where_its_resolution_changed():
+    """``simulation.method: auto`` with ``momentum_mode: auto`` once simulated SGD configs with the sde and now with
+    exact minibatch heavy ball (METHOD.md §4): such a spec with an SGD batch size gets a new identity (an OUT written
+    the old way is refused, not mixed); full-batch grids and explicit momentum modes keep theirs."""
+    spec = yaml.safe_load(_OLD_QUICKSTART)  # momentum_mode: heavy_ball, batch sizes full, 16, 64
+    assert "auto_sgd" not in parse_spec(spec).identity()["simulation"]
+    auto = {**spec, "simulation": {**spec["simulation"], "momentum_mode": "auto"}}
+    assert parse_spec(auto).identity()["simulation"]["auto_sgd"] == "minibatch"
+    assert "auto_sgd" not in parse_spec({**auto, "batch_size": ["full"]}).identity()["simulation"]
+    elr = {**spec, "simulation": {**spec["simulation"], "momentum_mode": "elr"}}
+    assert "auto_sgd" not in parse_spec(elr).identity()["simulation"]
+
+
 BAD = [
     (dict(name="a b"), "name"),
     (dict(name=DELETE), "name"),

@@ -77,7 +77,9 @@ Methods (``SimOptions.method``)
                state's Z). Costs O(B C r) per step (O(NC r) at logged steps). A chunk whose every
                trajectory has blown up stops there (checked every ``_DEAD_CHECK_EVERY`` logged points),
                not at the budget: mse SGD far beyond the limit is reported diverging at once.
-``auto``       ``discrete`` for GD, ``sde`` for SGD (``minibatch`` when momentum_mode='heavy_ball').
+``auto``       ``discrete`` for GD, ``minibatch`` for SGD (``sde`` when momentum_mode='elr', the paper's
+               method): at equal accuracy on the embedded benchmark, the exact minibatch map does
+               O(B C r) work per step where the sde does O(N C r) (METHOD.md §4, docs/CHOICES.md).
 
 Momentum (``momentum_mode``): ``elr`` replaces ``(lr, m)`` by ``(lr/(1-m), 0)`` (App. E; the paper's method);
 ``heavy_ball`` is exact (discrete and minibatch only). ``auto`` = heavy_ball for minibatch, elr otherwise.
@@ -348,8 +350,8 @@ class SimulationPlan:
 
 
 def resolve_plan(cfg: SimConfig, opt: SimOptions, n: Optional[int], lambda_max: Optional[float]) -> SimulationPlan:
-    """The one resolution of a config into what is simulated (docs/METHOD.md §3, §11): the method (``auto``:
-    discrete for full batch, sde or minibatch otherwise), ELR (``eta / (1 - m)``, no momentum) or exact heavy
+    """The one resolution of a config into what is simulated (docs/METHOD.md §3, §4, §11): the method (``auto``:
+    discrete for full batch, minibatch otherwise, sde when ``momentum_mode='elr'``), ELR (``eta / (1 - m)``, no momentum) or exact heavy
     ball, with the fallbacks where the ELR map is unstable; ``n`` and ``lambda_max`` of the kernel simulated
     (a normalised spectrum, eigenvalues ``lambda / N``, passes ``n = 1``)."""
     full = cfg.is_full_batch(n)
@@ -359,7 +361,8 @@ def resolve_plan(cfg: SimConfig, opt: SimOptions, n: Optional[int], lambda_max: 
         if full:
             method = "discrete"
         else:
-            method = "minibatch" if opt.momentum_mode == "heavy_ball" else "sde"
+            # METHOD.md §4: exact minibatch SGD unless the ELR is asked for (the paper's SDE)
+            method = "sde" if opt.momentum_mode == "elr" else "minibatch"
     elif method in ("sde", "minibatch") and full:
         notes.append(f"full batch: {method} -> discrete")
         method = "discrete"

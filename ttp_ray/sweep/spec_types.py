@@ -478,6 +478,9 @@ class SweepSpec:
             d["predictor"]["name"] = chosen.name  # the default resolved: a new default is a new identity
             if type(chosen).revision > 1:  # results changed since the predictor was introduced: not mixed on resume
                 d["predictor"]["revision"] = type(chosen).revision
+        sim = d["simulation"]
+        if sim["method"] == sim["momentum_mode"] == "auto" and any(b is not None for b in d["batch_size"]):
+            sim["auto_sgd"] = "minibatch"  # auto once meant the sde for SGD (METHOD.md §4): such OUTs are not mixed
         d["resources"] = {"shard_size": d["resources"]["shard_size"]}
         for key in ("cpus", "gpus", "max_retries"):
             d["ground_truth"].pop(key)
