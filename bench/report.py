@@ -4,7 +4,7 @@ command, gathered from the machine-readable files those benches leave (nothing r
     .venv/bin/python bench/report.py      # writes section "summary" of docs/BENCHMARKS.md
 
 Sources: runs/bench/kernel.json (bench/kernel.py; an older run's out/bench_kernel.json when absent),
-runs/bench/sweep.json (bench/sweep.py), runs/bench/accuracy.csv + accuracy.json (bench/accuracy.py),
+runs/bench/sweep.json (bench/sweep.py), runs/bench/roofline.json (bench/roofline.py), runs/bench/accuracy.csv + accuracy.json (bench/accuracy.py),
 runs/bench/relinearise.csv + .json (bench/relinearise.py), runs/bench/cost.json (bench/cost.py), runs/bench/tune.json
 (bench/tune.py), runs/bench/scaling.json (bench/scaling.py), runs/bench/projection.json
 (bench/project.py), runs/bench/gpu_check.json (bench/gpu_check.sh). A missing source gives a row saying so.
@@ -54,6 +54,20 @@ def sweep_rows() -> List[list]:
         rows.append([f"marginal cost: {m['configs']}-config sweep / 1-config sweep ({m['grid']}, kernel "
                      f"{m['kernel'].split(' (')[0]})", f"**{m['ratio']:.2f}** (target <= 1.5)", sec, f"`{cmd}`"])
     return rows
+
+
+def roofline_rows() -> List[list]:
+    s = read_json("roofline.json")
+    cmd, sec = ".venv/bin/python bench/roofline.py", "roofline"
+    if not s:
+        return [missing("simulators against the machine's GEMM rate", sec, cmd)]
+    probed = [c for c in s["classes"] if c["predictor"] == "probed" and c["class"] in
+              ("GD-CE", "SGD (minibatch, heavy ball)", "SGD (SDE, ELR), m in {0, 0.5}")]
+    text = "; ".join(f"{c['class'].split(',')[0]} {c['configs_per_s']:.1f} configs/s ({c['gflop_per_config']:.2f} GFLOP "
+                     f"each, ceiling {c['ceiling_configs_per_s']:.0f}, the 10x target needs {c['target_needs_gflops']:.0f} "
+                     f"GFLOP/s)" for c in probed)
+    return [[f"simulation alone, default predictor (probed), against this machine's GEMM rate ({s['gemm_gflops']:.0f} "
+             f"GFLOP/s, {s['dtype'].replace('torch.', '')}, one thread)", text, sec, f"`{cmd}`"]]
 
 
 def accuracy_rows() -> List[list]:
@@ -212,7 +226,7 @@ def gpu_rows() -> List[list]:
 
 
 def main() -> None:
-    rows = (kernel_rows() + sweep_rows() + cost_rows() + accuracy_rows() + relinearise_rows() + tune_rows()
+    rows = (kernel_rows() + sweep_rows() + roofline_rows() + cost_rows() + accuracy_rows() + relinearise_rows() + tune_rows()
             + scaling_rows() + projection_rows() + gpu_rows())
     body = "\n".join([
         "## Summary (headline figures; bench/report.py)",

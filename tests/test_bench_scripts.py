@@ -68,8 +68,10 @@ def test_projection_runs_on_a_made_up_measurement():
     assert project.speedups(sc)["fp32"] == pytest.approx(1000.0)
     c10 = next(d for d in p["datasets"] if d["label"] == "cifar10")
     assert sum(v["configs"] for v in c10["sims"].values()) == 240
-    # SDE-CE on cifar10: 0.1 s x (50000/4000) x (10/10) x (2000/100) / 1000 per config-step unit
-    s = c10["sims"]["SDE-CE"]
+    # SGD on cifar10 (method auto: exact minibatch, METHOD.md §4): 0.1 s x (50000/4000) x (10/10) x (2000/100) / 1000
+    # per config-step unit
+    assert not any(k.startswith("SDE") for k in c10["sims"])
+    s = c10["sims"]["minibatch-CE"]
     assert s["gpu_s"] == pytest.approx(0.1 * 12.5 * 20 / 1000 * s["step_units"])
     assert all(math.isfinite(t["hours"]) for t in p["cluster"])
     assert "Within an hour" in project.report(p) or "No uniform" in project.report(p)
@@ -166,3 +168,29 @@ def test_profile_attributes_a_small_sweep(tmp_path, monkeypatch):
                  "T̂ε rows", "step-time measurement"):
         assert inside[part] > 0, part
     assert sum(inside.values()) <= phases["shards (predict_shard)"] * 1.05
+
+
+def test_roofline_counts_the_simulators_arithmetic(monkeypatch):
+    """bench/roofline.py: the profiler's flop count of a prediction grows with the work simulated (a budget twice
+    as long steps twice as often), and the GEMM rate it compares with is a positive rate."""
+    import roofline
+    import torch
+
+    from ttp_ray.data import load_dataset
+    from ttp_ray.dynamics import SimConfig, SimOptions
+    from ttp_ray.kernel import KernelOptions
+    from ttp_ray.predict import PredictSettings
+    from ttp_ray.predictors import PredictionInputs, get_predictor
+
+    prep = get_predictor("frozen").prepare(PredictionInputs("digits-cnn", load_dataset("digits-5to9:subset=60"),
+                                                            kernel=KernelOptions(k=64)))
+    cfgs = [SimConfig(lr=f * prep.max_stable_lr(0.0), batch_size=16, loss="ce") for f in (0.1, 0.5)]
+    settings = PredictSettings(sim=SimOptions(method="minibatch", paths=2, log_every=5))
+    flops = []
+    for budget in (20, 40):
+        monkeypatch.setattr(roofline, "BUDGET", budget)
+        sec, flop = roofline.measure(prep, cfgs, settings, repeats=1)
+        assert sec > 0 and flop > 0
+        flops.append(flop)
+    assert 1.7 < flops[1] / flops[0] < 2.2, flops  # 9 logged lifts against 5, 40 steps against 20
+    assert roofline.gemm_rate(torch.float32, [(64, 32, 16)], repeats=1) > 0
