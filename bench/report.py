@@ -61,9 +61,9 @@ def roofline_rows() -> List[list]:
     cmd, sec = ".venv/bin/python bench/roofline.py", "roofline"
     if not s:
         return [missing("simulators against the machine's GEMM rate", sec, cmd)]
-    probed = [c for c in s["classes"] if c["predictor"] == "probed" and c["class"] in
-              ("GD-CE", "SGD (minibatch, heavy ball)", "SGD (SDE, ELR), m in {0, 0.5}")]
-    text = "; ".join(f"{c['class'].split(',')[0]} {c['configs_per_s']:.1f} configs/s ({c['gflop_per_config']:.2f} GFLOP "
+    short = {"GD-CE": "GD-CE", "SGD (minibatch, heavy ball)": "minibatch SGD", "SGD (SDE, ELR), m in {0, 0.5}": "SDE"}
+    probed = [c for c in s["classes"] if c["predictor"] == "probed" and c["class"] in short]
+    text = "; ".join(f"{short[c['class']]} {c['configs_per_s']:.1f} configs/s ({c['gflop_per_config']:.2f} GFLOP "
                      f"each, ceiling {c['ceiling_configs_per_s']:.0f}, the 10x target needs {c['target_needs_gflops']:.0f} "
                      f"GFLOP/s)" for c in probed)
     return [[f"simulation alone, default predictor (probed), against this machine's GEMM rate ({s['gemm_gflops']:.0f} "
