@@ -10,11 +10,12 @@ Steps measured, each in a fresh subprocess per point (bench/_measure.py ``run_wo
   :func:`ttp_ray.kernel.kernel_sketch` on ``synthetic:n=N,classes=C,size=8`` with the digits-cnn backbone;
 * **eigen**: :func:`ttp_ray.kernel.eigendecompose_sketch` of Z (N x k float32 -> float64 Gram, eigh, U);
 * **simulation** (:func:`ttp_ray.dynamics.simulate` on that state, ``--configs`` configs per class at lr
-  fractions of max_stable_lr, budget ``--budget`` steps, logged every 20, error curves on), the engines
-  ``sweeps/all_datasets.yaml`` runs (``method: auto``, ``momentum_mode: auto``, 8 paths): GD-MSE (discrete,
-  closed form), GD-CE (discrete map), SDE-MSE and SDE-CE (the paper's SDE with the effective lr, B = 128,
-  m = 0), minibatch-CE (exact heavy-ball SGD on the linearised model, B = 128, m = 0.9: where the ELR
-  step would be unstable the sweep falls back to it);
+  fractions of max_stable_lr, budget ``--budget`` steps, logged every 20, error curves on), the engines a
+  sweep runs (8 paths): GD-MSE (discrete, closed form), GD-CE (discrete map), minibatch-CE (exact heavy-ball
+  SGD on the linearised model, B = 128, m = 0.9: what ``method: auto`` runs for SGD, as
+  ``sweeps/all_datasets.yaml`` does, METHOD.md §4), SDE-MSE and SDE-CE (the paper's SDE with the effective lr,
+  B = 128, m = 0: ``method: sde`` or ``momentum_mode: elr``; where the ELR step would be unstable the sde
+  falls back to minibatch);
 * **dense rates** (``--rates``): one thread's float32 matmul (N x r) @ (r x C P) and float64 Gram Z^T Z,
   GFLOP/s: what bench/project.py scales to a GPU.
 
@@ -38,7 +39,7 @@ from _measure import PeakRSS, log, loglog_fit, run_worker, run_workers, write_js
 
 COMMAND = ".venv/bin/python bench/scaling.py"
 LR_FRACTIONS = (0.3, 0.6, 0.45, 0.15)  # the first --configs of them
-SIM_CLASSES: Dict[str, dict] = {  # what sweeps/all_datasets.yaml runs (method auto, momentum auto, 8 paths)
+SIM_CLASSES: Dict[str, dict] = {  # the engines a sweep runs (auto: discrete for GD, minibatch for SGD; sde asked for)
     "GD-MSE": {"method": "discrete", "momentum_mode": "elr", "loss": "mse", "batch": None, "m": 0.0, "paths": 1},
     "GD-CE": {"method": "discrete", "momentum_mode": "elr", "loss": "ce", "batch": None, "m": 0.0, "paths": 1},
     "SDE-MSE": {"method": "sde", "momentum_mode": "elr", "loss": "mse", "batch": 128, "m": 0.0, "paths": 8},

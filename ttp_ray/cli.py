@@ -362,9 +362,9 @@ def prediction_options(f):
                           "the frozen ODE); relinearised (per config); flow (one re-linearised path per loss). "
                           "Configs a predictor does not simulate go to its fallback (frozen)."),
         click.option("--method", type=click.Choice(METHODS), default=s.method, show_default=True,
-                     help="Dynamics: ode, discrete (GD), sde, minibatch (SGD); auto picks discrete / sde."),
+                     help="Dynamics: ode, discrete (GD), sde, minibatch (SGD); auto picks discrete / minibatch (sde with --momentum-mode elr)."),
         click.option("--momentum-mode", type=click.Choice(MOMENTUM_MODES), default=s.momentum_mode, show_default=True,
-                     help="elr: lr/(1-m) (paper); heavy_ball: exact momentum."),
+                     help="elr: lr/(1-m) (paper); heavy_ball: exact momentum; auto: elr for GD, heavy_ball for minibatch."),
         click.option("--noise", type=click.Choice(NOISE_MODELS), default=s.noise, show_default=True,
                      help="SDE noise: rescaled by L_t/L_0 (paper) or constant (ablation)."),
         click.option("--paths", type=int, default=s.paths, show_default=True, help="SDE / minibatch sample paths."),
