@@ -309,8 +309,9 @@ def report(p: dict) -> str:
                   + [f(d["sim_s"]), f"{(d['prep_s'] + d['sim_s']) / HOUR:.2f}"] for d in ds]),
         "",
         "Engine columns: configs resolved to that engine: seconds on the actor (GPU compute, plus for the SDE "
-        "the noise drawn on the CPU). SGD configs whose effective-lr step would be unstable run exact minibatch "
-        "heavy ball (`minibatch-CE`), as `ttp_ray.dynamics` resolves them. "
+        "the noise drawn on the CPU), as `ttp_ray.dynamics.resolve_plan` resolves the spec's configs: with "
+        "`method: auto` every SGD config runs exact minibatch heavy ball (`minibatch-CE`, MSE too; METHOD.md §4); "
+        "the SDE columns count configs only in a spec that asks for it (`method: sde` or `momentum_mode: elr`). "
         + (f"Of the simulation seconds, {f(sum(d['sims'][c].get('cpu_noise_s', 0.0) for d in ds for c in d['sims']))} "
            f"of {f(sum(d['sim_s'] for d in ds))} are the SDE's noise drawn on the CPU." if p["randn_rate"] else ""),
         "",

@@ -342,7 +342,8 @@ def main(argv=None) -> None:
         arch = run_worker(Path(__file__), ["--worker", json.dumps(p)])
         log(f"  kernel {arch['kernel']['ms_per_sample']:.0f} ms/sample, epoch {arch['epoch']['ms_per_sample']:.0f} ms/sample")
     rates = run_worker(Path(__file__), ["--worker", "rates"])
-    log("  dense rates: " + ", ".join(f"{k} {v['gflops']:.1f} GFLOP/s" for k, v in rates.items()))
+    log("  dense rates: " + ", ".join(f"{k} {v['gflops']:.1f} GFLOP/s" if "gflops" in v else
+                                      f"{k} {v['draws_per_s'] / 1e6:.0f} M draws/s" for k, v in rates.items()))
     decode = run_worker(Path(__file__), ["--worker", "decode"])
     log("  decode: " + ", ".join(f"{k} {v['ms_per_image']:.2f} ms" for k, v in decode.items()))
     f_n, f_k, f_c = fits(by_n, "n", k0), fits(by_k, "k"), fits(by_c, "classes")
