@@ -69,6 +69,33 @@ def test_warp_with_scale_one_is_the_frozen_curve_and_scale_two_halves_time(froze
     np.testing.assert_allclose(capped["loss"], lin.loss[:101], rtol=1e-9)
 
 
+def test_the_warp_is_the_euler_scheme_read_by_np_interp(frozen):
+    """warp_result steps t' in plain floats, its bracket moving forward; it must be exactly the Euler scheme
+    dt'/dt = min(s(L(t'), eta_eff), cap) with s read by np.interp (METHOD.md §14): grids logged every 4 steps and
+    every step, caps, and a run that ends before the warp does (t' held at its end)."""
+    limit = frozen.max_stable_lr(0.0)
+    cfgs = [SimConfig(lr=f * limit, momentum=m, loss="ce") for f, m in ((0.05, 0.0), (0.3, 0.0), (0.2, 0.9), (0.6, 0.0))]
+    long_ = simulate(frozen.state, cfgs[:3], 120, SimOptions(method="discrete", log_every=4))
+    short = simulate(frozen.state, cfgs[3:], 30, SimOptions(method="discrete", log_every=1))
+    # two probes at effective lrs limit and 10 x limit, s tabulated against ascending loss levels
+    drift = ProbedDrift(loss="ce", effective_lrs=np.array([1.0 * limit, 10.0 * limit]),
+                        levels=[np.geomspace(0.05, 3.0, 12), np.geomspace(0.2, 2.0, 9)],
+                        scales=[np.linspace(3.0, 1.0, 12), np.linspace(1.6, 0.8, 9)])
+    results, caps, T, sub = long_ + short, [math.inf, 1.5, 2.2, math.inf], 60, 7
+    got = [warp_result(res, drift, T, sub, cap) for res, cap in zip(results, caps)]
+    for res, cap, g in zip(results, caps, got):
+        st = res.steps.astype(np.float64)
+        s_curve = np.minimum(drift.scale_at(res.loss, res.config.effective_lr), cap)
+        tp, h, want = 0.0, 1.0 / sub, np.zeros(T + 1)
+        for t in range(1, T + 1):
+            for _ in range(sub):
+                tp += h * float(np.interp(tp, st, s_curve))
+            want[t] = min(tp, st[-1])
+        assert g["warped_steps"].tolist() == want.tolist()  # the same float operations in the same order
+        assert g["loss"].tolist() == np.interp(want, st, res.loss).tolist()
+    assert got[3]["warped_steps"][-1] == short[0].steps[-1]  # the 30-step run ends before the warp
+
+
 def test_a_probe_is_a_real_run_normalised_at_w0(frozen):
     state, n = frozen.state, frozen.n
     run = run_probe(frozen.model, frozen.dataset, state, "ce", 0.0, 1e-12, 6, 32, norm_batches=3)

@@ -259,22 +259,42 @@ def drift_summary(drift: ProbedDrift, loss_curve: np.ndarray, effective_lr: floa
     return {"drift_final": float(s[-1]), "drift_min": float(s.min()), "drift_max": float(s.max())}
 
 
+def _warped_time(st: np.ndarray, s_curve: np.ndarray, budget_steps: int, substeps: int) -> np.ndarray:
+    """t'(t), t = 0..T: explicit Euler of dt'/dt = s(t'), ``substeps`` steps per step, s read off ``s_curve`` on the
+    grid ``st`` exactly as ``np.interp`` reads it (the bracket st[j] <= t' < st[j+1], ``slope (t' - st[j]) + s[j]``,
+    the end values held), t' held at the end of the grid. In plain floats: t' only grows, so the bracket only moves
+    forward, with no search and no array call per substep."""
+    xp, fp = st.tolist(), s_curve.tolist()
+    last = len(xp) - 1
+    slopes = [(fp[j + 1] - fp[j]) / (xp[j + 1] - xp[j]) for j in range(last)]
+    h, tp, j = 1.0 / substeps, 0.0, 0
+    out = [0.0] * (budget_steps + 1)
+    for t in range(1, budget_steps + 1):
+        for _ in range(substeps):
+            while j < last and tp >= xp[j + 1]:
+                j += 1
+            if j >= last:
+                s = fp[last]
+            elif tp < xp[0]:
+                s = fp[0]
+            else:
+                s = slopes[j] * (tp - xp[j]) + fp[j]
+            tp += h * s
+        out[t] = min(tp, xp[last])
+    return np.array(out)
+
+
 def warp_result(res, drift: ProbedDrift, budget_steps: int, substeps: int = 20, cap: float = math.inf
                 ) -> Dict[str, np.ndarray]:
     """Per-step curves 0..T of ``res`` (a frozen :class:`~ttp_ray.dynamics.SimResult` run to a longer horizon)
-    read at the warped time ``t'(t)``, ``dt'/dt = s(L(t'), eta_eff)`` (module docstring, step 3); the spreads
-    (quantiles over paths) are read at the same ``t'``. ``cap`` bounds s (the edge of stability, §14)."""
+    read at the warped time ``t'(t)``, ``dt'/dt = s(L(t'), eta_eff)`` (module docstring, step 3), by explicit
+    Euler with ``substeps`` steps per step (:func:`_warped_time`); the spreads (quantiles over paths) are read at
+    the same ``t'``. ``cap`` bounds s (the edge of stability, §14)."""
     st = res.steps.astype(np.float64)
     elr = float(res.config.effective_lr)
-    # s along the frozen curve, tabulated once: the Euler steps below then only interpolate (§9)
+    # s along the frozen curve, tabulated once: the Euler steps then only interpolate (§9)
     s_curve = np.minimum(drift.scale_at(res.loss, elr), cap)
-    tp = 0.0
-    h = 1.0 / substeps
-    out = np.zeros(budget_steps + 1)
-    for t in range(1, budget_steps + 1):
-        for _ in range(substeps):
-            tp += h * float(np.interp(tp, st, s_curve))
-        out[t] = min(tp, st[-1])
+    out = _warped_time(st, s_curve, budget_steps, substeps)
 
     def at(curve):
         if curve is None:
