@@ -96,6 +96,20 @@ def test_the_warp_is_the_euler_scheme_read_by_np_interp(frozen):
     assert got[3]["warped_steps"][-1] == short[0].steps[-1]  # the 30-step run ends before the warp
 
 
+def test_a_loss_whose_configs_are_all_beyond_the_edge_spends_no_probe(frozen):
+    """Above edge_factor x the limit every config is flagged diverging (METHOD.md §14), so the drift probes of
+    that loss would be wasted: none run, and the rows count no extra work; another loss still probes."""
+    prep = get_predictor("probed").rebind(frozen)
+    far = SimConfig(lr=50 * frozen.max_stable_lr(0.9), momentum=0.9, batch_size=32, loss="ce")
+    (out,) = prep.predict([far], budget_steps=30, eps_list=[0.05])
+    assert out.diverged and out.rows[0]["extra_gradients"] == 0
+    assert prep.work.get("per_sample_gradients", 0) == 0 and ("probed", "ce", 30) not in prep.shared
+    near = SimConfig(lr=0.3 * frozen.max_stable_lr(0.0), batch_size=32, loss="mse")
+    out = prep.predict([far, near], budget_steps=30, eps_list=[0.05])
+    assert out[0].diverged and not out[1].diverged and out[1].rows[0]["extra_gradients"] > 0
+    assert ("probed", "mse", 30) in prep.shared and ("probed", "ce", 30) not in prep.shared
+
+
 def test_a_probe_is_a_real_run_normalised_at_w0(frozen):
     state, n = frozen.state, frozen.n
     run = run_probe(frozen.model, frozen.dataset, state, "ce", 0.0, 1e-12, 6, 32, norm_batches=3)

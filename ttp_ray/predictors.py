@@ -543,8 +543,10 @@ class ProbedWarp(Predictor):
         out: List[Optional[SimResult]] = [None] * len(configs)
         for loss in sorted({c.loss for c in configs}):
             idx = [i for i, c in enumerate(configs) if c.loss == loss]
-            drift = self.drift(prepared, loss, budget_steps)
-            ahead = min(self.max_horizon, max(1.0, max(float(np.max(s)) for s in drift.scales)))
+            # §14: above edge_factor x the limit a config is flagged whatever the drift: none to measure for them
+            beyond_edge = all(configs[i].lr > self.edge_factor * prepared.max_stable_lr(configs[i].momentum) for i in idx)
+            drift = None if beyond_edge else self.drift(prepared, loss, budget_steps)
+            ahead = 1.0 if drift is None else min(self.max_horizon, max(1.0, max(float(np.max(s)) for s in drift.scales)))
             step = settings.sim.log_every
             horizon = step * int(math.ceil(math.ceil(budget_steps * ahead) / step))
             # edge probes in order of what one run decides (§14): momentum first (unprobed, it is flagged); there
@@ -555,7 +557,8 @@ class ProbedWarp(Predictor):
             decided = {i: self._simulated(prepared, configs[i], budget_steps) for i in order}
             runs = [decided[i] for i in idx]
             lins = simulate(prepared.state, [r[0] for r in runs], horizon, settings.sim)
-            own = {"extra_gradients": drift.per_sample_gradients + self.edge_work(prepared, loss, budget_steps)}
+            own = {"extra_gradients": (0 if drift is None else drift.per_sample_gradients)
+                   + self.edge_work(prepared, loss, budget_steps)}
             for i, (sim_cfg, f, note, diverges), lin in zip(idx, runs, lins):
                 cfg = configs[i]
                 if lin.diverged or diverges:
