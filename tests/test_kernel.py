@@ -184,6 +184,44 @@ def test_hooks_engine_refuses_unsupported_layers():
     assert PerSampleGradients.from_module(model, "head", "auto").engine == "hooks"  # only the head trains
 
 
+class SharedConv(nn.Module):
+    """One conv applied twice per forward (weight sharing): the static layer check passes, running it does not."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 2, 3, padding=1)
+        self.block = nn.Conv2d(2, 2, 3, padding=1)
+        self.head = nn.Linear(2, num_classes)
+
+    def forward(self, x):
+        h = torch.tanh(self.stem(x))
+        h = h + torch.tanh(self.block(h))
+        h = h + torch.tanh(self.block(h))
+        return self.head(h.mean((2, 3)))
+
+
+def test_auto_engine_turns_to_vmap_when_running_the_model_shows_hooks_cannot():
+    torch.manual_seed(4)
+    model = SharedConv(3).double().eval()
+    ds = toy_dataset(7, num_classes=3)
+    with pytest.raises(RuntimeError, match="called more or less than once"):
+        PerSampleGradients.from_module(model, "all", "hooks")(ds.x, torch.eye(3).double())
+    auto = PerSampleGradients.from_module(model, "all", "auto")
+    assert auto.engine == "hooks"  # no layer type rules it out before it runs
+    out, g = auto(ds.x, torch.eye(3).double())
+    assert auto.engine == "vmap" and "block" in auto.fallback_reason
+    out_v, g_v = PerSampleGradients.from_module(model, "all", "vmap")(ds.x, torch.eye(3).double())
+    torch.testing.assert_close(out, out_v)
+    for name in g_v:
+        torch.testing.assert_close(g[name], g_v[name], rtol=1e-10, atol=1e-12)
+    # the whole kernel state: the exact kernel matches brute force, and meta says which engine ran and why
+    st = compute_kernel_state(model, ds, KernelOptions(method="exact", class_trace=False))
+    assert st.meta["engine"] == "vmap" and "once per forward" in st.meta["engine_fallback"]
+    theta = brute_force_kernel(model, ds.x)
+    lam, _ = eigendecompose_kernel(theta)
+    torch.testing.assert_close(st.eigvals, lam, rtol=1e-8, atol=1e-10)
+
+
 # ---------------------------------------------------------------------------------------- sketch
 
 def _mean_sketch_error(grads, ds, ref, k, projection, class_trace, seeds):

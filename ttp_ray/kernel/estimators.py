@@ -409,6 +409,8 @@ def compute_kernel_state(model: nn.Module, dataset: Any, options: KernelOptions 
                     seed=int(options.seed), kernel_seconds=sk.seconds, batch_size=sk.batch_size,
                     class_probes=int(options.class_probes) if options.class_trace else None)
     meta.update(eigen_seconds=eig_s, rank=int(eigvals.numel()), total_seconds=time.perf_counter() - t_start)
+    if grads.fallback_reason:  # engine auto: running the model showed hooks cannot do it; vmap did
+        meta.update(engine=grads.engine, engine_fallback=grads.fallback_reason)
     return KernelState(
         f0=f0.detach().cpu(),
         targets=torch.as_tensor(dataset.targets).long().cpu().clone(),

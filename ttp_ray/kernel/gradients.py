@@ -6,7 +6,8 @@ of two engines with the same numbers: ``hooks`` (one batched forward and backwar
 gradients assembled from each layer's input and output gradient: Linear, Conv2d, eval-mode BatchNorm;
 faster on CPU, see docs/BENCHMARKS.md, section "Kernel", the ``engine vmap`` rows) or ``vmap``
 (``torch.func.vjp`` per sample under ``vmap``, any model). ``engine="auto"`` takes hooks when every
-trainable parameter allows it.
+trainable parameter allows it, and turns to vmap if running the model shows it cannot (a layer called twice
+per forward, or its input modified in place afterwards: :class:`HooksUnsupported`).
 
 Also here: :class:`ImageSource` (batches of a tensor of images or of a dataset), :func:`auto_batch_size`
 (samples per batch within a memory cap) and :func:`class_probe_cotangents` (the class probes ``U`` of a
@@ -31,6 +32,7 @@ __all__ = [
     "GradientBlocks",
     "ImageSource",
     "PerSampleGradients",
+    "HooksUnsupported",
     "auto_batch_size",
     "class_probe_cotangents",
 ]
@@ -56,6 +58,11 @@ class ImageSource:
         for start in range(0, self.n, batch_size):
             stop = min(self.n, start + batch_size)
             yield start, stop, self.batch(start, stop).to(device=device, dtype=dtype)
+
+
+class HooksUnsupported(RuntimeError):
+    """The hooks engine cannot give this model's per-sample gradients, which only running it shows: a layer
+    called more or less than once per forward, or a layer's input modified in place after the layer ran."""
 
 
 class PerSampleGradients:
@@ -86,6 +93,9 @@ class PerSampleGradients:
             raise ValueError(f"params: {self.names[0]} is not floating point")
         self.dtype, self.device = first.dtype, first.device
         self._fn, self._act_fn, self._positions_fn = fn, act_fn, positions_fn
+        # engine "auto" on hooks: the vmap engine to turn to if running the model raises HooksUnsupported
+        self._fallback: Optional[Callable[[], "PerSampleGradients"]] = None
+        self.fallback_reason: Optional[str] = None  # why it turned to vmap, if it did
 
     @property
     def num_params(self) -> int:
@@ -98,8 +108,20 @@ class PerSampleGradients:
 
         ``reduce``: ``{name: R}`` with ``R`` (``w x fan_in``) for weights of at least two dimensions; their
         blocks are ``G R^T`` instead, ``(hi - lo, m, shape[0], w)`` (G: the gradient with its input dimensions
-        flattened). The hooks engine projects the layer inputs first and never forms G (METHOD.md §6)."""
-        return self._fn(x, cotangents, reduce or {})
+        flattened). The hooks engine projects the layer inputs first and never forms G (METHOD.md §6).
+
+        Built with ``engine="auto"`` on hooks, a model that the hooks engine turns out not to support (running it
+        raised :class:`HooksUnsupported`) is computed by the vmap engine from then on (``engine`` says so and
+        ``fallback_reason`` says why)."""
+        try:
+            return self._fn(x, cotangents, reduce or {})
+        except HooksUnsupported as exc:
+            if self._fallback is None:
+                raise
+            other, self._fallback = self._fallback(), None
+            self.engine, self._fn, self._act_fn = other.engine, other._fn, other._act_fn
+            self.fallback_reason = str(exc)
+            return self._fn(x, cotangents, reduce or {})
 
     def outer_products(self, x1: torch.Tensor) -> List[str]:
         """Names of the weights whose per-sample gradient is a single outer product ``delta a^T`` for inputs
@@ -112,7 +134,7 @@ class PerSampleGradients:
 
     def __call__(self, x: torch.Tensor, cotangents: torch.Tensor) -> Tuple[torch.Tensor, Params]:
         """Outputs ``(b, C)`` and every per-sample gradient ``{name: (b, m, *shape)}``."""
-        out, block = self._fn(x, cotangents, {})
+        out, block = self.compute(x, cotangents)
         return out, {n: block(n, 0, x.shape[0]) for n in self.names}
 
     def saved_activation_bytes(self, x1: torch.Tensor) -> int:
@@ -171,7 +193,15 @@ class PerSampleGradients:
                 xx = x1.detach().clone().requires_grad_(True)
                 return _saved_bytes(lambda: model(xx), list(model.parameters()))
 
-        return cls("hooks", params, fn, act, positions)
+        grads = cls("hooks", params, fn, act, positions)
+        if engine == "auto":
+            def vmap_engine() -> "PerSampleGradients":
+                params_f, apply_f = functional_model(model, trainable)
+                other = cls.from_functional(apply_f, params_f)
+                other._positions_fn = positions
+                return other
+            grads._fallback = vmap_engine
+        return grads
 
 
 def _weight_positions(model: nn.Module, names: Sequence[str], x1: torch.Tensor) -> Dict[str, int]:
@@ -281,11 +311,11 @@ def _hook_output_vjps(model: nn.Module, layers, x: torch.Tensor, cotangents: tor
             h.remove()
     reused = [n for n, k in calls.items() if k != 1]
     if reused or len(calls) != len(layers):
-        raise RuntimeError(f"engine hooks: layers called more or less than once per forward "
+        raise HooksUnsupported(f"engine hooks: layers called more or less than once per forward "
                            f"({', '.join(reused) or 'some never'}); use engine='vmap'")
     changed = [n for n in layers if inputs[n]._version != versions[n]]
     if changed:
-        raise RuntimeError(f"engine hooks: the input of {', '.join(changed)} is modified in place after the layer "
+        raise HooksUnsupported(f"engine hooks: the input of {', '.join(changed)} is modified in place after the layer "
                            f"ran; use engine='vmap'")
     order = list(layers)
     m, b = cotangents.shape[0], x.shape[0]
