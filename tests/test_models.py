@@ -111,3 +111,20 @@ def test_every_backbone_kind_declares_its_input(tmp_path):
     assert input_spec("tests.helpers:four_channel_factory").channels == 4
     with pytest.raises(ModelError, match="unknown name 'vgg'"):
         input_spec("vgg")
+
+
+def test_a_factory_that_initialises_at_random_gives_one_network_in_every_process():
+    """tiny_factory never seeds: the sweep's actors and ground-truth tasks each call it in their own process."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from ttp_ray.models import load_backbone, state_dict_hash; torch.manual_seed({s}); "
+            "print(state_dict_hash(load_backbone('tests.helpers:tiny_factory').state_dict()))")
+    hashes = [subprocess.run([sys.executable, "-c", code.format(s=s)], capture_output=True, text=True, check=True,
+                             timeout=120).stdout.strip() for s in (1, 2)]
+    assert hashes[0] and hashes[0] == hashes[1]
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    load_backbone("tests.helpers:tiny_factory")
+    assert torch.equal(torch.rand(3), expected)  # the caller's generator is left as it was

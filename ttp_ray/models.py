@@ -10,7 +10,10 @@ Backbone names understood by :func:`load_backbone`:
   read from torch's hub cache; never downloaded unless asked (``allow_download=True``);
 * ``ARCH:PATH``: a local state-dict checkpoint for one of the architectures above
   (``torch.load(weights_only=True)``);
-* ``package.module:function``: a user factory returning an ``nn.Module``.
+* ``package.module:function``: a user factory returning an ``nn.Module``, called under torch's CPU generator
+  seeded with :data:`FACTORY_SEED` (and restored afterwards): a factory that initialises weights at random
+  (``torchvision.models:resnet18`` builds an untrained net) gives the same network in every process, so that
+  the sweep's actors, its ground-truth fine-tunes and the kernel cache all see one backbone.
 
 Every backbone declares its input (:func:`input_spec`, an :class:`~ttp_ray.inputs.InputSpec`): the digits nets
 1 x 8 x 8 with values in [-1, 1] (:data:`DIGITS_INPUT`, as ``digits*`` are scaled); the torchvision ResNets what
@@ -325,6 +328,9 @@ def _load_checkpoint(arch: str, path: str) -> nn.Module:
     return model
 
 
+FACTORY_SEED = 0  # torch's CPU generator while a user factory runs (module docstring)
+
+
 def load_backbone(name: str, *, allow_download: bool = False) -> nn.Module:
     """The pre-trained network named ``name`` (module docstring), in eval mode."""
     if name in _DIGITS_ARCHS:
@@ -343,7 +349,9 @@ def load_backbone(name: str, *, allow_download: bool = False) -> nn.Module:
             raise ModelError(f"model {name}: {right} is a {type(factory).__name__}, not a function; allowed: a "
                              "function that takes no arguments and returns an nn.Module")
         try:
-            model = factory()
+            with torch.random.fork_rng(devices=[]):  # the same weights in every process (module docstring)
+                torch.manual_seed(FACTORY_SEED)
+                model = factory()
         except Exception as exc:  # the user's code: one line, no traceback
             raise ModelError(_one_line(f"model {name}: the factory raised {type(exc).__name__}: {exc}; allowed: a "
                                        "function that takes no arguments and returns an nn.Module")) from None
