@@ -9,6 +9,7 @@ from ttp_ray.dynamics import SimConfig, SimOptions, simulate
 from ttp_ray.kernel import KernelOptions
 from ttp_ray.predict import PredictSettings
 from ttp_ray.predictors import DEFAULT_PREDICTOR, PredictionInputs, get_predictor
+import ttp_ray.probe as pb
 from ttp_ray.probe import ProbedDrift, ProbeOptions, ProbeRun, batch_quadratic, probe_drift, run_probe, warp_result
 
 KERNEL = KernelOptions(k=256)
@@ -58,6 +59,36 @@ def test_scale_interpolates_in_log_effective_lr_and_holds_outside():
     assert d.scale_at(np.array([0.5, 1.0]), 2.0).shape == (2,)
 
 
+def _scale_one_level_at_a_time(d, L, elr):
+    """scale_at as first written: one np.interp in log eta per loss level (the reference the fast one must equal)."""
+    e, x = np.log(d.effective_lrs), math.log(max(elr, 1e-300))
+    per_probe = np.stack([d._probe_scale(p, L) for p in range(len(e))])
+    lows = np.array([lv.min() for lv in d.levels])
+    reached = L[None, :] >= lows[:, None] * (1 - 1e-9)
+    out = np.empty(len(L))
+    for j in range(len(L)):
+        idx = np.flatnonzero(reached[:, j]) if d.covering else np.arange(len(e))
+        if len(idx) == 0:
+            out[j] = per_probe[int(np.argmin(lows)), j]
+            continue
+        out[j] = math.exp(float(np.interp(x, e[idx], np.log(per_probe[idx, j]))))
+    return out
+
+
+@pytest.mark.parametrize("covering", [False, True])
+def test_scale_at_reads_every_level_at_once_exactly_as_one_interp_per_level(covering):
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        P = int(rng.integers(1, 4))
+        elrs = np.sort(rng.choice([0.5, 1.0, 2.0, 5.7, 11.0], size=P, replace=False))
+        levels = [np.sort(rng.uniform(0.01, 2.0, size=int(rng.integers(1, 30)))) for _ in range(P)]
+        scales = [np.exp(rng.normal(0, 1.5, size=len(lv))) for lv in levels]
+        d = ProbedDrift(loss="ce", effective_lrs=elrs, levels=levels, scales=scales, covering=covering)
+        L = np.concatenate([rng.uniform(0.001, 3.0, 200), [lv.min() for lv in levels], levels[0][:3]])
+        for elr in (0.1, *elrs, float(rng.uniform(0.5, 11.0)), 50.0):
+            np.testing.assert_array_equal(d.scale_at(L, elr), _scale_one_level_at_a_time(d, L, elr))
+
+
 def test_warp_with_scale_one_is_the_frozen_curve_and_scale_two_halves_time(frozen):
     cfg = SimConfig(lr=0.2 * frozen.max_stable_lr(0.0), loss="mse")
     (lin,) = simulate(frozen.state, [cfg], 200, SimOptions(method="discrete"))
@@ -94,6 +125,15 @@ def test_the_warp_is_the_euler_scheme_read_by_np_interp(frozen):
         assert g["warped_steps"].tolist() == want.tolist()  # the same float operations in the same order
         assert g["loss"].tolist() == np.interp(want, st, res.loss).tolist()
     assert got[3]["warped_steps"][-1] == short[0].steps[-1]  # the 30-step run ends before the warp
+    # many configs at once (a grid's worth: on one grid they step together as arrays): the very same floats
+    many = [results[i % 4] for i in range(100)]
+    many_caps = [caps[i % 4] * (1.0 + 0.01 * (i // 4)) for i in range(100)]
+    assert sum(len(r.steps) == len(long_[0].steps) for r in many) >= pb.WARP_BATCH_MIN  # the array path runs
+    together = pb.warp_results(many, drift, T, sub, many_caps)
+    for res, cap, g in zip(many, many_caps, together):
+        one = warp_result(res, drift, T, sub, cap)
+        assert g["warped_steps"].tolist() == one["warped_steps"].tolist()
+        assert g["loss"].tolist() == one["loss"].tolist() and g["error"].tolist() == one["error"].tolist()
 
 
 def test_a_loss_whose_configs_are_all_beyond_the_edge_spends_no_probe(frozen):

@@ -36,7 +36,7 @@ from .drift import DRIFT_METHOD, DriftOptions, KernelDrift, calibrate_drift, ref
 from .dynamics import SimConfig, SimResult, simulate
 from .inputs import AdaptOptions
 from .kernel import KernelOptions
-from .probe import ProbeOptions, ProbeRun, ProbedDrift, drift_summary, probe_drift, run_probe, warp_result
+from .probe import ProbeOptions, ProbeRun, ProbedDrift, drift_summary, probe_drift, run_probe, warp_results
 from .predict import (PredictedConfig, PredictSettings, check_request, load_state, load_subset_state,
                       predicted_configs, simulate_subset, subset_row_fields)
 from .progress import Progress, resolve
@@ -559,6 +559,7 @@ class ProbedWarp(Predictor):
             lins = simulate(prepared.state, [r[0] for r in runs], horizon, settings.sim)
             own = {"extra_gradients": (0 if drift is None else drift.per_sample_gradients)
                    + self.edge_work(prepared, loss, budget_steps)}
+            warped = []  # (i, sim_cfg, note, lin, cap) of the configs that are warped
             for i, (sim_cfg, f, note, diverges), lin in zip(idx, runs, lins):
                 cfg = configs[i]
                 if lin.diverged or diverges:
@@ -571,7 +572,10 @@ class ProbedWarp(Predictor):
                 # §14: the kernel grows at most to the edge of stability, lr h s lambda_max / N <= 2 (1 + m)
                 cap = (prepared.max_stable_lr(cfg.momentum) / (sim_cfg.lr * hessian_bound(loss))
                        if self.stability_cap else math.inf)
-                c = warp_result(lin, drift, budget_steps, self.substeps, cap)
+                warped.append((i, sim_cfg, note, lin, cap))
+            curves = warp_results([w[3] for w in warped], drift, budget_steps, self.substeps, [w[4] for w in warped])
+            for (i, sim_cfg, note, lin, cap), c in zip(warped, curves):
+                cfg = configs[i]
                 info = drift_summary(drift, c["loss"], sim_cfg.effective_lr)
                 s_end = float(min(info["drift_final"], cap))
                 spread = max(abs(math.log(min(info["drift_max"], cap))), abs(math.log(min(max(info["drift_min"], 1e-12), cap))))

@@ -41,7 +41,8 @@ from .objectives import loss_value, output_gradient
 from .progress import resolve as resolve_progress
 from .sampling import batch_schedule
 
-__all__ = ["ProbeOptions", "ProbeRun", "ProbedDrift", "batch_quadratic", "run_probe", "probe_drift", "drift_summary"]
+__all__ = ["ProbeOptions", "ProbeRun", "ProbedDrift", "batch_quadratic", "run_probe", "probe_drift", "drift_summary",
+           "warp_result", "warp_results"]
 
 
 MIN_PROBE_STEPS = 8  # a probe takes at least this many steps (its batch shrinks on small sets to fit the work bound)
@@ -207,18 +208,44 @@ class ProbedDrift:
         reached = L[None, :] >= lows[:, None] * (1 - 1e-9)  # (P, len(L))
         lowest = int(np.argmin(lows))
         out = np.empty(len(L))
-        for j in range(len(L)):
-            idx = np.flatnonzero(reached[:, j]) if self.covering else np.arange(len(e))
+        # the levels that interpolate between the same probes, at once (one x: the same bracket for all of them)
+        patterns = reached.T if self.covering else np.ones((1, len(e)), dtype=bool)
+        keys, which = np.unique(patterns, axis=0, return_inverse=True)
+        which = which.reshape(-1) if self.covering else np.zeros(len(L), dtype=np.int64)
+        for g, key in enumerate(keys):
+            cols = np.flatnonzero(which == g)
+            idx = np.flatnonzero(key)
             if len(idx) == 0:
-                out[j] = per_probe[lowest, j]
+                out[cols] = per_probe[lowest, cols]
                 continue
-            ee, ls = e[idx], np.log(per_probe[idx, j])
-            out[j] = math.exp(float(np.interp(x, ee, ls)))  # np.interp holds the end values outside
+            logs = _interp_columns(x, e[idx], np.log(per_probe[np.ix_(idx, cols)]))
+            out[cols] = [math.exp(v) for v in logs.tolist()]  # math.exp, as one np.interp per level was read
         return out.reshape(np.shape(loss_value)) if np.ndim(loss_value) else out[0]
 
     @property
     def per_sample_gradients(self) -> int:
         return int(sum(r.per_sample_gradients for r in self.runs))
+
+
+def _interp_columns(x: float, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
+    """``np.interp(x, xp, fp[:, j])`` for every column j of ``fp`` (rows: the points ``xp``, ascending), in
+    np.interp's own arithmetic: the end values held outside ``xp``, an exact hit returns its value, else
+    ``slope (x - xp[j]) + fp[j]`` on the bracket ``xp[j] <= x < xp[j + 1]`` (from the other end if that is NaN)."""
+    if len(xp) == 1 or x < xp[0]:
+        return fp[0].copy()
+    if x >= xp[-1]:
+        return fp[-1].copy()
+    j = int(np.searchsorted(xp, x, side="right")) - 1
+    if xp[j] == x:
+        return fp[j].copy()
+    slope = (fp[j + 1] - fp[j]) / (xp[j + 1] - xp[j])
+    res = slope * (x - xp[j]) + fp[j]
+    bad = np.isnan(res)
+    if bad.any():
+        other = slope * (x - xp[j + 1]) + fp[j + 1]
+        other = np.where(np.isnan(other) & (fp[j] == fp[j + 1]), fp[j], other)
+        res = np.where(bad, other, res)
+    return res
 
 
 def probe_drift(model, dataset, state, loss: str, budget_steps: int, options: ProbeOptions = ProbeOptions(), *,
@@ -284,26 +311,79 @@ def _warped_time(st: np.ndarray, s_curve: np.ndarray, budget_steps: int, substep
     return np.array(out)
 
 
+WARP_BATCH_MIN = 64  # configs from which the warp steps them together as arrays (below: one float loop each)
+
+
+def _warped_times(st: np.ndarray, s_curves: np.ndarray, budget_steps: int, substeps: int) -> np.ndarray:
+    """:func:`_warped_time` for many configs on one grid ``st`` (``s_curves``: one row each), the same floats: from
+    :data:`WARP_BATCH_MIN` rows on, each Euler substep is a few array operations over all of them (each row's
+    bracket moves forward on its own), which is cheaper than a float loop per row."""
+    s_curves = np.asarray(s_curves, dtype=np.float64)
+    if len(s_curves) < WARP_BATCH_MIN:
+        return np.stack([_warped_time(st, c, budget_steps, substeps) for c in s_curves]) if len(s_curves) \
+            else np.zeros((0, budget_steps + 1))
+    xp = np.asarray(st, dtype=np.float64)
+    n, m = s_curves.shape
+    last = m - 1
+    slopes = np.zeros((n, m))  # slopes[:, j] on the bracket j, as _warped_time computes them
+    slopes[:, :last] = (s_curves[:, 1:] - s_curves[:, :-1]) / (xp[1:] - xp[:-1])
+    flat_slope, flat_s, row = slopes.ravel(), s_curves.ravel(), np.arange(n) * m
+    upper = np.append(xp[1:], np.inf)  # st[j + 1]; past the end a bracket never moves
+    h = 1.0 / substeps
+    tp, j = np.zeros(n), np.zeros(n, dtype=np.int64)
+    out = np.zeros((n, budget_steps + 1))
+    for t in range(1, budget_steps + 1):
+        for _ in range(substeps):
+            move = tp >= upper[j]
+            while move.any():
+                j += move
+                move = tp >= upper[j]
+            k = row + j
+            s = flat_slope[k] * (tp - xp[j]) + flat_s[k]
+            s = np.where(j >= last, s_curves[:, last], np.where(tp < xp[0], s_curves[:, 0], s))
+            tp = tp + h * s
+        out[:, t] = np.minimum(tp, xp[last])
+    return out
+
+
+def warp_results(results, drift: ProbedDrift, budget_steps: int, substeps: int = 20,
+                 caps: Optional[List[float]] = None) -> List[Dict[str, np.ndarray]]:
+    """Per-step curves 0..T of each of ``results`` (frozen :class:`~ttp_ray.dynamics.SimResult` s run to a longer
+    horizon) read at its warped time ``t'(t)``, ``dt'/dt = s(L(t'), eta_eff)`` (module docstring, step 3), by
+    explicit Euler with ``substeps`` steps per step (:func:`_warped_time`, all configs on one grid at once); the
+    spreads (quantiles over paths) are read at the same ``t'``. ``caps`` bound each one's s (the edge of
+    stability, §14; default none)."""
+    caps = [math.inf] * len(results) if caps is None else list(caps)
+    # s along each frozen curve, tabulated once: the Euler steps then only interpolate (§9)
+    s_curves = [np.minimum(drift.scale_at(res.loss, float(res.config.effective_lr)), cap)
+                for res, cap in zip(results, caps)]
+    grids: Dict[Tuple[float, ...], List[int]] = {}
+    for i, res in enumerate(results):
+        grids.setdefault(tuple(np.asarray(res.steps, dtype=np.float64).tolist()), []).append(i)
+    warped: List[Optional[np.ndarray]] = [None] * len(results)
+    for grid, members in grids.items():
+        times = _warped_times(np.array(grid), np.stack([s_curves[i] for i in members]), budget_steps, substeps)
+        for i, out in zip(members, times):
+            warped[i] = out
+    curves = []
+    for res, s_curve, out in zip(results, s_curves, warped):
+        st = res.steps.astype(np.float64)
+
+        def at(curve):
+            if curve is None:
+                return None
+            curve = np.asarray(curve)
+            if curve.ndim == 1:
+                return np.interp(out, st, curve)
+            return np.stack([np.interp(out, st, c) for c in curve])
+
+        curves.append({"steps": np.arange(budget_steps + 1), "loss": at(res.loss), "error": at(res.error),
+                       "loss_spread": at(res.loss_spread), "error_spread": at(res.error_spread), "warped_steps": out,
+                       "scale": np.interp(out, st, s_curve)})
+    return curves
+
+
 def warp_result(res, drift: ProbedDrift, budget_steps: int, substeps: int = 20, cap: float = math.inf
                 ) -> Dict[str, np.ndarray]:
-    """Per-step curves 0..T of ``res`` (a frozen :class:`~ttp_ray.dynamics.SimResult` run to a longer horizon)
-    read at the warped time ``t'(t)``, ``dt'/dt = s(L(t'), eta_eff)`` (module docstring, step 3), by explicit
-    Euler with ``substeps`` steps per step (:func:`_warped_time`); the spreads (quantiles over paths) are read at
-    the same ``t'``. ``cap`` bounds s (the edge of stability, §14)."""
-    st = res.steps.astype(np.float64)
-    elr = float(res.config.effective_lr)
-    # s along the frozen curve, tabulated once: the Euler steps then only interpolate (§9)
-    s_curve = np.minimum(drift.scale_at(res.loss, elr), cap)
-    out = _warped_time(st, s_curve, budget_steps, substeps)
-
-    def at(curve):
-        if curve is None:
-            return None
-        curve = np.asarray(curve)
-        if curve.ndim == 1:
-            return np.interp(out, st, curve)
-        return np.stack([np.interp(out, st, c) for c in curve])
-
-    return {"steps": np.arange(budget_steps + 1), "loss": at(res.loss), "error": at(res.error),
-            "loss_spread": at(res.loss_spread), "error_spread": at(res.error_spread), "warped_steps": out,
-            "scale": np.interp(out, st, s_curve)}
+    """:func:`warp_results` of one result."""
+    return warp_results([res], drift, budget_steps, substeps, [cap])[0]
