@@ -312,11 +312,11 @@ def _hook_output_vjps(model: nn.Module, layers, x: torch.Tensor, cotangents: tor
     reused = [n for n, k in calls.items() if k != 1]
     if reused or len(calls) != len(layers):
         raise HooksUnsupported(f"engine hooks: layers called more or less than once per forward "
-                           f"({', '.join(reused) or 'some never'}); use engine='vmap'")
+                               f"({', '.join(reused) or 'some never'}); use engine='vmap'")
     changed = [n for n in layers if inputs[n]._version != versions[n]]
     if changed:
-        raise HooksUnsupported(f"engine hooks: the input of {', '.join(changed)} is modified in place after the layer "
-                           f"ran; use engine='vmap'")
+        raise HooksUnsupported(f"engine hooks: the input of {', '.join(changed)} is modified in place after the "
+                               f"layer ran; use engine='vmap'")
     order = list(layers)
     m, b = cotangents.shape[0], x.shape[0]
     targets = [outputs[n] for n in order]
