@@ -194,3 +194,28 @@ def test_roofline_counts_the_simulators_arithmetic(monkeypatch):
         flops.append(flop)
     assert 1.7 < flops[1] / flops[0] < 2.2, flops  # 9 logged lifts against 5, 40 steps against 20
     assert roofline.gemm_rate(torch.float32, [(64, 32, 16)], repeats=1) > 0
+
+
+def test_report_keeps_the_figures_whose_source_is_not_here(tmp_path, monkeypatch):
+    """bench/report.py rebuilds the summary from runs/bench/; a source measured on another machine (absent here) keeps
+    the summary's earlier rows for its section, and a section with no earlier row points at itself instead of
+    claiming it was never measured; the GD-MSE marginal cost is held to its own target (1.1), the mixed grid to 1.5."""
+    import report
+
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("<!-- summary:begin -->\n| figure | value | section | command |\n|---|---|---|---|\n"
+                   "| kernel ratio | **3.80** (measured elsewhere) | kernel | `k` |\n"
+                   "| CLI start-up | **0.10 s** | cli | `c` |\n<!-- summary:end -->\n<!-- tune:begin -->\nx\n<!-- tune:end -->\n")
+    before = report.previous_rows(doc)
+    assert before["kernel"] == [["kernel ratio", "**3.80** (measured elsewhere)", "kernel", "`k`"]]
+    assert report.kept([report.missing("kernel cost", "kernel", "k")], before) == before["kernel"]
+    fresh = [["kernel ratio", "**2.90**", "kernel", "`k`"]]
+    assert report.kept(fresh, before) == fresh  # a source that is here always wins
+    pointed = report.kept([report.missing("tuning", "tune", "t")], before, doc.read_text())
+    assert pointed[0][1].startswith("in its section")
+    assert report.kept([report.missing("scaling", "scaling", "s")], before, doc.read_text())[0][1] == report.NOT_MEASURED
+    monkeypatch.setattr(report, "read_json", lambda *a: {"marginal": [
+        {"configs": 500, "grid": "GD-MSE", "kernel": "cached (loaded)", "ratio": 1.29},
+        {"configs": 500, "grid": "mixed GD + SGD", "kernel": "cached (loaded)", "ratio": 7.75}]})
+    rows = report.sweep_rows()
+    assert "(target <= 1.1)" in rows[0][1] and "(target <= 1.5)" in rows[1][1]
