@@ -178,11 +178,15 @@ class PerSampleGradients:
         layers, why = _hookable_layers(model, names)
         if engine == "hooks" and layers is None:
             raise ValueError(f"engine hooks: {why}; use engine='vmap'")
+
+        def vmap_engine() -> "PerSampleGradients":
+            params_f, apply_f = functional_model(model, trainable)
+            other = cls.from_functional(apply_f, params_f)
+            other._positions_fn = positions
+            return other
+
         if engine == "vmap" or layers is None:
-            params, apply = functional_model(model, trainable)
-            grads = cls.from_functional(apply, params)
-            grads._positions_fn = positions
-            return grads
+            return vmap_engine()
         params = {n: p.detach() for n, p in model.named_parameters() if n in set(names)}
 
         def fn(x: torch.Tensor, cotangents: torch.Tensor, reduce: Params):
@@ -195,11 +199,6 @@ class PerSampleGradients:
 
         grads = cls("hooks", params, fn, act, positions)
         if engine == "auto":
-            def vmap_engine() -> "PerSampleGradients":
-                params_f, apply_f = functional_model(model, trainable)
-                other = cls.from_functional(apply_f, params_f)
-                other._positions_fn = positions
-                return other
             grads._fallback = vmap_engine
         return grads
 
