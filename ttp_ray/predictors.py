@@ -520,7 +520,7 @@ class ProbedWarp(Predictor):
         unprobed, plain GD/SGD: the catapult phase) is simulated at the edge of stability; one whose probe diverged,
         or unprobed with momentum, diverges."""
         limit = prepared.max_stable_lr(config.momentum)
-        f = config.lr / limit
+        f = self._over_limit(prepared, config)
         if not 1.0 < f <= self.edge_factor:
             return config, f, None, False
         edge = replace(config, lr=self.edge_fraction * limit)
@@ -539,12 +539,17 @@ class ProbedWarp(Predictor):
         return edge, f, (f"lr is {f:.2f} x the linearised stability limit: a real run of {steps} steps at lr "
                          f"{run.lr:.4g}, momentum {run.momentum:g} trained; {at_edge}"), False
 
+    @staticmethod
+    def _over_limit(prepared, config: SimConfig) -> float:
+        """The config's lr over the linearised stability limit at its momentum, max_stable_lr(m)."""
+        return config.lr / prepared.max_stable_lr(config.momentum)
+
     def simulate(self, prepared, configs, budget_steps, settings):
         out: List[Optional[SimResult]] = [None] * len(configs)
         for loss in sorted({c.loss for c in configs}):
             idx = [i for i, c in enumerate(configs) if c.loss == loss]
             # §14: above edge_factor x the limit a config is flagged whatever the drift: none to measure for them
-            beyond_edge = all(configs[i].lr > self.edge_factor * prepared.max_stable_lr(configs[i].momentum) for i in idx)
+            beyond_edge = all(self._over_limit(prepared, configs[i]) > self.edge_factor for i in idx)
             drift = None if beyond_edge else self.drift(prepared, loss, budget_steps)
             ahead = 1.0 if drift is None else min(self.max_horizon, max(1.0, max(float(np.max(s)) for s in drift.scales)))
             step = settings.sim.log_every
