@@ -83,8 +83,19 @@ def _stop_mid_sweep(tmp_path, signum, whole_group, spec=SPEC, when=_first_part):
     return proc.returncode, took, stdout.decode(), stderr.decode(), spec_path, out
 
 
+# Ray's reports on the machine, not on the stop: its raylet warns that the disk is over 95 % full (seen on a CI run,
+# machine-wide, at any moment of the sweep). The user should still see them, so the sweep passes them on; the
+# checks below are about what stopping prints, and leave them out.
+MACHINE_REPORTS = ("file_system_monitor",)
+
+
+def _without_machine_reports(text):
+    return "\n".join(line for line in text.splitlines() if not any(r in line for r in MACHINE_REPORTS))
+
+
 def _check_stopped(code, took, stdout, stderr, expected_code, out, table="predictions", total=24):
     print(f"stopped: exit {code} {took:.2f} s after the signal")  # the timing, shown with pytest -s
+    stdout, stderr = _without_machine_reports(stdout), _without_machine_reports(stderr)
     assert code == expected_code, stderr[-2000:]
     assert took <= STOP_WITHIN_S, f"{took:.1f} s from the signal to the exit"
     lines = [line for line in stderr.splitlines() if line.strip()]
