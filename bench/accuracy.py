@@ -145,6 +145,7 @@ def _prediction_rows(real, ds_name, backbone, regime, n, method, cfgs, preds):
                 "rel_error": relative_error(p_row["predicted_steps"], r_row["steps"]),
                 "pred_low": p_row.get("predicted_steps_low"), "pred_high": p_row.get("predicted_steps_high"),
                 "pred_drift": p_row.get("predicted_drift"),
+                "pred_beyond_probes": p_row.get("drift_beyond_probes"),
                 "pred_halfwidth": pred.result.extras.get("interval_log_halfwidth"),
                 "real_step_time_s": res.step_time_s,
             })
@@ -386,6 +387,27 @@ def main() -> None:
     report(df, meta)
 
 
+BEYOND_BINS = (-np.inf, 0.0, 1.0, np.inf)  # e-folds of loss below every probe's lowest level: none, up to 1, more
+
+
+def beyond_probes_table(rows: pd.DataFrame, sel: str) -> list:
+    """Markdown lines: the default predictor's error and interval coverage by how far below every probe's lowest
+    loss level each row's predicted curve goes (``drift_beyond_probes``, METHOD.md §14), selection set and held out."""
+    if "pred_beyond_probes" not in rows or rows.pred_beyond_probes.isna().all():
+        return []
+    d = rows.dropna(subset=["pred_beyond_probes", "rel_error"])
+    labels = ["0 (within)", "0-1", "over 1"]
+    out = []
+    for role, g in (("selection", d[d.dataset == sel]), ("held out", d[d.dataset != sel])):
+        for label, h in g.groupby(pd.cut(g.pred_beyond_probes, BEYOND_BINS, labels=labels), observed=True):
+            cov, ncov = coverage(h)
+            out.append([role, label, len(h), f"{100 * h.rel_error.mean():.1f}%", f"{100 * h.rel_error.median():.1f}%",
+                        "-" if not ncov else f"{100 * cov:.0f}% of {ncov}"])
+    return ["\nBy how far below every probe's lowest loss level the predicted curve goes (`drift_beyond_probes`, "
+            "e-folds of loss; there s is held, not measured), every config, flagged rows at the budget:\n",
+            md_table(["set", "drift_beyond_probes", "pairs", "mean", "median", "interval coverage"], out)]
+
+
 def default_predictor_section(df: pd.DataFrame, inside: pd.DataFrame, meta: dict) -> list:
     """Markdown lines: the default (probed) predictor against the frozen kernel's default methods, per dataset (the
     selection set and the held-out ones), every config counted; its interval's coverage, ranking and extra work."""
@@ -433,6 +455,7 @@ def default_predictor_section(df: pd.DataFrame, inside: pd.DataFrame, meta: dict
                            f"{100 * g[g.dataset != sel].rel_error.mean():.1f}%"])
     lines.append(md_table(["slice (regime / loss / backbone / m)", "pairs", "frozen mean", f"{DEFAULT_PREDICTOR} mean",
                            f"{DEFAULT_PREDICTOR} median", f"{DEFAULT_PREDICTOR} mean, held out"], slice_rows))
+    lines += beyond_probes_table(pr, sel)
     beyond = probed_all[probed_all.lr_fraction > 1.0].drop_duplicates(["dataset", "backbone", "loss", "momentum", "batch_size"])
     lines.append(f"\nBeyond the limit (1.3x): {DEFAULT_PREDICTOR} flags {int(beyond.pred_diverged.sum())}/{len(beyond)} "
                  f"as diverging, {int(beyond.real_diverged.sum())}/{len(beyond)} real runs diverged, "

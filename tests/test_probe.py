@@ -217,6 +217,28 @@ def test_a_config_whose_kernel_ends_at_the_edge_gets_a_wider_interval_and_a_note
     assert out[3.0].rows[0]["predicted_drift"] == pytest.approx(2.0)
 
 
+def test_a_row_says_how_far_below_the_probes_lowest_level_its_curve_goes(frozen):
+    """§14: below every probe's lowest loss level ``s`` is held, not measured; the row says by how many e-folds of
+    loss its predicted curve goes there (0 when it stays within what the probes measured)."""
+    pred = get_predictor("probed").rebind(frozen)
+    cfg = SimConfig(lr=0.5 * frozen.max_stable_lr(0.0), loss="mse")
+    settings = PredictSettings(sim=SimOptions(method="discrete", log_every=1), eps_mode="relative")
+
+    def predicted(lowest):
+        pred.shared[("probed", "mse", 60)] = ProbedDrift(loss="mse", effective_lrs=np.array([1.0]),
+                                                         levels=[np.array([lowest, 1e9])], scales=[np.ones(2)])
+        (out,) = pred.predict([cfg], budget_steps=60, eps_list=[0.05], settings=settings)
+        return out
+
+    within = predicted(1e-12)
+    lowest_predicted = float(np.min(within.result.loss))
+    assert within.rows[0]["drift_beyond_probes"] == 0.0 and 0 < lowest_predicted < within.result.loss[0]
+    below = predicted(4 * lowest_predicted)  # s = 1 everywhere: the same curve, read 4x below the probes
+    np.testing.assert_allclose(below.result.loss, within.result.loss)
+    assert below.rows[0]["drift_beyond_probes"] == pytest.approx(math.log(4.0))
+    assert below.rows[0]["predicted_steps"] == within.rows[0]["predicted_steps"]
+
+
 def _fake_edge_run(momentum, lr, diverged):
     return ProbeRun(momentum=momentum, lr=lr, batch_size=8, level=np.ones(3), scale=np.ones(3), quotient0=1.0,
                     diverged=diverged, per_sample_gradients=24, seconds=0.0)

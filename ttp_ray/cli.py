@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from typing import Callable, Dict, Optional, Tuple
@@ -491,6 +492,7 @@ def predict(**kw) -> None:
         "intervals": [{"criterion": r["criterion"], "eps": r["eps"], "low": r.get("predicted_steps_low"),
                        "high": r.get("predicted_steps_high")} for r in pred.rows],
         "predicted_drift": pred.rows[0].get("predicted_drift") if pred.rows else None,
+        "drift_beyond_probes": pred.rows[0].get("drift_beyond_probes") if pred.rows else None,
         "elr_over_gd_limit": pred.rows[0].get("elr_over_gd_limit") if pred.rows else None,
         **res.extras,
         "curve": {"steps": res.steps.tolist(), "loss": res.loss.tolist(),
@@ -581,6 +583,9 @@ def _print_run(out: dict) -> None:
     if out.get("predicted_drift") is not None:
         click.echo(f"  predicted kernel drift s = {out['predicted_drift']:.3g} at the end (Θ_T ~ s Θ0); effective lr "
                    f"{out['elr_over_gd_limit']:.3g} x the plain-GD limit")
+    if out.get("drift_beyond_probes"):  # §14: below the probes' lowest level s is held, and T̂ε misses more
+        click.echo(f"  the predicted loss goes {math.exp(out['drift_beyond_probes']):.3g}x below the lowest level the "
+                   f"probes reached: the drift there is held, not measured (column drift_beyond_probes)")
     if out.get("extra_work"):
         click.echo("  extra work beyond the kernel: " + ", ".join(f"{k} {v:g}" for k, v in out["extra_work"].items()))
     if "step_time_s" in out:

@@ -592,7 +592,8 @@ class ProbedWarp(Predictor):
                                  loss_spread=c["loss_spread"], error_spread=c["error_spread"],
                                  method=f"probed-{lin.method}", note=note,
                                  extras={**lin.extras, "drift": info,
-                                         "row_fields": {**own, "predicted_drift": s_end},
+                                         "row_fields": {**own, "predicted_drift": s_end,
+                                                        "drift_beyond_probes": drift.levels_beyond(c["loss"])},
                                          # at the edge the real step lies between the edge's and its own (§14)
                                          "interval_log_halfwidth": self.interval_scale * (1.0 + spread)
                                          + abs(math.log(cfg.lr / sim_cfg.lr)) + (self.edge_interval if at_edge else 0.0)})

@@ -226,6 +226,20 @@ class ProbedDrift:
     def per_sample_gradients(self) -> int:
         return int(sum(r.per_sample_gradients for r in self.runs))
 
+    @property
+    def lowest_level(self) -> float:
+        """The lowest loss level any probe reached: below it ``s`` is held, not measured (:meth:`scale_at`)."""
+        return float(min(lv.min() for lv in self.levels))
+
+    def levels_beyond(self, loss_curve) -> float:
+        """How far below every probe's lowest level ``loss_curve`` goes, in e-folds of the loss:
+        ``max(0, log(lowest_level / min L))`` (0 where the curve stays within what the probes measured)."""
+        curve = np.asarray(loss_curve, dtype=np.float64)
+        curve = curve[np.isfinite(curve)]
+        if not len(curve):
+            return 0.0
+        return max(0.0, math.log(max(self.lowest_level, 1e-300) / max(float(curve.min()), 1e-300)))
+
 
 def _interp_columns(x: float, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
     """``np.interp(x, xp, fp[:, j])`` for every column j of ``fp`` (rows: the points ``xp``, ascending), in

@@ -80,6 +80,7 @@ PREDICTION_SCHEMA = pa.schema(_CONFIG_FIELDS + [
     ("predicted_steps_high", pa.int64()),
     ("elr_over_gd_limit", pa.float64()),  # the regime: eta/(1-m) over the plain-GD limit 2N/lambda_max
     ("predicted_drift", pa.float64()),  # the kernel's predicted drift s at the end of the run (Θ_T ~ s Θ0); null: frozen
+    ("drift_beyond_probes", pa.float64()),  # e-folds of loss the predicted curve goes below every probe's lowest level (s held there, not measured; docs/METHOD.md §14); 0: within; null: not probed
     ("extra_gradients", pa.int64()),  # per-sample gradients the predictor spent beyond Θ0 for this (dataset, model, loss)
     ("limit_from", pa.string()),  # which lambda_max the limit is from: 'class-trace kernel' | 'full kernel' | 'extrapolated spectrum'
     ("method", pa.string()),
