@@ -219,7 +219,8 @@ def test_a_config_whose_kernel_ends_at_the_edge_gets_a_wider_interval_and_a_note
 
 def test_a_row_says_how_far_below_the_probes_lowest_level_its_curve_goes(frozen):
     """§14: below every probe's lowest loss level ``s`` is held, not measured; the row says by how many e-folds of
-    loss its predicted curve goes there (0 when it stays within what the probes measured)."""
+    loss its predicted curve goes there (0 when it stays within what the probes measured), and its interval widens
+    by ``beyond_interval`` per e-fold."""
     pred = get_predictor("probed").rebind(frozen)
     cfg = SimConfig(lr=0.5 * frozen.max_stable_lr(0.0), loss="mse")
     settings = PredictSettings(sim=SimOptions(method="discrete", log_every=1), eps_mode="relative")
@@ -237,6 +238,9 @@ def test_a_row_says_how_far_below_the_probes_lowest_level_its_curve_goes(frozen)
     np.testing.assert_allclose(below.result.loss, within.result.loss)
     assert below.rows[0]["drift_beyond_probes"] == pytest.approx(math.log(4.0))
     assert below.rows[0]["predicted_steps"] == within.rows[0]["predicted_steps"]
+    # and its interval is wider by beyond_interval per e-fold (the point prediction is unchanged)
+    wider = below.result.extras["interval_log_halfwidth"] - within.result.extras["interval_log_halfwidth"]
+    assert wider == pytest.approx(pred.predictor.beyond_interval * math.log(4.0)) and wider > 0
 
 
 def _fake_edge_run(momentum, lr, diverged):

@@ -183,11 +183,12 @@ def test_spec_identity_is_stable():
     one (METHOD.md §14), which changes the results: a spec without ``predictor:`` now has a new identity (its old
     OUT is refused, not mixed), and ``predictor: frozen`` keeps the old one. The probed predictor's revision 2 (edge
     probes beyond the limit) changed its results again: a6bde01370c229c8 (revision 1) -> 2c354a9a262ab489; revision 3
-    (a wider interval where the kernel ends at the edge of stability) -> 16ab0da93b1f0c4c."""
+    (a wider interval where the kernel ends at the edge of stability) -> 16ab0da93b1f0c4c; revision 4 (a wider
+    interval where the predicted curve goes below every probe's lowest loss level) -> 55cec074647f2b92."""
     spec = yaml.safe_load(_OLD_QUICKSTART)
     assert parse_spec({**spec, "predictor": "frozen"}).identity_hash() == "782f830470fab29e"
-    assert parse_spec(spec).identity_hash() == "16ab0da93b1f0c4c"
-    assert parse_spec({**spec, "predictor": "probed"}).identity_hash() == "16ab0da93b1f0c4c"
+    assert parse_spec(spec).identity_hash() == "55cec074647f2b92"
+    assert parse_spec({**spec, "predictor": "probed"}).identity_hash() == "55cec074647f2b92"
 
 
 def test_auto_sgd_marks_the_identity_only_where_its_resolution_changed():

@@ -422,7 +422,7 @@ class ProbedWarp(Predictor):
     drift and an interval for T̂ε."""
 
     name: ClassVar[str] = "probed"
-    revision: ClassVar[int] = 3  # 2: edge probes decide beyond the limit; 3: a wider interval at the edge (§14)
+    revision: ClassVar[int] = 4  # 2: edge probes decide beyond the limit; 3: a wider interval at the edge; 4: and below the probes (§14)
     extra_work: ClassVar[str] = ("per (loss, budget): real minibatch probe steps, at most probe.work_epochs x N "
                                  "per-sample gradients")
     probe: ProbeOptions = field(default_factory=ProbeOptions)
@@ -437,6 +437,7 @@ class ProbedWarp(Predictor):
     edge_work_epochs: Optional[float] = None  # per-sample gradients of those runs per (loss, budget), in epochs (N each); None: min(5, 10 - probe.work_epochs)
     interval_scale: float = 0.125  # T̂ε interval: T̂ε exp(±k (1 + |log s|)); k: 80 % coverage on digits-5to9 (docs/CHOICES.md)
     edge_interval: float = 0.3  # ... + this where the predicted kernel reaches the stability cap (a catapult may come): 80 % on digits-5to9
+    beyond_interval: float = 0.15  # ... + this x drift_beyond_probes (e-folds of loss below every probe's lowest level): 80 % of rows beyond 1 on digits-5to9
 
     def __post_init__(self):
         if not self.max_horizon >= 1:
@@ -453,6 +454,8 @@ class ProbedWarp(Predictor):
             raise ValueError(f"interval_scale: must be >= 0, got {self.interval_scale}")
         if not self.edge_interval >= 0:
             raise ValueError(f"edge_interval: must be >= 0, got {self.edge_interval}")
+        if not self.beyond_interval >= 0:
+            raise ValueError(f"beyond_interval: must be >= 0, got {self.beyond_interval}")
         if self.edge_probe_steps < 0:
             raise ValueError(f"edge_probe_steps: must be >= 0 (0: no probe), got {self.edge_probe_steps}")
         if self.edge_work_epochs is not None and not 0 <= self.edge_work_epochs <= MAX_EXTRA_EPOCHS - self.probe.work_epochs:
@@ -586,17 +589,18 @@ class ProbedWarp(Predictor):
                 spread = max(abs(math.log(min(info["drift_max"], cap))), abs(math.log(min(max(info["drift_min"], 1e-12), cap))))
                 # the kernel ends the run at the edge of stability: the real run may catapult and settle late (§14)
                 at_edge = info["drift_final"] >= 0.98 * cap
+                beyond = drift.levels_beyond(c["loss"])  # below every probe's lowest level s is held (§14)
                 note = note or lin.note or (f"the predicted kernel reaches the edge of stability (drift {s_end:.3g}): "
                                             f"a catapult may delay the real run; interval widened" if at_edge else "")
                 out[i] = replace(lin, config=cfg, steps=c["steps"], loss=c["loss"], error=c["error"],
                                  loss_spread=c["loss_spread"], error_spread=c["error_spread"],
                                  method=f"probed-{lin.method}", note=note,
                                  extras={**lin.extras, "drift": info,
-                                         "row_fields": {**own, "predicted_drift": s_end,
-                                                        "drift_beyond_probes": drift.levels_beyond(c["loss"])},
+                                         "row_fields": {**own, "predicted_drift": s_end, "drift_beyond_probes": beyond},
                                          # at the edge the real step lies between the edge's and its own (§14)
                                          "interval_log_halfwidth": self.interval_scale * (1.0 + spread)
-                                         + abs(math.log(cfg.lr / sim_cfg.lr)) + (self.edge_interval if at_edge else 0.0)})
+                                         + abs(math.log(cfg.lr / sim_cfg.lr)) + (self.edge_interval if at_edge else 0.0)
+                                         + self.beyond_interval * beyond})
         return out  # type: ignore[return-value]
 
 
